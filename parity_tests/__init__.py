@@ -1,0 +1,1 @@
+"""Parity suite: the float64 oracle, the autodiff reference and the cross-framework tests."""
