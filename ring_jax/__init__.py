@@ -1,0 +1,17 @@
+"""Ring dilated attention in JAX: exact LongNet dilated attention, on one device or sharded.
+
+Shapes everywhere: ``[batch, seq, heads, head_dim]``.
+
+Layout (one file per algorithm step):
+  ``_config``  pattern config (frozen, self-validating) and input checks
+  ``_plan``    static NumPy plan, memoised at trace time
+  ``_kernels`` block attention returning ``(out, lse)`` with an exact backward
+  ``_dilated`` one device: strided gather → block attention → scatter → LSE merge
+"""
+
+from ring_jax._config import DilatedConfig
+from ring_jax._dilated import dilated_attention
+from ring_jax._kernels import block_attention
+from ring_jax._plan import Plan, build_count, get_plan
+
+__all__ = ["DilatedConfig", "Plan", "block_attention", "build_count", "dilated_attention", "get_plan"]

@@ -1,0 +1,116 @@
+"""Dilated attention on one device: gather strided rows, fold segments into the batch, attend, scatter.
+
+No ``n x n`` or ``n x w`` mask exists anywhere: the selected rows of a (pattern, offset) pair are a
+strided reshape, and within a segment they keep their order, so causality is the plain lower
+triangle of each ``m x m`` block.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ring_jax._config import DilatedConfig, check_inputs
+from ring_jax._kernels import block_attention
+from ring_jax._plan import Plan, Unit, get_plan
+
+
+def take_heads(x, heads: tuple[int, ...], axis: int):
+    """Static head selection: a slice when contiguous, else a constant-index gather."""
+    if heads == tuple(range(heads[0], heads[0] + len(heads))):
+        return jax.lax.slice_in_dim(x, heads[0], heads[0] + len(heads), axis=axis)
+    return jnp.take(x, np.asarray(heads), axis=axis)
+
+
+def gather_rows(x, u: Unit, heads: tuple[int, ...]):
+    """``[b, n, hx, d]`` → ``[b * n/w, m, H, d]``: the unit's selected rows, segments in the batch."""
+    b, n, _, d = x.shape
+    x = x.reshape(b, n // u.w, u.m, u.r, x.shape[2], d)[:, :, :, u.offset]  # [b, S, m, hx, d]
+    x = take_heads(x, heads, axis=3)  # [b, S, m, H, d]
+    return x.reshape(b * (n // u.w), u.m, len(heads), d)
+
+
+def scatter_rows(y, u: Unit, seq_len: int, fill: float):
+    """Inverse of ``gather_rows`` for ``y [b * S, m, H, ...]`` → ``[b, n, H, ...]``; rows the unit
+    does not select get ``fill``."""
+    segments = seq_len // u.w
+    y = y.reshape(y.shape[0] // segments, segments, u.m, 1, *y.shape[2:])  # [b, S, m, 1, H, ...]
+    pad = [(0, 0)] * y.ndim
+    pad[3] = (u.offset, u.r - 1 - u.offset)
+    y = jnp.pad(y, pad, constant_values=fill)  # [b, S, m, r, H, ...]
+    return y.reshape(y.shape[0], seq_len, *y.shape[4:])
+
+
+def merge_by_lse(outs, lses):
+    """Exact softmax merge of partial attentions over disjoint key sets (float32 or wider).
+
+    ``out = sum_k exp(lse_k - lse) out_k``, ``lse = log sum_k exp(lse_k)``; rows empty in every
+    part stay ``out = 0``, ``lse = -inf`` without NaN, also in the gradient.
+    """
+    acc = jnp.promote_types(outs[0].dtype, jnp.float32)
+    lses = [x.astype(acc) for x in lses]
+    m = lses[0]
+    for x in lses[1:]:
+        m = jnp.maximum(m, x)
+    # The result does not depend on the shift m, so no gradient needs to flow through it.
+    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+    weights = [jnp.exp(x - m) for x in lses]
+    total = sum(weights)
+    nonempty = total > 0
+    safe_total = jnp.where(nonempty, total, 1.0)
+    out = sum((wk / safe_total)[..., None] * o.astype(acc) for wk, o in zip(weights, outs))
+    lse = jnp.where(nonempty, jnp.log(safe_total) + m, -jnp.inf)
+    return out.astype(outs[0].dtype), lse
+
+
+def dilated_attention_planned(query, key, value, plan: Plan, scale: float):
+    """``(out [b, n, h, d], lse [b, n, h])`` for a validated plan."""
+    n = plan.seq_len
+    causal = plan.config.is_causal
+    outs, lses = [], []
+    for layer in plan.layers:
+        layer_out, layer_lse = [], []
+        for u in layer.units:
+            q = gather_rows(query, u, u.heads)  # [b*S, m, H, d]
+            k = gather_rows(key, u, u.kv_heads)
+            v = gather_rows(value, u, u.kv_heads)
+            o, lse = block_attention(q, k, v, causal, scale)
+            layer_out.append(scatter_rows(o, u, n, 0.0))  # [b, n, H, d]
+            layer_lse.append(scatter_rows(lse, u, n, -jnp.inf))  # [b, n, H]
+        out = jnp.concatenate(layer_out, axis=2)
+        lse = jnp.concatenate(layer_lse, axis=2)
+        if layer.inv_perm is not None:
+            out = jnp.take(out, np.asarray(layer.inv_perm), axis=2)
+            lse = jnp.take(lse, np.asarray(layer.inv_perm), axis=2)
+        outs.append(out)
+        lses.append(lse)
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    return merge_by_lse(outs, lses)
+
+
+def dilated_attention(query, key, value, *, segment_lengths, dilation_rates, mix="head_groups",
+                      is_causal=False, softmax_scale=None, return_lse=False):
+    """Dilated attention (LongNet) on one device.
+
+    Args:
+      query: ``[batch, seq, heads, head_dim]``.
+      key, value: ``[batch, seq, kv_heads, head_dim]``, ``heads % kv_heads == 0`` (GQA).
+      segment_lengths, dilation_rates: the patterns ``(w_1..w_K)``, ``(r_1..r_K)``.
+      mix: ``"head_groups"`` (head group i uses pattern i) or ``"longnet"`` (every head uses
+        every pattern, merged by LSE: LongNet Eq. 10).
+      is_causal: keys after the query position are excluded.
+      softmax_scale: defaults to ``head_dim ** -0.5``.
+      return_lse: also return the natural-log LSE ``[batch, seq, heads]`` (float32; float64 for
+        float64 inputs; ``-inf`` on rows with no key).
+
+    Returns:
+      ``out [batch, seq, heads, head_dim]`` in the input dtype (rows with no key are 0), or
+      ``(out, lse)``.
+    """
+    config = DilatedConfig(segment_lengths, dilation_rates, mix, is_causal, softmax_scale)
+    _, n, h, h_kv, d = check_inputs(query, key, value)
+    plan = get_plan(config, n, h, h_kv)
+    out, lse = dilated_attention_planned(query, key, value, plan, config.scale(d))
+    return (out, lse) if return_lse else out

@@ -1,0 +1,80 @@
+"""Block attention returning ``(out, lse)``, with an exact backward that includes the LSE cotangent.
+
+Shapes: ``q [B, m, H, d]``, ``k/v [B, m_k, H, d]`` (segments already folded into ``B``, kv heads
+already matched to query heads) → ``out [B, m, H, d]``, ``lse [B, m, H]`` (float32, or float64 for
+float64 inputs). Scores and softmax are computed in at least float32.
+
+The backward is written out (``jax.custom_vjp``) rather than left to autodiff because
+
+* a ring merges blocks by LSE, so the cotangent of ``lse`` must flow: with ``P = exp(S - lse)``,
+  ``dS = P * (dP - D + dlse)`` where ``D = rowsum(dO * O)`` (FlashAttention-2, Alg. 2, with the
+  extra ``dlse`` term);
+* the same formula evaluated with a *global* ``(O, lse)`` gives the exact gradient of one block of a
+  merged attention, which is what the ring backward needs (``block_attention_bwd``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def _acc_dtype(dtype):
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _scores(q, k, causal: bool, scale: float):
+    """``[B, H, m, m_k]`` scaled scores in the accumulation dtype, ``-inf`` above the diagonal."""
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=_acc_dtype(q.dtype)) * scale
+    if causal:
+        row = jax.lax.broadcasted_iota(jnp.int32, s.shape[-2:], 0)
+        col = jax.lax.broadcasted_iota(jnp.int32, s.shape[-2:], 1)
+        s = jnp.where(row >= col, s, -jnp.inf)
+    return s
+
+
+def _forward(q, k, v, causal, scale):
+    s = _scores(q, k, causal, scale)
+    lse = jax.nn.logsumexp(s, axis=-1)  # [B, H, m]; finite: every row sees at least its diagonal
+    p = jnp.exp(s - lse[..., None])
+    out = jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(p.dtype))
+    return out.astype(q.dtype), jnp.swapaxes(lse, 1, 2)  # [B, m, H, d], [B, m, H]
+
+
+def block_attention_bwd(q, k, v, out, lse, dout, dlse, *, causal: bool, scale: float):
+    """Gradients ``(dq, dk, dv)`` of one block given the (possibly global) ``out`` and ``lse`` of
+    the rows and their cotangents. Rows with ``lse = -inf`` contribute nothing."""
+    acc = _acc_dtype(q.dtype)
+    s = _scores(q, k, causal, scale)
+    lse_t = jnp.swapaxes(lse, 1, 2).astype(acc)[..., None]  # [B, H, m, 1]
+    p = jnp.exp(s - jnp.where(jnp.isfinite(lse_t), lse_t, jnp.inf))
+    dout = dout.astype(acc)
+    dv = jnp.einsum("bhqk,bqhd->bkhd", p, dout)
+    dp = jnp.einsum("bqhd,bkhd->bhqk", dout, v.astype(acc))
+    delta = jnp.sum(dout * out.astype(acc), axis=-1) - dlse.astype(acc)  # [B, m, H]
+    ds = p * (dp - jnp.swapaxes(delta, 1, 2)[..., None])
+    dq = jnp.einsum("bhqk,bkhd->bqhd", ds, k.astype(acc)) * scale
+    dk = jnp.einsum("bhqk,bqhd->bkhd", ds, q.astype(acc)) * scale
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def block_attention(q, k, v, causal: bool, scale: float):
+    """``(out [B, m, H, d], lse [B, m, H])`` of softmax attention within each of the B blocks."""
+    return _forward(q, k, v, causal, scale)
+
+
+def _block_attention_fwd(q, k, v, causal, scale):
+    out, lse = _forward(q, k, v, causal, scale)
+    return (out, lse), (q, k, v, out, lse)
+
+
+def _block_attention_bwd(causal, scale, residuals, cotangents):
+    q, k, v, out, lse = residuals
+    dout, dlse = cotangents
+    return block_attention_bwd(q, k, v, out, lse, dout, dlse, causal=causal, scale=scale)
+
+
+block_attention.defvjp(_block_attention_fwd, _block_attention_bwd)
