@@ -1,0 +1,228 @@
+"""Block attention kernels returning the log-sum-exp, and the backend dispatch.
+
+Every kernel maps ``q [B, m, H, d]``, ``k``/``v [B, m, H_kv, d]`` (``H % H_kv == 0``; query head
+``j`` reads kv head ``j // (H // H_kv)``) to ``out [B, m, H, d]`` in ``q``'s dtype and
+``lse [B, m, H]`` in float32 (float64 for float64 inputs). Rows are never empty here: the layer
+only sends selected rows, and causal rows always see their own key.
+
+Backends:
+
+* ``math``: plain matmuls in float32 or better, any dtype; autograd differentiates it exactly.
+* ``torch``: torch's fused kernels (CPU: ``aten._scaled_dot_product_flash_attention_for_cpu``;
+  CUDA: ``aten._scaled_dot_product_efficient_attention``).
+* ``xformers``: CUDA only, ``memory_efficient_attention_forward_requires_grad`` / ``..._backward``.
+
+The fused backwards ignore the gradient of the LSE. :class:`_ExactLSE` makes them exact: with
+``dS = P * (dP - D + dlse)``, ``dP = dO V^T`` and ``D = rowsum(dO * O)``, appending a column of ones
+to ``V``, the column ``dlse`` to ``dO`` and a zero column to ``O`` (zero columns to ``Q``, ``K``)
+turns the kernel's own ``dP - D`` into ``dP + dlse - D``; the appended columns are dropped.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from ring_torch._plan import causal_mask
+
+__all__ = ["BACKENDS", "block_attention", "select_backend", "check_backend", "xformers_available"]
+
+BACKENDS = ("auto", "math", "torch", "xformers")
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def xformers_available() -> bool:
+    """True when an xformers build that works with the installed torch imports."""
+    try:
+        from xformers.ops import fmha  # noqa: F401
+    except Exception:  # a missing, or a build for another torch, fails in many ways
+        return False
+    return True
+
+
+def select_backend(device_type: str, dtype: torch.dtype, capability: tuple[int, int] | None = None,
+                   xformers_available: bool = False) -> tuple[str, torch.dtype]:
+    """``backend="auto"``: ``(backend, compute_dtype)`` for a device type, input dtype and, on
+    CUDA, the compute capability.
+
+    * float64 anywhere: ``math`` (the exactness path).
+    * CPU: ``torch`` in the input dtype (the CPU flash kernel takes fp32, bf16 and fp16).
+    * CUDA sm80+: ``xformers`` when available, else ``torch``, in the input dtype.
+    * CUDA before sm80 (e.g. Pascal sm_61): ``torch`` (the memory-efficient kernel; flash needs
+      sm80) computing in float32: fp16 for accuracy, bf16 because these cards have no bf16 math.
+      bf16 inputs are accepted, not refused: storage and casts work on every card.
+    """
+    if dtype == torch.float64:
+        return "math", torch.float64
+    if dtype not in _FUSED_DTYPES:
+        raise ValueError(f"unsupported {dtype=}; expected float64, float32, float16 or bfloat16")
+    if device_type == "cpu":
+        return "torch", dtype
+    if device_type == "cuda":
+        if capability is None:
+            raise ValueError("select_backend needs the CUDA compute capability")
+        if tuple(capability) >= (8, 0):
+            return ("xformers" if xformers_available else "torch"), dtype
+        return "torch", torch.float32
+    return "math", dtype
+
+
+def check_backend(backend: str, device_type: str, dtype: torch.dtype):
+    """Raises ``ValueError`` for an explicit backend that cannot run these inputs."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown {backend=}; expected one of {BACKENDS}")
+    if backend == "torch":
+        if device_type == "cpu" and dtype not in _FUSED_DTYPES + (torch.float64,):
+            raise ValueError(f"backend='torch' on cpu does not support {dtype=}")
+        if device_type == "cuda" and dtype not in _FUSED_DTYPES:
+            raise ValueError(f"backend='torch' on cuda does not support {dtype=}")
+        if device_type not in ("cpu", "cuda"):
+            raise ValueError(f"backend='torch' does not support {device_type=}")
+    if backend == "xformers":
+        if device_type != "cuda" or dtype not in _FUSED_DTYPES:
+            raise ValueError(f"backend='xformers' needs CUDA and fp32/fp16/bf16, got "
+                             f"{device_type=}, {dtype=}")
+        if not xformers_available():
+            raise ValueError("backend='xformers' but no xformers build matching this torch imports")
+
+
+def _math_attention(q, k, v, scale, is_causal):
+    B, m, H, d = q.shape
+    H_kv = k.shape[2]
+    compute = torch.promote_types(q.dtype, torch.float32)
+    qh = q.to(compute).permute(0, 2, 1, 3).reshape(B, H_kv, H // H_kv, m, d)  # [B, H_kv, g, m, d]
+    kh = k.to(compute).permute(0, 2, 1, 3).unsqueeze(2)  # [B, H_kv, 1, m, d]
+    vh = v.to(compute).permute(0, 2, 1, 3).unsqueeze(2)  # [B, H_kv, 1, m, d]
+    s = torch.matmul(qh, kh.transpose(-1, -2)) * scale  # [B, H_kv, g, m, m]
+    if is_causal:
+        s = s.masked_fill(causal_mask(m, s.device), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # [B, H_kv, g, m]
+    out = torch.matmul(torch.exp(s - lse.unsqueeze(-1)), vh)  # [B, H_kv, g, m, d]
+    out = out.reshape(B, H, m, d).transpose(1, 2).to(q.dtype)  # [B, m, H, d]
+    return out, lse.reshape(B, H, m).transpose(1, 2)  # [B, m, H]
+
+
+class _AtenCPU:
+    """``aten._scaled_dot_product_flash_attention_for_cpu`` (takes [B, H, m, d], native GQA)."""
+
+    pad_multiple = 1
+
+    @staticmethod
+    def forward(q, k, v, scale, is_causal):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, is_causal, scale=scale)
+        return out.transpose(1, 2), lse.transpose(1, 2), (lse,)  # [B, m, H, d], [B, m, H]
+
+    @staticmethod
+    def backward(dout, q, k, v, out, saved, scale, is_causal):
+        (lse,) = saved
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            out.transpose(1, 2), lse, 0.0, is_causal, scale=scale)
+        return tuple(g.transpose(1, 2) for g in grads)
+
+
+class _AtenCUDA:
+    """``aten._scaled_dot_product_efficient_attention``: fp32/fp16/bf16 on sm50+; no GQA, so
+    the caller repeats kv heads; head_dim padded to a multiple of 8 for alignment."""
+
+    pad_multiple = 8
+
+    @staticmethod
+    def forward(q, k, v, scale, is_causal):
+        m, d = q.shape[1], q.shape[-1]
+        pad = -d % 8
+        q, k, v = (F.pad(x, (0, pad)).transpose(1, 2) for x in (q, k, v))  # [B, H, m, d8]
+        out, lse, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, None, True, 0.0, is_causal, scale=scale)
+        # The kernel pads lse's row axis to a multiple of 32; its backward wants it so.
+        return (out[..., :d].transpose(1, 2), lse[..., :m].transpose(1, 2),
+                (lse, seed, offset))
+
+    @staticmethod
+    def backward(dout, q, k, v, out, saved, scale, is_causal):
+        lse, seed, offset = saved
+        d = q.shape[-1]
+        pad = -d % 8
+        args = (F.pad(x, (0, pad)).transpose(1, 2) for x in (dout, q, k, v, out))
+        dout, q, k, v, out = args
+        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            dout.contiguous(), q, k, v, None, out, lse, seed, offset, 0.0,
+            [True, True, True, False], is_causal, scale=scale)
+        return tuple(g[..., :d].transpose(1, 2) for g in (dq, dk, dv))
+
+
+class _XFormers:
+    """xformers' memory-efficient forward/backward in its own [B, m, H, d] layout."""
+
+    pad_multiple = 8
+
+    @staticmethod
+    def _bias(is_causal):
+        from xformers.ops import fmha
+        return fmha.attn_bias.LowerTriangularMask() if is_causal else None
+
+    @staticmethod
+    def forward(q, k, v, scale, is_causal):
+        from xformers.ops import fmha
+        m = q.shape[1]
+        out, lse = fmha.memory_efficient_attention_forward_requires_grad(
+            q, k, v, attn_bias=_XFormers._bias(is_causal), scale=scale)
+        return out, lse[..., :m].transpose(1, 2), (lse,)
+
+    @staticmethod
+    def backward(dout, q, k, v, out, saved, scale, is_causal):
+        from xformers.ops import fmha
+        (lse,) = saved
+        return fmha.memory_efficient_attention_backward(
+            dout.contiguous(), out, lse, q, k, v, attn_bias=_XFormers._bias(is_causal), scale=scale)
+
+
+class _ExactLSE(torch.autograd.Function):
+    """A fused kernel whose backward is exact in both ``dout`` and ``dlse`` (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kernel, scale, is_causal):
+        out, lse, saved = kernel.forward(q, k, v, scale, is_causal)
+        ctx.kernel, ctx.scale, ctx.is_causal, ctx.num_saved = kernel, scale, is_causal, len(saved)
+        ctx.save_for_backward(q, k, v, out, *saved)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dlse):
+        q, k, v, out, *saved = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        if dlse is not None:
+            d = q.shape[-1]
+            pad = -(d + 1) % ctx.kernel.pad_multiple  # zero columns beyond the one we need
+            ones = torch.ones_like(v[..., :1])
+            q, k, out = (F.pad(x, (0, 1 + pad)) for x in (q, k, out))
+            v = F.pad(torch.cat([v, ones], dim=-1), (0, pad))
+            dout = F.pad(torch.cat([dout, dlse.unsqueeze(-1).to(dout.dtype)], dim=-1), (0, pad))
+            grads = ctx.kernel.backward(dout, q, k, v, out, saved, ctx.scale, ctx.is_causal)
+            dq, dk, dv = (g[..., :d] for g in grads)
+        else:
+            dq, dk, dv = ctx.kernel.backward(dout, q, k, v, out, saved, ctx.scale, ctx.is_causal)
+        return dq, dk, dv, None, None, None
+
+
+def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+                    is_causal: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention per block: ``q [B, m, H, d]``, ``k``/``v [B, m, H_kv, d]`` ->
+    ``(out [B, m, H, d], lse [B, m, H])``; causal is plain lower-triangular over the m rows."""
+    if backend == "math":
+        return _math_attention(q, k, v, scale, is_causal)
+    if backend == "torch" and q.device.type == "cpu":
+        kernel = _AtenCPU
+    else:
+        kernel = _AtenCUDA if backend == "torch" else _XFormers
+        group = q.shape[2] // k.shape[2]
+        if group > 1:  # these kernels want equal head counts; autograd sums the repeats back
+            k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    return _ExactLSE.apply(q, k, v, kernel, scale, is_causal)
