@@ -14,7 +14,7 @@ from ring_torch._config import DilatedConfig
 from ring_torch._kernels import block_attention, check_backend, select_backend, xformers_available
 from ring_torch._plan import DilatedPlan, Unit, build_plan, index_tensor
 
-__all__ = ["dilated_attention"]
+__all__ = ["dilated_attention", "resolve_backend"]
 
 
 def _gather_rows(x: torch.Tensor, unit: Unit) -> torch.Tensor:
@@ -94,6 +94,17 @@ def _forward(plan: DilatedPlan, q, k, v, scale, backend):
     return _lse_merge(outs, lses)
 
 
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype):
+    """``(backend, compute_dtype)``: ``auto`` asks the device for its capability and xformers;
+    an explicit backend is checked and computes in the input dtype."""
+    if backend != "auto":
+        check_backend(backend, device.type, dtype)
+        return backend, dtype
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    available = device.type == "cuda" and xformers_available()
+    return select_backend(device.type, dtype, capability, available)
+
+
 def dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
                       segment_lengths, dilation_rates, mix: str = "head_groups",
                       is_causal: bool = False, softmax_scale: float | None = None,
@@ -114,16 +125,9 @@ def dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     ``"xformers"``. All checks raise ``ValueError`` before any compute.
     """
     config = DilatedConfig(segment_lengths, dilation_rates, mix, is_causal, softmax_scale)
-    if backend != "auto":
-        check_backend(backend, query.device.type, query.dtype)
     _, n, h, h_kv, d = config.validate_inputs(query, key, value)
-    dtype, device = query.dtype, query.device
-    if backend == "auto":
-        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-        available = device.type == "cuda" and xformers_available()
-        backend, compute = select_backend(device.type, dtype, capability, available)
-    else:
-        compute = dtype
+    dtype = query.dtype
+    backend, compute = resolve_backend(backend, query.device, dtype)
     plan = build_plan(config, n, h, h_kv)
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
     q, k, v = (x.to(compute) for x in (query, key, value))

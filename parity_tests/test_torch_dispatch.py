@@ -1,0 +1,105 @@
+"""Backend dispatch (``backend="auto"``) with mocked devices, and import hygiene."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ring_torch._dilated as dilated_module
+from ring_torch._dilated import resolve_backend
+import ring_torch._kernels as kernels
+from ring_torch import dilated_attention, select_backend
+
+f64, f32, f16, bf16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
+
+# (device type, dtype, capability, xformers available) -> (backend, compute dtype)
+TABLE = [
+    ("cpu", f64, None, False, ("math", f64)),
+    ("cpu", f32, None, False, ("torch", f32)),
+    ("cpu", bf16, None, False, ("torch", bf16)),
+    ("cpu", f16, None, False, ("torch", f16)),
+    ("cuda", f64, (9, 0), True, ("math", f64)),
+    # Pascal (GTX 1080): no flash, no bf16 math; half inputs are computed in float32.
+    ("cuda", f16, (6, 1), True, ("torch", f32)),
+    ("cuda", bf16, (6, 1), False, ("torch", f32)),
+    ("cuda", f32, (6, 1), True, ("torch", f32)),
+    ("cuda", f16, (7, 5), False, ("torch", f32)),
+    ("cuda", bf16, (8, 0), False, ("torch", bf16)),
+    ("cuda", bf16, (8, 0), True, ("xformers", bf16)),
+    ("cuda", f16, (9, 0), True, ("xformers", f16)),
+    ("cuda", f32, (9, 0), False, ("torch", f32)),
+]
+
+
+@pytest.mark.parametrize("device,dtype,capability,xformers,expected", TABLE,
+                         ids=[f"{t[0]}-{t[1]}-{t[2]}-xf{int(t[3])}" for t in TABLE])
+def test_select_backend_table(device, dtype, capability, xformers, expected):
+    assert select_backend(device, dtype, capability, xformers) == expected
+
+
+def test_select_backend_needs_capability_on_cuda():
+    with pytest.raises(ValueError, match="compute capability"):
+        select_backend("cuda", f32, None, False)
+
+
+@pytest.mark.parametrize("dtype,expected", [(f64, "math"), (f32, "torch"), (bf16, "torch")])
+def test_auto_uses_the_table_on_cpu(dtype, expected, monkeypatch):
+    seen = []
+    real = dilated_module.block_attention
+
+    def spy(*args, backend, **kwargs):
+        seen.append((backend, args[0].dtype))
+        return real(*args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(dilated_module, "block_attention", spy)
+    q = torch.randn(1, 16, 2, 8, dtype=dtype)
+    dilated_attention(q, q, q, segment_lengths=(8, 16), dilation_rates=(1, 2))
+    assert seen and all(s == (expected, dtype) for s in seen)
+
+
+@pytest.mark.parametrize("capability,xformers,dtype,expected", [
+    ((6, 1), True, f16, ("torch", f32)),
+    ((6, 1), False, bf16, ("torch", f32)),
+    ((8, 0), True, bf16, ("xformers", bf16)),
+    ((9, 0), False, f16, ("torch", f16)),
+    ((9, 0), True, f64, ("math", f64)),
+])
+def test_auto_on_mocked_cuda_device(capability, xformers, dtype, expected, monkeypatch):
+    """Auto takes two facts from a CUDA device, its capability and xformers: mock both."""
+    asked = []
+
+    def fake_capability(device=None):
+        asked.append(device)
+        return capability
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", fake_capability)
+    monkeypatch.setattr(dilated_module, "xformers_available", lambda: xformers)
+    assert resolve_backend("auto", torch.device("cuda", 1), dtype) == expected
+    assert asked == [torch.device("cuda", 1)]
+
+
+def test_explicit_backend_computes_in_input_dtype():
+    assert resolve_backend("math", torch.device("cpu"), bf16) == ("math", bf16)
+    with pytest.raises(ValueError, match="backend='torch' on cuda does not support"):
+        resolve_backend("torch", torch.device("cuda"), f64)
+
+
+def test_broken_xformers_is_unavailable_and_does_not_break_import(monkeypatch):
+    kernels.xformers_available.cache_clear()
+    monkeypatch.setitem(sys.modules, "xformers", None)  # import of xformers now raises
+    try:
+        assert kernels.xformers_available() is False
+    finally:
+        kernels.xformers_available.cache_clear()
+
+
+def test_ring_torch_imports_without_jax_or_xformers():
+    code = ("import sys; sys.modules['jax'] = None; sys.modules['xformers'] = None\n"
+            "import ring_torch, torch\n"
+            "q = torch.randn(1, 8, 2, 4)\n"
+            "ring_torch.dilated_attention(q, q, q, segment_lengths=(8,), dilation_rates=(2,))\n"
+            "assert sys.modules['jax'] is None\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
