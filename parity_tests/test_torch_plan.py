@@ -56,7 +56,7 @@ def test_mask_cache_hits_and_misses():
                                       "maxsize": MASK_CACHE.maxsize}
     _run(32, causal=True)
     assert MASK_CACHE.get_stats()["hits"] == 3
-    _run(16, causal=True)  # m = 8 and 8 again (w' = 16): hits; n = 64 is the same masks too
+    _run(16, causal=True)  # w' = 8 and 16: rows m = 8 again, so only hits
     assert MASK_CACHE.get_stats()["misses"] == 1
 
 

@@ -1,7 +1,7 @@
 """Dilated attention on one device: gather strided rows, fold segments into the batch, attend, scatter.
 
 No ``n x n`` or ``n x w`` mask exists anywhere: the selected rows of a (pattern, offset) pair are a
-strided reshape, and within a segment they keep their order, so causality is the plain lower
+strided reshape (one paired gather when heads use different offsets), and within a segment they keep their order, so causality is the plain lower
 triangle of each ``m x m`` block.
 """
 
@@ -24,21 +24,30 @@ def take_heads(x, heads: tuple[int, ...], axis: int):
 
 
 def gather_rows(x, u: Unit, heads: tuple[int, ...]):
-    """``[b, n, hx, d]`` → ``[b * n/w, m, H, d]``: the unit's selected rows, segments in the batch."""
+    """``[b, n, hx, d]`` → ``[b * n/w, m, H, d]``: the unit's selected rows, segments in the batch.
+
+    ``heads`` are the heads of ``x`` to read, one per unit head (query or kv heads)."""
     b, n, _, d = x.shape
-    x = x.reshape(b, n // u.w, u.m, u.r, x.shape[2], d)[:, :, :, u.offset]  # [b, S, m, hx, d]
-    x = take_heads(x, heads, axis=3)  # [b, S, m, H, d]
+    x = x.reshape(b, n // u.w, u.m, u.r, x.shape[2], d)  # [b, S, m, r, hx, d]
+    if u.offset is not None:
+        x = take_heads(x[:, :, :, u.offset], heads, axis=3)  # [b, S, m, H, d]
+    else:  # each head its own offset: one paired gather
+        x = x[:, :, :, np.asarray(u.offsets), np.asarray(heads)]  # [b, S, m, H, d]
     return x.reshape(b * (n // u.w), u.m, len(heads), d)
 
 
 def scatter_rows(y, u: Unit, seq_len: int, fill: float):
-    """Inverse of ``gather_rows`` for ``y [b * S, m, H, ...]`` → ``[b, n, H, ...]``; rows the unit
+    """Inverse of ``gather_rows`` for ``y [b * S, m, H, ...]`` → ``[b, n, H, ...]``; rows a head
     does not select get ``fill``."""
     segments = seq_len // u.w
-    y = y.reshape(y.shape[0] // segments, segments, u.m, 1, *y.shape[2:])  # [b, S, m, 1, H, ...]
-    pad = [(0, 0)] * y.ndim
-    pad[3] = (u.offset, u.r - 1 - u.offset)
-    y = jnp.pad(y, pad, constant_values=fill)  # [b, S, m, r, H, ...]
+    y = y.reshape(y.shape[0] // segments, segments, u.m, *y.shape[2:])  # [b, S, m, H, ...]
+    if u.offset is not None:
+        pad = [(0, 0)] * (y.ndim + 1)
+        pad[3] = (u.offset, u.r - 1 - u.offset)
+        y = jnp.pad(y[:, :, :, None], pad, constant_values=fill)  # [b, S, m, r, H, ...]
+    else:
+        full = jnp.full((*y.shape[:3], u.r, *y.shape[3:]), fill, y.dtype)
+        y = full.at[:, :, :, np.asarray(u.offsets), np.arange(len(u.heads))].set(y)  # [b, S, m, r, H, ...]
     return y.reshape(y.shape[0], seq_len, *y.shape[4:])
 
 
@@ -78,13 +87,8 @@ def dilated_attention_planned(query, key, value, plan: Plan, scale: float):
             o, lse = block_attention(q, k, v, causal, scale)
             layer_out.append(scatter_rows(o, u, n, 0.0))  # [b, n, H, d]
             layer_lse.append(scatter_rows(lse, u, n, -jnp.inf))  # [b, n, H]
-        out = jnp.concatenate(layer_out, axis=2)
-        lse = jnp.concatenate(layer_lse, axis=2)
-        if layer.inv_perm is not None:
-            out = jnp.take(out, np.asarray(layer.inv_perm), axis=2)
-            lse = jnp.take(lse, np.asarray(layer.inv_perm), axis=2)
-        outs.append(out)
-        lses.append(lse)
+        outs.append(jnp.concatenate(layer_out, axis=2))
+        lses.append(jnp.concatenate(layer_lse, axis=2))
     if len(outs) == 1:
         return outs[0], lses[0]
     return merge_by_lse(outs, lses)

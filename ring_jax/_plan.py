@@ -1,10 +1,11 @@
 """Static plan of a dilated-attention call, built with NumPy/Python at trace time and memoised.
 
-A *unit* is one (pattern, offset) pair applied to a set of query heads: its rows are gathered by a
-strided reshape, its segments folded into the batch, and one block-attention kernel call computes
-it. A *layer* is a set of units that covers every head once; ``head_groups`` has one layer (one
-unit per head group), ``longnet`` has one layer per pattern (one unit per offset class
-``j % r_i``), and layers are merged by log-sum-exp (LongNet Eq. 10).
+A *unit* is one pattern applied to a set of query heads, each head with its offset: its rows are
+gathered by a strided reshape, its segments folded into the batch, and one block-attention kernel
+call computes it. A *layer* is a set of units that covers every head once; ``head_groups`` has one
+layer (one unit per head group, one offset per group), ``longnet`` has one layer per pattern (one
+unit over all heads, head j at offset ``j % r_i``), and layers are merged by log-sum-exp
+(LongNet Eq. 10).
 
 Everything here depends only on static shapes and the config, so it is computed once per
 (config, n, h, h_kv) and baked into the compiled program as constants: a jitted call builds nothing.
@@ -23,30 +24,34 @@ _build_count = 0
 
 @dataclasses.dataclass(frozen=True)
 class Unit:
-    """One (pattern, offset) pair over a set of query heads.
+    """One pattern over a set of query heads, each at its own offset.
 
-    ``w`` is the effective segment length ``min(w_i, n)``; each of the ``n // w`` segments holds
-    ``m = w // r`` selected rows ``offset, offset + r, ...``.
+    ``w`` is the effective segment length ``min(w_i, n)``; in each of the ``n // w`` segments,
+    head ``heads[t]`` attends among the ``m = w // r`` rows ``offsets[t], offsets[t] + r, ...``.
     """
 
     pattern: int
     w: int
     r: int
-    offset: int
     heads: tuple[int, ...]  # query heads, increasing
     kv_heads: tuple[int, ...]  # the kv head each query head reads (GQA)
+    offsets: tuple[int, ...]  # the offset of each query head
 
     @property
     def m(self) -> int:
         return self.w // self.r
 
+    @property
+    def offset(self) -> int | None:
+        """The offset shared by all heads, or None when they differ."""
+        return self.offsets[0] if len(set(self.offsets)) == 1 else None
+
 
 @dataclasses.dataclass(frozen=True)
 class Layer:
-    """Units that partition the heads; ``inv_perm`` restores head order after concatenation."""
+    """Units over consecutive head ranges that together cover every head once, in order."""
 
     units: tuple[Unit, ...]
-    inv_perm: tuple[int, ...] | None  # None when concatenation is already in head order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,26 +96,19 @@ def _build_plan(config: DilatedConfig, seq_len: int, num_heads: int, num_kv_head
     _build_count += 1
     group = num_heads // num_kv_heads
 
-    def unit(i, offset, heads):
+    def unit(i, heads, offset_of):
         w = min(config.segment_lengths[i], seq_len)
         r = config.dilation_rates[i]
-        return Unit(i, w, r, offset, tuple(heads), tuple(j // group for j in heads))
+        return Unit(i, w, r, tuple(heads), tuple(j // group for j in heads), tuple(offset_of(j) for j in heads))
 
     if config.mix == "head_groups":
         units, start = [], 0
         for i, size in enumerate(head_group_sizes(num_heads, config.num_patterns)):
-            units.append(unit(i, i % config.dilation_rates[i], range(start, start + size)))
+            units.append(unit(i, range(start, start + size), lambda j, i=i: i % config.dilation_rates[i]))
             start += size
-        return Plan(config, seq_len, num_heads, num_kv_heads, (Layer(tuple(units), None),))
-
-    layers = []
-    for i, r in enumerate(config.dilation_rates):
-        # Head j uses offset j % r: one unit per non-empty offset class.
-        units = tuple(unit(i, o, range(o, num_heads, r)) for o in range(min(r, num_heads)))
-        order = [j for u in units for j in u.heads]
-        inv = tuple(order.index(j) for j in range(num_heads))
-        layers.append(Layer(units, None if inv == tuple(range(num_heads)) else inv))
-    return Plan(config, seq_len, num_heads, num_kv_heads, tuple(layers))
+        return Plan(config, seq_len, num_heads, num_kv_heads, (Layer(tuple(units)),))
+    return Plan(config, seq_len, num_heads, num_kv_heads, tuple(
+        Layer((unit(i, range(num_heads), lambda j, r=r: j % r),)) for i, r in enumerate(config.dilation_rates)))
 
 
 def cache_info():
