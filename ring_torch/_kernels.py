@@ -89,6 +89,11 @@ def check_backend(backend: str, device_type: str, dtype: torch.dtype):
             raise ValueError("backend='xformers' but no xformers build matching this torch imports")
 
 
+def _pad_last(x, pad):
+    """Zero columns appended to the head dim (no copy when none are needed)."""
+    return F.pad(x, (0, pad)) if pad else x
+
+
 def _math_attention(q, k, v, scale, is_causal):
     B, m, H, d = q.shape
     H_kv = k.shape[2]
@@ -134,8 +139,7 @@ class _AtenCUDA:
     @staticmethod
     def forward(q, k, v, scale, is_causal):
         m, d = q.shape[1], q.shape[-1]
-        pad = -d % 8
-        q, k, v = (F.pad(x, (0, pad)).transpose(1, 2) for x in (q, k, v))  # [B, H, m, d8]
+        q, k, v = (_pad_last(x, -d % 8).transpose(1, 2) for x in (q, k, v))  # [B, H, m, d8]
         out, lse, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
             q, k, v, None, True, 0.0, is_causal, scale=scale)
         # The kernel pads lse's row axis to a multiple of 32; its backward wants it so.
@@ -146,9 +150,7 @@ class _AtenCUDA:
     def backward(dout, q, k, v, out, saved, scale, is_causal):
         lse, seed, offset = saved
         d = q.shape[-1]
-        pad = -d % 8
-        args = (F.pad(x, (0, pad)).transpose(1, 2) for x in (dout, q, k, v, out))
-        dout, q, k, v, out = args
+        dout, q, k, v, out = (_pad_last(x, -d % 8).transpose(1, 2) for x in (dout, q, k, v, out))
         dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
             dout.contiguous(), q, k, v, None, out, lse, seed, offset, 0.0,
             [True, True, True, False], is_causal, scale=scale)
