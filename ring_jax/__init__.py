@@ -7,11 +7,24 @@ Layout (one file per algorithm step):
   ``_plan``    static NumPy plan, memoised at trace time
   ``_kernels`` block attention returning ``(out, lse)`` with an exact backward
   ``_dilated`` one device: strided gather → block attention → scatter → LSE merge
+  ``_ring``    sharded: sub-rings of ``ppermute`` hops over the selected rows, custom backward
 """
 
 from ring_jax._config import DilatedConfig
 from ring_jax._dilated import dilated_attention
 from ring_jax._kernels import block_attention
 from ring_jax._plan import Plan, build_count, get_plan
+from ring_jax._ring import RingPlan, get_ring_plan, ring_dilated_attention, sharded_dilated_attention
 
-__all__ = ["DilatedConfig", "Plan", "block_attention", "build_count", "dilated_attention", "get_plan"]
+__all__ = [
+    "DilatedConfig",
+    "Plan",
+    "RingPlan",
+    "block_attention",
+    "build_count",
+    "dilated_attention",
+    "get_plan",
+    "get_ring_plan",
+    "ring_dilated_attention",
+    "sharded_dilated_attention",
+]

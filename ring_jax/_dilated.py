@@ -7,6 +7,8 @@ triangle of each ``m x m`` block.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,29 +75,40 @@ def merge_by_lse(outs, lses):
     return out.astype(outs[0].dtype), lse
 
 
-def dilated_attention_planned(query, key, value, plan: Plan, scale: float):
-    """``(out [b, n, h, d], lse [b, n, h])`` for a validated plan."""
-    n = plan.seq_len
-    causal = plan.config.is_causal
+def attend_unit(query, key, value, u: Unit, causal: bool, scale: float):
+    """One unit on the whole (local) sequence: ``(out [b, n, H, d], lse [b, n, H])`` for its heads."""
+    n = query.shape[1]
+    q = gather_rows(query, u, u.heads)  # [b*S, m, H, d]
+    k = gather_rows(key, u, u.kv_heads)
+    v = gather_rows(value, u, u.kv_heads)
+    o, lse = block_attention(q, k, v, causal, scale)
+    return scatter_rows(o, u, n, 0.0), scatter_rows(lse, u, n, -jnp.inf)  # [b, n, H, d], [b, n, H]
+
+
+def run_layers(query, key, value, layers, attend):
+    """Concatenates each layer's units along heads and merges the layers by LSE.
+
+    ``attend(query, key, value, unit) -> (out [b, n, H, d], lse [b, n, H])`` for the unit's heads;
+    the units of a layer cover consecutive head ranges in order."""
     outs, lses = [], []
-    for layer in plan.layers:
-        layer_out, layer_lse = [], []
-        for u in layer.units:
-            q = gather_rows(query, u, u.heads)  # [b*S, m, H, d]
-            k = gather_rows(key, u, u.kv_heads)
-            v = gather_rows(value, u, u.kv_heads)
-            o, lse = block_attention(q, k, v, causal, scale)
-            layer_out.append(scatter_rows(o, u, n, 0.0))  # [b, n, H, d]
-            layer_lse.append(scatter_rows(lse, u, n, -jnp.inf))  # [b, n, H]
-        outs.append(jnp.concatenate(layer_out, axis=2))
-        lses.append(jnp.concatenate(layer_lse, axis=2))
+    for units in layers:
+        parts = [attend(query, key, value, u) for u in units]
+        outs.append(jnp.concatenate([o for o, _ in parts], axis=2))
+        lses.append(jnp.concatenate([lse for _, lse in parts], axis=2))
     if len(outs) == 1:
         return outs[0], lses[0]
     return merge_by_lse(outs, lses)
 
 
+def dilated_attention_planned(query, key, value, plan: Plan, scale: float):
+    """``(out [b, n, h, d], lse [b, n, h])`` for a validated plan."""
+    causal = plan.config.is_causal
+    return run_layers(query, key, value, [layer.units for layer in plan.layers],
+                      lambda q, k, v, u: attend_unit(q, k, v, u, causal, scale))
+
+
 def dilated_attention(query, key, value, *, segment_lengths, dilation_rates, mix="head_groups",
-                      is_causal=False, softmax_scale=None, return_lse=False):
+                      is_causal=False, softmax_scale=None, return_lse=False, ring_size=None):
     """Dilated attention (LongNet) on one device.
 
     Args:
@@ -108,6 +121,8 @@ def dilated_attention(query, key, value, *, segment_lengths, dilation_rates, mix
       softmax_scale: defaults to ``head_dim ** -0.5``.
       return_lse: also return the natural-log LSE ``[batch, seq, heads]`` (float32; float64 for
         float64 inputs; ``-inf`` on rows with no key).
+      ring_size: if > 1, run the ring algorithm on this one device with the sequence cut into
+        ``ring_size`` blocks (same result, peak memory falling with ``ring_size``).
 
     Returns:
       ``out [batch, seq, heads, head_dim]`` in the input dtype (rows with no key are 0), or
@@ -115,6 +130,11 @@ def dilated_attention(query, key, value, *, segment_lengths, dilation_rates, mix
     """
     config = DilatedConfig(segment_lengths, dilation_rates, mix, is_causal, softmax_scale)
     _, n, h, h_kv, d = check_inputs(query, key, value)
+    if ring_size is not None and ring_size > 1:
+        from ring_jax._ring import simulated_ring_attention  # the ring builds on this module
+
+        return simulated_ring_attention(query, key, value, ring_size=ring_size, return_lse=return_lse,
+                                        **dataclasses.asdict(config))
     plan = get_plan(config, n, h, h_kv)
     out, lse = dilated_attention_planned(query, key, value, plan, config.scale(d))
     return (out, lse) if return_lse else out

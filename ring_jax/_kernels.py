@@ -35,7 +35,8 @@ def _scores(q, k, causal: bool, scale: float):
     return s
 
 
-def _forward(q, k, v, causal, scale):
+def block_attention_fwd(q, k, v, causal: bool, scale: float):
+    """The forward of `block_attention` without the custom VJP (for callers that write their own)."""
     s = _scores(q, k, causal, scale)
     lse = jax.nn.logsumexp(s, axis=-1)  # [B, H, m]; finite: every row sees at least its diagonal
     p = jnp.exp(s - lse[..., None])
@@ -43,9 +44,10 @@ def _forward(q, k, v, causal, scale):
     return out.astype(q.dtype), jnp.swapaxes(lse, 1, 2)  # [B, m, H, d], [B, m, H]
 
 
-def block_attention_bwd(q, k, v, out, lse, dout, dlse, *, causal: bool, scale: float):
+def block_attention_bwd(q, k, v, out, lse, dout, dlse, *, causal: bool, scale: float, keep_acc_dtype=False):
     """Gradients ``(dq, dk, dv)`` of one block given the (possibly global) ``out`` and ``lse`` of
-    the rows and their cotangents. Rows with ``lse = -inf`` contribute nothing."""
+    the rows and their cotangents. Rows with ``lse = -inf`` contribute nothing. With
+    ``keep_acc_dtype`` the gradients stay in the accumulation dtype (for ring accumulators)."""
     acc = _acc_dtype(q.dtype)
     s = _scores(q, k, causal, scale)
     lse_t = jnp.swapaxes(lse, 1, 2).astype(acc)[..., None]  # [B, H, m, 1]
@@ -57,17 +59,19 @@ def block_attention_bwd(q, k, v, out, lse, dout, dlse, *, causal: bool, scale: f
     ds = p * (dp - jnp.swapaxes(delta, 1, 2)[..., None])
     dq = jnp.einsum("bhqk,bkhd->bqhd", ds, k.astype(acc)) * scale
     dk = jnp.einsum("bhqk,bqhd->bkhd", ds, q.astype(acc)) * scale
+    if keep_acc_dtype:
+        return dq, dk, dv
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def block_attention(q, k, v, causal: bool, scale: float):
     """``(out [B, m, H, d], lse [B, m, H])`` of softmax attention within each of the B blocks."""
-    return _forward(q, k, v, causal, scale)
+    return block_attention_fwd(q, k, v, causal, scale)
 
 
 def _block_attention_fwd(q, k, v, causal, scale):
-    out, lse = _forward(q, k, v, causal, scale)
+    out, lse = block_attention_fwd(q, k, v, causal, scale)
     return (out, lse), (q, k, v, out, lse)
 
 
