@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["MIXES", "DilatedConfig"]
+__all__ = ["MIXES", "DilatedConfig", "check_shapes"]
 
 MIXES = ("head_groups", "longnet")
 
@@ -79,22 +79,33 @@ class DilatedConfig:
 
         Returns ``(batch, seq_len, num_heads, num_kv_heads, head_dim)``.
         """
-        for name, x in (("query", query), ("key", key), ("value", value)):
-            if x.dim() != 4:
-                raise ValueError(f"{name} must be 4-D [batch, seq, heads, head_dim], got shape "
-                                 f"{tuple(x.shape)}")
-        if key.shape != value.shape:
-            raise ValueError(f"key shape {tuple(key.shape)} != value shape {tuple(value.shape)}")
-        b, n, h, d = query.shape
-        kb, kn, h_kv, kd = key.shape
-        if (kb, kn, kd) != (b, n, d):
-            raise ValueError(f"query shape {tuple(query.shape)} and key/value shape "
-                             f"{tuple(key.shape)} differ in batch, seq or head_dim")
-        if not (query.dtype == key.dtype == value.dtype):
-            raise ValueError(f"dtypes differ: query {query.dtype}, key {key.dtype}, "
-                             f"value {value.dtype}")
-        if not (query.device == key.device == value.device):
-            raise ValueError(f"devices differ: query {query.device}, key {key.device}, "
-                             f"value {value.device}")
+        b, n, h, h_kv, d = check_shapes(query, key, value)
         self.validate_sizes(n, h, h_kv)
         return b, n, h, h_kv, d
+
+
+def check_shapes(query: torch.Tensor, key: torch.Tensor,
+                 value: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """Ranks, shapes, dtypes and devices of the inputs, without the tiling checks (a ring
+    shard checks tiling against the global length).
+
+    Returns ``(batch, seq_len, num_heads, num_kv_heads, head_dim)``.
+    """
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [batch, seq, heads, head_dim], got shape "
+                             f"{tuple(x.shape)}")
+    if key.shape != value.shape:
+        raise ValueError(f"key shape {tuple(key.shape)} != value shape {tuple(value.shape)}")
+    b, n, h, d = query.shape
+    kb, kn, h_kv, kd = key.shape
+    if (kb, kn, kd) != (b, n, d):
+        raise ValueError(f"query shape {tuple(query.shape)} and key/value shape "
+                         f"{tuple(key.shape)} differ in batch, seq or head_dim")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise ValueError(f"dtypes differ: query {query.dtype}, key {key.dtype}, "
+                         f"value {value.dtype}")
+    if not (query.device == key.device == value.device):
+        raise ValueError(f"devices differ: query {query.device}, key {key.device}, "
+                         f"value {value.device}")
+    return b, n, h, h_kv, d

@@ -77,21 +77,24 @@ def _lse_merge(outs, lses):
     return out, lse
 
 
+def _run_pattern(plan: DilatedPlan, i: int, q, k, v, scale, backend):
+    """``mix="longnet"``: all heads under pattern ``i``, head j at position j."""
+    out, lse = _run_heads(plan.pattern_units(i), q, k, v, scale, plan.is_causal, backend)
+    order = plan.head_order(i)
+    if order != tuple(range(plan.num_heads)):
+        # Units produce heads grouped by offset class; put head j back at position j.
+        inverse = tuple(sorted(range(len(order)), key=order.__getitem__))
+        index = index_tensor(inverse, q.device)
+        out, lse = out.index_select(2, index), lse.index_select(2, index)
+    return out, lse
+
+
 def _forward(plan: DilatedPlan, q, k, v, scale, backend):
     if plan.mix == "head_groups":
         return _run_heads(plan.units, q, k, v, scale, plan.is_causal, backend)
-    outs, lses = [], []
-    for i in range(len(plan.segment_lengths)):
-        out, lse = _run_heads(plan.pattern_units(i), q, k, v, scale, plan.is_causal, backend)
-        order = plan.head_order(i)
-        if order != tuple(range(plan.num_heads)):
-            # Units produce heads grouped by offset class; put head j back at position j.
-            inverse = tuple(sorted(range(len(order)), key=order.__getitem__))
-            index = index_tensor(inverse, q.device)
-            out, lse = out.index_select(2, index), lse.index_select(2, index)
-        outs.append(out)
-        lses.append(lse)
-    return _lse_merge(outs, lses)
+    outs, lses = zip(*(_run_pattern(plan, i, q, k, v, scale, backend)
+                       for i in range(len(plan.segment_lengths))))
+    return _lse_merge(list(outs), list(lses))
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype):

@@ -1,0 +1,582 @@
+"""Ring dilated attention: the sequence sharded over P ranks, K/V row blocks passed around sub-rings.
+
+Rank ``i`` of ``P`` holds global positions ``[i*L, (i+1)*L)``. Per unit (one pattern over some
+query heads, each head at its offset; ``w`` the effective segment length ``min(w_i, n)``) the plan
+is the one of ``ring_jax._ring`` (same units, same pairs, same hops):
+
+* ``w <= L`` (``L % w == 0``): every segment lies on one rank; the single-device unit runs on the
+  local shard, no communication.
+* ``w > L`` (``w % L == 0``, ``L % r == 0``): a segment spans ``g = w / L`` consecutive ranks
+  (sub-ring ``s`` = ranks ``[s*g, (s+1)*g)``). Each rank gathers its selected rows
+  ``x_local.view(b, L//r, r, H, d)[:, :, o]`` (``L % r == 0``, so local offset = global offset)
+  for each *distinct* ``(kv head, offset)`` pair of the unit (GQA heads are not replicated on the
+  wire), K and V in one buffer, and passes it ``g - 1`` hops to the next rank of its sub-ring.
+  At hop ``t`` the queries of group-rank ``j`` hold the block of group-rank ``(j - t) mod g``;
+  partial ``(out, lse)`` are merged by LSE in float32 or better (NaN-safe). Causal: blocks of
+  later ranks (``t > j``) are skipped (no compute, still forwarded), earlier blocks need no mask,
+  only the own block is masked.
+
+The backward (:class:`_RingUnitFunction`) sends K/V around the same sub-ring again; dK/dV
+accumulators (float32 or better) travel with them from hop 1 on, plus one last hop home: ``g - 1``
+K/V and ``g - 1`` dK/dV permutes. Every block uses the final global ``(out, lse)`` of its rows
+(``dS = P * (dP - D + dlse)``, ``P = exp(S - lse)``, ``D = rowsum(dO * O)``), so no per-hop scores
+are kept and memory per rank does not grow with P.
+
+The same function runs three ways, chosen by its communicator:
+
+* :class:`_DistRing`: ``torch.distributed.batch_isend_irecv`` of ``P2POp`` between sub-ring
+  neighbours (only the strided rows of spanning patterns, nothing for local ones);
+* :class:`_DistAllGather`: ``all_gather`` of the strided rows inside each sub-ring, the backward
+  ``all_reduce`` of the dK/dV of all blocks (kept for comparison);
+* :class:`_SimRing`: one process, the sequence viewed as ``R`` shards stacked on a rank axis; a
+  hop is a roll of that axis inside each sub-ring, so only one hop's blocks are live at a time.
+
+Tensors inside the ring function carry two leading axes ``[G, gl]``: the sub-rings and the
+group-ranks this process holds (``[1, 1]`` in a distributed run, ``[R / g, g]`` simulated).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from ring_torch._config import DilatedConfig, check_shapes
+from ring_torch._dilated import _lse_merge, _run_pattern, _run_unit, resolve_backend
+from ring_torch._kernels import block_attention
+from ring_torch._plan import PATTERN_CACHE, DilatedPlan, Unit, build_plan, causal_mask, index_tensor
+
+__all__ = ["RingUnit", "RingPlan", "CommStats", "build_ring_plan", "check_sharding",
+           "ring_dilated_attention"]
+
+COMMS = ("ring", "all_gather")
+
+
+# ----------------------------------------------------------------------------------------------
+# Plan
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RingUnit:
+    """One unit as a rank sees it.
+
+    ``heads``: the unit's query heads (absolute), in output order; ``offsets``: each head's offset.
+    ``group`` (g): ranks one segment spans; 1 = local, run by the single-device ``local_units``.
+    ``pairs``: the distinct ``(kv head, offset)`` pairs on the wire (sorted, as in ring_jax);
+    ``q_to_pair``: the pair each query head reads.
+    """
+
+    pattern: int
+    segment: int  # effective w'
+    rate: int
+    heads: tuple[int, ...]
+    offsets: tuple[int, ...]
+    group: int
+    pairs: tuple[tuple[int, int], ...]
+    q_to_pair: tuple[int, ...]
+    local_units: tuple[Unit, ...]
+
+    def rows(self, local_len: int) -> int:
+        """Selected rows per rank of a spanning unit: ``L / r``."""
+        return local_len // self.rate
+
+    def hop_bytes(self, batch: int, local_len: int, head_dim: int, itemsize: int) -> int:
+        """Bytes one rank sends per forward hop: K and V, ``L / r`` rows of each distinct pair."""
+        return 2 * batch * self.rows(local_len) * len(self.pairs) * head_dim * itemsize
+
+
+@dataclass(frozen=True)
+class RingPlan:
+    plan: DilatedPlan
+    local_len: int
+    world: int
+    units: tuple[RingUnit, ...]  # head_groups: in head order; longnet: one per pattern
+
+    def forward_bytes(self, batch: int, head_dim: int, itemsize: int) -> dict[int, int]:
+        """Bytes one rank sends in the forward, per pattern: ``(g - 1)`` hops of
+        :meth:`RingUnit.hop_bytes` (0 for local patterns)."""
+        sent: dict[int, int] = defaultdict(int)
+        for ru in self.units:
+            sent[ru.pattern] += (ru.group - 1) * ru.hop_bytes(batch, self.local_len, head_dim,
+                                                              itemsize)
+        return dict(sent)
+
+    def num_permutes(self, with_backward: bool = False) -> int:
+        hops = sum(ru.group - 1 for ru in self.units)
+        return 3 * hops if with_backward else hops
+
+
+def check_sharding(config: DilatedConfig, local_len: int, world: int):
+    """``ValueError`` naming the pattern, ``L`` and ``P`` when the sharding cannot run the plan."""
+    L, P, n = local_len, world, local_len * world
+    for i, (w, r) in enumerate(zip(config.segment_lengths, config.dilation_rates)):
+        we = min(w, n)
+        where = f"pattern {i} (w={w}, w'={we}, r={r}) with local length L={L} on P={P} ranks"
+        if we <= L:
+            if L % we:
+                raise ValueError(f"{where}: L is not a multiple of w'")
+        else:
+            if we % L:
+                raise ValueError(f"{where}: w' is not a multiple of L")
+            if L % r:
+                raise ValueError(f"{where}: L is not a multiple of r")
+
+
+def _ring_unit(pattern, segment, rate, heads, offsets, group_size, local_len, local_units):
+    kv = [j // group_size for j in heads]
+    span = segment // local_len if segment > local_len else 1
+    if span == 1:
+        return RingUnit(pattern, segment, rate, tuple(heads), tuple(offsets), 1, (), (),
+                        tuple(local_units))
+    pairs = tuple(sorted(set(zip(kv, offsets))))
+    q_to_pair = tuple(pairs.index(p) for p in zip(kv, offsets))
+    return RingUnit(pattern, segment, rate, tuple(heads), tuple(offsets), span, pairs, q_to_pair,
+                    tuple(local_units))
+
+
+def _build_ring(plan: DilatedPlan, local_len: int, world: int) -> RingPlan:
+    group_size = plan.num_heads // plan.num_kv_heads
+    units = []
+    if plan.mix == "head_groups":
+        for u in plan.units:
+            heads = range(*u.q_heads)
+            units.append(_ring_unit(u.pattern, u.segment, u.rate, heads, [u.offset] * len(heads),
+                                    group_size, local_len, (u,)))
+    else:
+        for i, (w, r) in enumerate(zip(plan.segment_lengths, plan.dilation_rates)):
+            heads = range(plan.num_heads)
+            units.append(_ring_unit(i, w, r, heads, [j % r for j in heads], group_size, local_len,
+                                    plan.pattern_units(i)))
+    return RingPlan(plan, local_len, world, tuple(units))
+
+
+def build_ring_plan(config: DilatedConfig, local_len: int, world: int, num_heads: int,
+                    num_kv_heads: int) -> RingPlan:
+    """The (cached) ring plan; checks the global sizes, then the sharding, before anything runs."""
+    plan = build_plan(config, local_len * world, num_heads, num_kv_heads)
+    check_sharding(config, local_len, world)
+    key = ("ring", plan, local_len, world)
+    return PATTERN_CACHE.get_or_create(key, lambda: _build_ring(plan, local_len, world))
+
+
+# ----------------------------------------------------------------------------------------------
+# Communicators
+# ----------------------------------------------------------------------------------------------
+
+class CommStats:
+    """Bytes this rank sent, per ``(phase, pattern)``; phase is ``"forward"`` (K/V hops),
+    ``"backward_kv"`` (K/V again) or ``"backward_grad"`` (dK/dV accumulators).
+
+    A simulated ring records the bytes of one rank (all ranks send the same amount)."""
+
+    def __init__(self):
+        self.sent: dict[tuple[str, int], int] = defaultdict(int)
+        self.messages: dict[tuple[str, int], int] = defaultdict(int)
+
+    def add(self, phase: str, pattern: int, nbytes: int):
+        self.sent[(phase, pattern)] += int(nbytes)
+        self.messages[(phase, pattern)] += 1
+
+    def bytes(self, phase: str = "forward") -> dict[int, int]:
+        """``{pattern: bytes}`` of one phase."""
+        return {p: b for (ph, p), b in self.sent.items() if ph == phase}
+
+    def reset(self):
+        self.sent.clear()
+        self.messages.clear()
+
+    def __repr__(self):
+        return f"CommStats({dict(self.sent)})"
+
+
+class _Pending:
+    def __init__(self, reqs, recvs):
+        self.reqs, self.recvs = reqs, recvs
+
+    def wait(self):
+        for req in self.reqs:
+            req.wait()
+        return self.recvs
+
+
+class _Done:
+    def __init__(self, recvs):
+        self.recvs = recvs
+
+    def wait(self):
+        return self.recvs
+
+
+class _DistRing:
+    """Point-to-point hops between sub-ring neighbours (``batch_isend_irecv``)."""
+
+    kind = "ring"
+
+    def __init__(self, group, g: int, stats: CommStats | None, pattern: int):
+        import torch.distributed as dist
+
+        self.dist, self.group = dist, group
+        rank = dist.get_rank(group)
+        s, j = divmod(rank, g)
+        self.js = (j,)
+        self.next = dist.get_global_rank(group, s * g + (j + 1) % g)
+        self.prev = dist.get_global_rank(group, s * g + (j - 1) % g)
+        self.stats, self.pattern, self.ranks_per_process = stats, pattern, 1
+
+    def shift(self, tensors, phase: str):
+        """Starts sending ``tensors`` to the next rank and receiving the previous rank's."""
+        dist = self.dist
+        recvs = [torch.empty_like(t) for t in tensors]
+        ops = [dist.P2POp(dist.isend, t.contiguous(), self.next, self.group) for t in tensors]
+        ops += [dist.P2POp(dist.irecv, r, self.prev, self.group) for r in recvs]
+        reqs = dist.batch_isend_irecv(ops)
+        if self.stats is not None:
+            self.stats.add(phase, self.pattern, sum(t.numel() * t.element_size() for t in tensors))
+        return _Pending(reqs, recvs)
+
+
+_SUBGROUPS: dict = {}
+
+
+class _DistAllGather:
+    """``all_gather`` of the strided rows inside each sub-ring; dK/dV by ``all_reduce``."""
+
+    kind = "all_gather"
+
+    def __init__(self, group, g: int, stats: CommStats | None, pattern: int):
+        import torch.distributed as dist
+
+        self.dist = dist
+        rank = dist.get_rank(group)
+        s, j = divmod(rank, g)
+        self.js = (j,)
+        members = tuple(dist.get_global_rank(group, s * g + i) for i in range(g))
+        key = (id(group), members)
+        if key not in _SUBGROUPS:
+            # Only the members create (and synchronise on) their sub-group.
+            _SUBGROUPS[key] = dist.new_group(list(members), use_local_synchronization=True)
+        self.subgroup, self.g = _SUBGROUPS[key], g
+        self.stats, self.pattern, self.ranks_per_process = stats, pattern, 1
+
+    def gather(self, x: torch.Tensor, phase: str) -> list[torch.Tensor]:
+        x = x.contiguous()
+        blocks = [torch.empty_like(x) for _ in range(self.g)]
+        self.dist.all_gather(blocks, x, group=self.subgroup)
+        if self.stats is not None:  # this rank's block reaches g - 1 peers
+            self.stats.add(phase, self.pattern, (self.g - 1) * x.numel() * x.element_size())
+        return blocks
+
+    def all_reduce(self, x: torch.Tensor, phase: str) -> torch.Tensor:
+        x = x.contiguous()
+        self.dist.all_reduce(x, group=self.subgroup)
+        if self.stats is not None:
+            self.stats.add(phase, self.pattern, x.numel() * x.element_size())
+        return x
+
+
+class _SimRing:
+    """One process holding all ranks (``[2, G, g, ...]`` buffers): a hop is a roll of the g axis."""
+
+    kind = "ring"
+
+    def __init__(self, g: int, stats: CommStats | None, pattern: int, num_ranks: int):
+        self.js = tuple(range(g))
+        self.stats, self.pattern, self.ranks_per_process = stats, pattern, num_ranks
+
+    def shift(self, tensors, phase: str):
+        if self.stats is not None:
+            self.stats.add(phase, self.pattern, sum(t.numel() * t.element_size() for t in tensors)
+                           // self.ranks_per_process)
+        # Every buffer is [2, G, g, ...]: group-rank j receives the block of j - 1.
+        return _Done([torch.roll(t, 1, dims=2) for t in tensors])
+
+
+# ----------------------------------------------------------------------------------------------
+# The ring unit: forward and backward
+# ----------------------------------------------------------------------------------------------
+
+def _merge(o1, l1, o2, l2):
+    """LSE merge of two partial results (``o`` float32+, ``l`` float32+); NaN-safe for -inf."""
+    lse = torch.logaddexp(l1, l2)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    return (torch.exp(l1 - safe).unsqueeze(-1) * o1
+            + torch.exp(l2 - safe).unsqueeze(-1) * o2), lse
+
+
+def _fold(x, lo):
+    """``[G, gl, b, m, X, d]`` -> the active group-ranks ``[lo:]`` folded into the batch."""
+    return x[:, lo:].reshape(-1, *x.shape[3:])
+
+
+def _first_active(js, t, causal):
+    """Index of the first local group-rank that attends the block of hop ``t`` (causal: the
+    block of ``j - t`` is in the future when ``t > j``)."""
+    return sum(1 for j in js if j < t) if causal else 0
+
+
+def _block_grads(q, k, v, lse, dout, D, dlse, pair_index, num_pairs, scale, causal):
+    """Gradients of one block from the rows' *global* ``(out, lse)``, all in float32+.
+
+    ``q``/``dout [B, m, H, d]``, ``k``/``v [B, m, Np, d]``, ``lse``/``D``/``dlse [B, m, H]``.
+    Returns ``dq [B, m, H, d]`` and ``dk``, ``dv [B, m, Np, d]``."""
+    ke, ve = k.index_select(2, pair_index), v.index_select(2, pair_index)  # [B, m, H, d]
+    s = torch.einsum("bihd,bjhd->bhij", q, ke) * scale
+    if causal:
+        s = s.masked_fill(causal_mask(s.shape[-1], s.device), float("-inf"))
+    p = torch.exp(s - lse.transpose(1, 2).unsqueeze(-1))  # [B, H, m, m]
+    dp = torch.einsum("bihd,bjhd->bhij", dout, ve)
+    ds = p * (dp - (D - dlse).transpose(1, 2).unsqueeze(-1))
+    dq = torch.einsum("bhij,bjhd->bihd", ds, ke) * scale
+    dk_h = torch.einsum("bhij,bihd->bjhd", ds, q) * scale
+    dv_h = torch.einsum("bhij,bihd->bjhd", p, dout)
+    B, m, _, d = k.shape
+    dk = torch.zeros(B, m, num_pairs, d, dtype=dk_h.dtype, device=dk_h.device)
+    dv = torch.zeros_like(dk)
+    return dq, dk.index_add_(2, pair_index, dk_h), dv.index_add_(2, pair_index, dv_h)
+
+
+class _RingUnitFunction(torch.autograd.Function):
+    """``q [G, gl, b, m, H, d]``, ``k``/``v [G, gl, b, m, Np, d]`` (the local selected rows) ->
+    ``out [G, gl, b, m, H, d]`` (q's dtype), ``lse [G, gl, b, m, H]`` (float32+)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, comm, g, pair_index, scale, causal, backend):
+        compute = torch.promote_types(q.dtype, torch.float32)
+        G, gl, b, m, H, d = q.shape
+        kv = torch.stack([k, v]).contiguous()  # the wire buffer: K and V of every pair
+        out = torch.zeros(G, gl, b, m, H, d, dtype=compute, device=q.device)
+        lse = torch.full((G, gl, b, m, H), float("-inf"), dtype=compute, device=q.device)
+        blocks = comm.gather(kv, "forward") if comm.kind == "all_gather" else None
+        for t in range(g):
+            pending = None
+            if blocks is not None:
+                kv = blocks[(comm.js[0] - t) % g]
+            elif t < g - 1:
+                pending = comm.shift([kv], "forward")  # overlaps the compute below
+            lo = _first_active(comm.js, t, causal)
+            if lo < gl:
+                ke = kv[0].index_select(4, pair_index)
+                ve = kv[1].index_select(4, pair_index)
+                o, l = block_attention(_fold(q, lo), _fold(ke, lo), _fold(ve, lo), scale=scale,
+                                       is_causal=causal and t == 0, backend=backend)
+                shape = (G, gl - lo, b, m, H)
+                o, l = o.reshape(*shape, d).to(compute), l.reshape(shape).to(compute)
+                out[:, lo:], lse[:, lo:] = _merge(out[:, lo:], lse[:, lo:], o, l)
+            if pending is not None:
+                (kv,) = pending.wait()
+        ctx.save_for_backward(q, k, v, out, lse, pair_index)
+        ctx.comm, ctx.g, ctx.scale, ctx.causal = comm, g, scale, causal
+        ctx.set_materialize_grads(False)
+        return out.to(q.dtype), lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, pair_index = ctx.saved_tensors
+        comm, g, scale, causal = ctx.comm, ctx.g, ctx.scale, ctx.causal
+        compute = out.dtype
+        G, gl, b, m, H, d = q.shape
+        Np = k.shape[4]
+        dout = torch.zeros_like(out) if dout is None else dout.to(compute)
+        dlse = torch.zeros_like(lse) if dlse is None else dlse.to(compute)
+        dlse = torch.where(torch.isfinite(lse), dlse, torch.zeros_like(dlse))
+        D = (dout * out).sum(-1)  # [G, gl, b, m, H]
+        qc = q.to(compute)
+        fold = lambda x, lo: _fold(x, lo)  # noqa: E731
+        dq = torch.zeros_like(qc)
+
+        def block(kvc, t):
+            """dq (added in place) and the ``[2, G, gl, b, m, Np, d]`` dK/dV of the block in hand."""
+            dkv = torch.zeros(2, G, gl, b, m, Np, d, dtype=compute, device=q.device)
+            lo = _first_active(comm.js, t, causal)
+            if lo < gl:
+                dq_t, dk_t, dv_t = _block_grads(
+                    fold(qc, lo), fold(kvc[0], lo), fold(kvc[1], lo), fold(lse, lo),
+                    fold(dout, lo), fold(D, lo), fold(dlse, lo), pair_index, Np, scale,
+                    causal and t == 0)
+                dq[:, lo:] += dq_t.reshape(G, gl - lo, b, m, H, d)
+                dkv[0, :, lo:] = dk_t.reshape(G, gl - lo, b, m, Np, d)
+                dkv[1, :, lo:] = dv_t.reshape(G, gl - lo, b, m, Np, d)
+            return dkv
+
+        kv = torch.stack([k, v]).contiguous()
+        if comm.kind == "all_gather":
+            blocks = comm.gather(kv, "backward_kv")
+            j = comm.js[0]
+            # Indexed by hop t (the block of j - t), then by source rank for the all-reduce.
+            dkv_all = torch.stack([block(blocks[(j - t) % g].to(compute), t) for t in range(g)])
+            order = [(j - src) % g for src in range(g)]  # hop of each source rank
+            dkv_all = comm.all_reduce(dkv_all[order], "backward_grad")
+            dkv = dkv_all[j]
+        else:
+            dkv = block(kv.to(compute), 0)  # own block (the only masked one)
+            acc = None
+            for t in range(1, g):
+                (kv,) = comm.shift([kv], "backward_kv").wait()
+                contrib = block(kv.to(compute), t)
+                if acc is None:  # the accumulator of this block starts here, at hop 1
+                    acc = contrib
+                else:
+                    (acc,) = comm.shift([acc], "backward_grad").wait()
+                    acc = acc + contrib
+            if acc is not None:
+                (acc,) = comm.shift([acc], "backward_grad").wait()  # home to the owner
+                dkv = dkv + acc
+        return (dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype),
+                None, None, None, None, None, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layer
+# ----------------------------------------------------------------------------------------------
+
+def _span_unit(ru: RingUnit, q, k, v, local_len, comm, scale, causal, backend):
+    """A spanning unit on ``q [b, nl, H, d]`` holding ``nl / L`` shards (1 distributed, R
+    simulated); returns ``(out [b, nl, |heads|, d], lse [b, nl, |heads|])``."""
+    b, nl, H, d = q.shape
+    H_kv = k.shape[2]
+    r, L, g = ru.rate, local_len, ru.group
+    Rl, m, Hu = nl // L, L // r, len(ru.heads)
+    dev = q.device
+    idx_q = index_tensor(tuple(o * H + j for j, o in zip(ru.heads, ru.offsets)), dev)
+    idx_kv = index_tensor(tuple(o * H_kv + kvh for kvh, o in ru.pairs), dev)
+    head0 = ru.heads[0]
+    idx_out = index_tensor(tuple(o * Hu + (j - head0) for j, o in zip(ru.heads, ru.offsets)), dev)
+    pair_index = index_tensor(ru.q_to_pair, dev)
+
+    def to_ring(x, idx):  # [b, nl, X, d] -> selected rows [G, gl, b, m, |idx|, d]
+        rows = x.reshape(b, Rl, m, r * x.shape[2], d).index_select(3, idx)
+        return rows.movedim(1, 0).reshape(Rl // len(comm.js), len(comm.js), b, m, len(idx), d)
+
+    out, lse = _RingUnitFunction.apply(to_ring(q, idx_q), to_ring(k, idx_kv), to_ring(v, idx_kv),
+                                       comm, g, pair_index, scale, causal, backend)
+    out = out.reshape(Rl, b, m, Hu, d).movedim(0, 1)  # [b, Rl, m, Hu, d]
+    lse = lse.reshape(Rl, b, m, Hu).movedim(0, 1)
+    full_out = out.new_zeros(b, Rl, m, r * Hu, d).index_copy(3, idx_out, out)
+    full_lse = lse.new_full((b, Rl, m, r * Hu), float("-inf")).index_copy(3, idx_out, lse)
+    return full_out.reshape(b, nl, Hu, d), full_lse.reshape(b, nl, Hu)
+
+
+def _run_ring_unit(ru, rplan, q, k, v, scale, backend, make_comm):
+    plan = rplan.plan
+    if ru.group == 1:
+        if plan.mix == "head_groups":
+            return _run_unit(ru.local_units[0], q, k, v, scale, plan.is_causal, backend)
+        return _run_pattern(plan, ru.pattern, q, k, v, scale, backend)
+    return _span_unit(ru, q, k, v, rplan.local_len, make_comm(ru), scale, plan.is_causal, backend)
+
+
+def _ring_forward(rplan: RingPlan, q, k, v, scale, backend, make_comm):
+    results = [_run_ring_unit(ru, rplan, q, k, v, scale, backend, make_comm)
+               for ru in rplan.units]
+    if rplan.plan.mix == "head_groups":
+        if len(results) == 1:
+            return results[0]
+        return (torch.cat([o for o, _ in results], dim=2),
+                torch.cat([l for _, l in results], dim=2))
+    return _lse_merge([o for o, _ in results], [l for _, l in results])
+
+
+_DTYPE_CODES = {torch.float64: 1, torch.float32: 2, torch.float16: 3, torch.bfloat16: 4}
+
+
+def _check_consistent(group, fields: dict):
+    """One small ``all_gather`` of this rank's shapes and config hash; every rank raises the
+    same ``ValueError`` when they differ (instead of hanging in a mismatched hop)."""
+    import torch.distributed as dist
+
+    values = torch.tensor(list(fields.values()), dtype=torch.int64)
+    world = dist.get_world_size(group)
+    gathered = [torch.empty_like(values) for _ in range(world)]
+    dist.all_gather(gathered, values, group=group)
+    rows = torch.stack(gathered)
+    if not bool((rows == rows[0]).all()):
+        names = list(fields)
+        diff = {names[c]: rows[:, c].tolist() for c in range(len(names))
+                if not bool((rows[:, c] == rows[0, c]).all())}
+        raise ValueError(f"ring ranks disagree on inputs/config (per rank): {diff}")
+
+
+def ring_dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
+                           segment_lengths, dilation_rates, mix: str = "head_groups",
+                           is_causal: bool = False, softmax_scale: float | None = None,
+                           return_lse: bool = False, backend: str = "auto",
+                           ring_size: int | None = None, process_group=None,
+                           comm: str = "ring", stats: CommStats | None = None,
+                           check_consistency: bool = True):
+    """Dilated attention (the definition of :func:`ring_torch.dilated_attention`) over a ring.
+
+    * ``process_group`` with world size ``P > 1``: each rank passes its local shard
+      ``[batch, n / P, heads, head_dim]`` of global positions ``[rank * L, (rank + 1) * L)`` and
+      gets its shard of the output (and LSE). ``comm="ring"``: point-to-point hops between
+      sub-ring neighbours; ``comm="all_gather"``: all-gather inside each sub-ring. Every rank
+      must call the forward and the backward. Before the first message every rank checks its
+      sharding (``ValueError`` naming pattern, ``L`` and ``P``), then one small ``all_gather``
+      checks that all ranks agree on shapes, dtype and config (``ValueError`` on every rank).
+    * ``ring_size=R > 1`` (single process): the full sequence viewed as ``R`` shards, spanning
+      patterns computed hop by hop exactly as the distributed ring (bounded memory).
+    * otherwise: :func:`ring_torch.dilated_attention`.
+
+    ``stats`` (a :class:`CommStats`) records the bytes this rank sends, per phase and pattern.
+    """
+    from ring_torch._dilated import dilated_attention
+
+    if comm not in COMMS:
+        raise ValueError(f"unknown {comm=}; expected one of {COMMS}")
+    world = 1
+    if process_group is not None:
+        import torch.distributed as dist
+
+        world = dist.get_world_size(process_group)
+    if ring_size is not None and ring_size < 1:
+        raise ValueError(f"{ring_size=} must be positive")
+    if world > 1 and ring_size not in (None, 1):
+        raise ValueError(f"ring_size={ring_size} is for a single process; a process group of "
+                         f"{world} ranks is the ring")
+    simulated = world == 1 and ring_size not in (None, 1)
+    if world == 1 and not simulated:
+        return dilated_attention(query, key, value, segment_lengths=segment_lengths,
+                                 dilation_rates=dilation_rates, mix=mix, is_causal=is_causal,
+                                 softmax_scale=softmax_scale, return_lse=return_lse,
+                                 backend=backend)
+
+    config = DilatedConfig(segment_lengths, dilation_rates, mix, is_causal, softmax_scale)
+    b, nl, h, h_kv, d = check_shapes(query, key, value)
+    P = ring_size if simulated else world
+    if simulated:
+        if nl % P:
+            raise ValueError(f"seq_len={nl} is not a multiple of ring_size={P}")
+        L = nl // P
+    else:
+        L = nl
+    dtype = query.dtype
+    backend, compute = resolve_backend(backend, query.device, dtype)
+    rplan = build_ring_plan(config, L, P, h, h_kv)  # raises before any communication
+    if not simulated and check_consistency:
+        scale_bits = torch.tensor([0.0 if softmax_scale is None else float(softmax_scale)],
+                                  dtype=torch.float64).view(torch.int64).item()
+        _check_consistent(process_group, {
+            "batch": b, "local_len": L, "heads": h, "kv_heads": h_kv, "head_dim": d,
+            "dtype": _DTYPE_CODES.get(dtype, 0), "config": zlib.crc32(repr(
+                (config.segment_lengths, config.dilation_rates, mix, bool(is_causal),
+                 softmax_scale is None, backend, comm)).encode()),
+            "softmax_scale": scale_bits})
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+
+    if simulated:
+        def make_comm(ru):
+            return _SimRing(ru.group, stats, ru.pattern, P)
+    else:
+        cls = _DistRing if comm == "ring" else _DistAllGather
+
+        def make_comm(ru):
+            return cls(process_group, ru.group, stats, ru.pattern)
+
+    q, k, v = (x.to(compute) for x in (query, key, value))
+    out, lse = _ring_forward(rplan, q, k, v, scale, backend, make_comm)
+    out = out.to(dtype)
+    if not return_lse:
+        return out
+    return out, lse.to(torch.float64 if dtype == torch.float64 else torch.float32)
