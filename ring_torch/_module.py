@@ -1,0 +1,181 @@
+"""``nn.Module`` wrappers: the (ring) dilated attention core, and LongNet's multi-head layer."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ring_torch._config import DilatedConfig
+from ring_torch._kernels import BACKENDS
+from ring_torch._ring import COMMS, CommStats, ring_dilated_attention
+
+__all__ = ["RingDilatedAttention", "MultiheadDilatedAttention"]
+
+
+class RingDilatedAttention(nn.Module):
+    """Dilated attention over ``[batch, seq, heads, head_dim]`` tensors, on one device or a ring.
+
+    Same definition as :func:`ring_torch.dilated_attention` (held to ``parity_tests.oracle``).
+    Where it runs:
+
+    * ``process_group`` with world size ``P > 1``: every rank passes its local shard (global
+      positions ``[rank * L, (rank + 1) * L)``, ``L = seq / P``) and gets its shard back.
+      ``comm="ring"`` passes the strided K/V rows of spanning patterns between sub-ring neighbours
+      (``batch_isend_irecv``); ``comm="all_gather"`` all-gathers them inside each sub-ring. Every
+      rank must run the forward and the backward.
+    * ``ring_size=R > 1`` in one process: the sequence viewed as ``R`` shards, spanning patterns
+      computed hop by hop like the distributed ring (peak memory of one hop), equal to the
+      single-device result.
+    * otherwise the single-device :func:`ring_torch.dilated_attention`.
+
+    ``comm_stats`` (:class:`ring_torch.CommStats`) accumulates the bytes this rank sends per
+    phase and pattern; :meth:`reset_comm_stats` clears it.
+
+    ``dropout`` on the attention probabilities is not implemented (the fused and ring kernels
+    never materialise them): with ``dropout > 0`` a forward in training mode raises
+    ``NotImplementedError``; in eval mode dropout is the identity and the forward runs.
+    """
+
+    def __init__(self, segment_lengths, dilation_rates, *, mix: str = "head_groups",
+                 dropout: float = 0.0, softmax_scale: float | None = None,
+                 ring_size: int | None = None, process_group=None, comm: str = "ring",
+                 backend: str = "auto"):
+        super().__init__()
+        config = DilatedConfig(segment_lengths, dilation_rates, mix, False, softmax_scale)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"{dropout=} must be in [0, 1)")
+        if comm not in COMMS:
+            raise ValueError(f"unknown {comm=}; expected one of {COMMS}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown {backend=}; expected one of {BACKENDS}")
+        if ring_size is not None and (ring_size < 1 or process_group is not None):
+            raise ValueError(f"{ring_size=} must be a positive int, and only without a "
+                             f"process_group (the group is then the ring)")
+        self.segment_lengths, self.dilation_rates = config.segment_lengths, config.dilation_rates
+        self.mix, self.dropout, self.softmax_scale = mix, float(dropout), softmax_scale
+        self.ring_size, self.process_group, self.comm, self.backend = (ring_size, process_group,
+                                                                       comm, backend)
+        self.comm_stats = CommStats()
+
+    def reset_comm_stats(self):
+        self.comm_stats.reset()
+
+    def extra_repr(self) -> str:
+        return (f"segment_lengths={self.segment_lengths}, dilation_rates={self.dilation_rates}, "
+                f"mix={self.mix!r}, dropout={self.dropout}, ring_size={self.ring_size}, "
+                f"comm={self.comm!r}, backend={self.backend!r}")
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                is_causal: bool = False, return_lse: bool = False):
+        """``query [b, seq, h, d]``, ``key``/``value [b, seq, h_kv, d]`` (local shards in a
+        process group) -> ``out [b, seq, h, d]``, and ``lse [b, seq, h]`` with ``return_lse``."""
+        if self.dropout > 0 and self.training:
+            raise NotImplementedError(
+                f"RingDilatedAttention(dropout={self.dropout}) in training mode: dropout on the "
+                f"attention probabilities is not implemented (fused and ring kernels never "
+                f"materialise them); use dropout=0.0 or eval mode")
+        return ring_dilated_attention(
+            query, key, value, segment_lengths=self.segment_lengths,
+            dilation_rates=self.dilation_rates, mix=self.mix, is_causal=is_causal,
+            softmax_scale=self.softmax_scale, return_lse=return_lse, backend=self.backend,
+            ring_size=self.ring_size, process_group=self.process_group, comm=self.comm,
+            stats=self.comm_stats)
+
+
+class MultiheadDilatedAttention(nn.Module):
+    """LongNet's multi-head dilated attention layer: ``(batch, seq, embed_dim)`` in and out.
+
+    ``q = q_proj(query)``, ``k = k_proj(key)``, ``v = v_proj(value)`` (``k``/``v`` project to
+    ``num_kv_heads * head_dim``: grouped-query attention), split into heads, dilated attention
+    (:class:`RingDilatedAttention`, so the ring options apply), heads concatenated, then
+    ``LayerNorm(embed_dim)`` (the "sub-LN" of MAGNETO / LongNet, when ``layer_norm``) and
+    ``out_proj``. Self-attention when ``key`` and ``value`` are None; cross-attention when given
+    (same batch and length as ``query``: each position attends the key positions its pattern
+    selects; ``value`` defaults to ``key``).
+
+    Initialisation (MAGNETO, as LongNet/torchscale and dilated-attention-pytorch):
+    ``xavier_normal_`` with gain 1 on ``q_proj``/``k_proj`` and gain ``gamma_init`` on
+    ``v_proj``/``out_proj``, biases zero, LayerNorm weight 1 and bias 0.
+
+    Parameter names: ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``, ``norm`` (None without
+    ``layer_norm``).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, segment_lengths, dilation_rates, *,
+                 num_kv_heads: int | None = None, dropout: float = 0.0, bias: bool = True,
+                 layer_norm: bool = True, layer_norm_eps: float = 1e-5, gamma_init: float = 1.0,
+                 mix: str = "head_groups", softmax_scale: float | None = None,
+                 ring_size: int | None = None, process_group=None, comm: str = "ring",
+                 backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
+            raise ValueError(f"{embed_dim=} must be a positive multiple of {num_heads=}")
+        if num_kv_heads <= 0 or num_heads % num_kv_heads:
+            raise ValueError(f"{num_heads=} must be a multiple of {num_kv_heads=}")
+        self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.gamma_init = float(gamma_init)
+        kv_dim = num_kv_heads * self.head_dim
+        factory = dict(device=device, dtype=dtype)
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.k_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **factory)
+        self.norm = (nn.LayerNorm(embed_dim, eps=layer_norm_eps, **factory) if layer_norm
+                     else None)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.attention = RingDilatedAttention(
+            segment_lengths, dilation_rates, mix=mix, dropout=dropout,
+            softmax_scale=softmax_scale, ring_size=ring_size, process_group=process_group,
+            comm=comm, backend=backend)
+        self._check_heads()
+        self.reset_parameters()
+
+    def _check_heads(self):
+        K = len(self.attention.segment_lengths)
+        if self.attention.mix == "head_groups" and self.num_heads < K:
+            raise ValueError(f"mix='head_groups' needs a head per pattern: "
+                             f"num_heads={self.num_heads} < num_patterns={K}")
+
+    def reset_parameters(self):
+        """MAGNETO: xavier_normal_ gain 1 on q/k, gain ``gamma_init`` on v/out; zero biases."""
+        nn.init.xavier_normal_(self.q_proj.weight)
+        nn.init.xavier_normal_(self.k_proj.weight)
+        nn.init.xavier_normal_(self.v_proj.weight, gain=self.gamma_init)
+        nn.init.xavier_normal_(self.out_proj.weight, gain=self.gamma_init)
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+        if self.norm is not None:
+            self.norm.reset_parameters()
+
+    @property
+    def comm_stats(self) -> CommStats:
+        return self.attention.comm_stats
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor | None = None,
+                value: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        """``query [b, seq, embed_dim]`` (``key``/``value`` the same shape, or None for
+        self-attention) -> ``[b, seq, embed_dim]``."""
+        if query.dim() != 3 or query.shape[-1] != self.embed_dim:
+            raise ValueError(f"query must be [batch, seq, embed_dim={self.embed_dim}], got "
+                             f"{tuple(query.shape)}")
+        if key is None and value is not None:
+            raise ValueError("value given without key")
+        if key is None:
+            key = value = query
+        elif value is None:
+            value = key
+        for name, x in (("key", key), ("value", value)):
+            if x.shape != query.shape:
+                raise ValueError(f"cross-attention needs {name} of the query's shape "
+                                 f"{tuple(query.shape)} (same batch, length and embed_dim), got "
+                                 f"{tuple(x.shape)}")
+        b, n, _ = query.shape
+        q = self.q_proj(query).view(b, n, self.num_heads, self.head_dim)
+        k = self.k_proj(key).view(b, n, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(value).view(b, n, self.num_kv_heads, self.head_dim)
+        out = self.attention(q, k, v, is_causal=is_causal).reshape(b, n, self.embed_dim)
+        if self.norm is not None:
+            out = self.norm(out)
+        return self.out_proj(out)
