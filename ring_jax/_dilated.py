@@ -7,8 +7,6 @@ triangle of each ``m x m`` block.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -133,8 +131,7 @@ def dilated_attention(query, key, value, *, segment_lengths, dilation_rates, mix
     if ring_size is not None and ring_size > 1:
         from ring_jax._ring import simulated_ring_attention  # the ring builds on this module
 
-        return simulated_ring_attention(query, key, value, ring_size=ring_size, return_lse=return_lse,
-                                        **dataclasses.asdict(config))
-    plan = get_plan(config, n, h, h_kv)
-    out, lse = dilated_attention_planned(query, key, value, plan, config.scale(d))
+        out, lse = simulated_ring_attention(query, key, value, config, ring_size)
+    else:
+        out, lse = dilated_attention_planned(query, key, value, get_plan(config, n, h, h_kv), config.scale(d))
     return (out, lse) if return_lse else out

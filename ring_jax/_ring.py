@@ -10,8 +10,8 @@ segment length:
   float32. Causal: a block from a later device is skipped (``lax.cond``, no compute), a block from an
   earlier device needs no mask, only the device's own block is masked.
 
-The backward (``jax.custom_vjp``) sends K/V around the same sub-ring again, with float32 dK/dV
-accumulators travelling beside them and one last hop home; every block uses the final global
+The backward (``jax.custom_vjp``) sends K/V around the same sub-ring again, in one buffer with the
+float32 dK/dV accumulators travelling beside them, and one last hop takes the accumulators home; every block uses the final global
 ``(out, lse)`` (``block_attention_bwd``), so no per-hop scores are kept and memory per device does
 not grow with the number of devices.
 """
@@ -50,7 +50,8 @@ class RingUnit:
         return tuple((s + j, s + (j + 1) % g) for s in range(0, num_devices, g) for j in range(g))
 
     def hop_bytes(self, batch: int, head_dim: int, itemsize: int) -> int:
-        """Bytes of one forward hop: K and V, ``L / r`` rows of each distinct pair."""
+        """Bytes of one forward hop: K and V, ``L / r`` rows of each distinct pair. A backward hop
+        carries K, V, dK, dV in the accumulator dtype (the last one dK, dV only)."""
         return 2 * batch * self.local.m * len(self.pair_heads) * head_dim * itemsize
 
 
@@ -65,9 +66,9 @@ class RingPlan:
         return tuple(ru for layer in self.layers for ru in layer)
 
     def num_permutes(self, with_backward: bool = False) -> int:
-        """``sum (g - 1)`` over units; the backward adds ``g - 1`` K/V and ``g - 1`` dK/dV hops."""
-        hops = sum(ru.group - 1 for ru in self.units)
-        return 3 * hops if with_backward else hops
+        """``sum (g - 1)`` over spanning units; the backward adds ``g`` per unit: ``g - 1`` hops of
+        K/V with their dK/dV accumulators, and one hop that takes the accumulators home."""
+        return sum(ru.group - 1 + (ru.group if with_backward else 0) for ru in self.units if ru.group > 1)
 
 
 def get_ring_plan(config: DilatedConfig, local_len: int, num_devices: int, num_heads: int,
@@ -105,14 +106,36 @@ def _build_ring_plan(plan, local_len, num_devices) -> RingPlan:
 
 @dataclasses.dataclass(frozen=True)
 class _Hops:
-    """Static description of one unit's sub-ring (hashable: a ``custom_vjp`` non-diff argument)."""
+    """Static description of one unit's sub-ring (hashable: a ``custom_vjp`` non-diff argument).
 
-    axis_name: Hashable
+    With ``axis_name`` the ``g`` blocks of a segment live on ``g`` devices of that mesh axis and
+    move by ``ppermute``; with ``axis_name=None`` (the simulated ring) they are the leading axis of
+    one device's arrays and move by ``roll``. The hop logic is the same code for both."""
+
+    axis_name: Hashable | None
     group: int
     perm: tuple[tuple[int, int], ...]
     q_to_pair: tuple[int, ...]
     causal: bool
     scale: float
+
+
+def _position(hops: _Hops):
+    """The position ``j`` in the sub-ring of this device (or of each block: ``[g]``)."""
+    if hops.axis_name is None:
+        return jnp.arange(hops.group)
+    return lax.axis_index(hops.axis_name) % hops.group
+
+
+def _shift(x, hops: _Hops):
+    """One hop: every block moves to the next position of its sub-ring."""
+    if hops.axis_name is None:
+        return jnp.roll(x, 1, axis=0)
+    return lax.ppermute(x, hops.axis_name, hops.perm)
+
+
+def _per_block(f, hops: _Hops):
+    return f if hops.axis_name is not None else jax.vmap(f)
 
 
 def _expand(kv, hops: _Hops):
@@ -134,30 +157,33 @@ def _block_grads(q, kv, out, lse, dout, dlse, hops: _Hops, causal: bool):
     return dq, jnp.einsum("bmshd,hp->bmspd", jnp.stack([dk, dv], axis=2), onehot)
 
 
-def _position(hops: _Hops):
-    """This device's position ``j`` in its sub-ring."""
-    return lax.axis_index(hops.axis_name) % hops.group
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def ring_unit_attention(q, kv, hops: _Hops):
     """``q [b, m, H, d]`` (this device's selected rows), ``kv [b, m, 2, pairs, d]`` → ``(out, lse)``
-    over the whole segment, whose ``g`` blocks live on the ``g`` devices of the sub-ring."""
+    over the whole segment, whose ``g`` blocks live on the ``g`` devices of the sub-ring (with
+    ``hops.axis_name=None``: all arguments carry a leading block axis ``[g, ...]``)."""
     return _ring_forward(q, kv, hops)
 
 
 def _ring_forward(q, kv, hops: _Hops):
-    j = _position(hops)
-    out, lse = _attend(q, kv, hops, hops.causal)  # own block: the only masked one
-    for t in range(1, hops.group):
-        kv = lax.ppermute(kv, hops.axis_name, hops.perm)  # now holds the block of device j - t
+    out, lse = _per_block(lambda q, kv: _attend(q, kv, hops, hops.causal), hops)(q, kv)  # own block: masked
 
-        def merge(carry, kv=kv):
+    def step(t, q, kv, out, lse, j):
+        def merge(acc):
             o, l = _attend(q, kv, hops, causal=False)
-            return merge_by_lse([carry[0], o], [carry[1], l])
+            return merge_by_lse([acc[0], o], [acc[1], l])
 
-        # Causal: the block of device j - t < 0 (mod g) lies in the future: skipped, no compute.
-        out, lse = lax.cond(t <= j, merge, lambda c: c, (out, lse)) if hops.causal else merge((out, lse))
+        # Causal: the block of position j - t < 0 (mod g) lies in the future: skipped, no compute.
+        return lax.cond(t <= j, merge, lambda acc: acc, (out, lse)) if hops.causal else merge((out, lse))
+
+    def hop(t, carry):
+        kv, out, lse = carry
+        kv = _shift(kv, hops)  # now holds the block of position j - t
+        out, lse = _per_block(functools.partial(step, t), hops)(q, kv, out, lse, _position(hops))
+        return kv, out, lse
+
+    # A loop, not unrolled hops: one hop's blocks are live at a time, whatever g is.
+    _, out, lse = lax.fori_loop(1, hops.group, hop, (kv, out, lse))
     return out.astype(q.dtype), lse
 
 
@@ -169,38 +195,74 @@ def _ring_fwd(q, kv, hops):
 def _ring_bwd(hops, residuals, cotangents):
     q, kv, out, lse = residuals
     dout, dlse = cotangents
-    j = _position(hops)
-    dq, dkv_own = _block_grads(q, kv, out, lse, dout, dlse, hops, hops.causal)
-    acc = jnp.zeros_like(dkv_own)  # dK/dV of the block in hand, travelling with it
-    for t in range(1, hops.group):
-        kv = lax.ppermute(kv, hops.axis_name, hops.perm)
-        if t > 1:
-            acc = lax.ppermute(acc, hops.axis_name, hops.perm)
+    grads = functools.partial(_block_grads, hops=hops)
+    dq, dkv_own = _per_block(lambda *a: grads(*a, causal=hops.causal), hops)(q, kv, out, lse, dout, dlse)
+    # K, V and the dK/dV accumulator of the block in hand travel as one buffer [b, m, 4, pairs, d]
+    # (K/V upcast to the accumulator dtype, exactly): one permute a hop, and no operand XLA could
+    # share with the forward's hops, which would keep the whole segment's K/V alive until here.
+    buf = jnp.concatenate([kv.astype(dkv_own.dtype), jnp.zeros_like(dkv_own)], axis=-3)
 
-        def add(carry, kv=kv):
-            dq_t, dkv_t = _block_grads(q, kv, out, lse, dout, dlse, hops, causal=False)
-            return carry[0] + dq_t, carry[1] + dkv_t
+    def step(t, q, buf, out, lse, dout, dlse, dq, j):
+        def add(acc):
+            dq_t, dkv_t = grads(q, buf[:, :, :2].astype(kv.dtype), out, lse, dout, dlse, causal=False)
+            return acc[0] + dq_t, acc[1] + dkv_t
 
-        dq, acc = lax.cond(t <= j, add, lambda c: c, (dq, acc)) if hops.causal else add((dq, acc))
+        # Causal: the block of position j - t < 0 (mod g) lies in the future: no compute.
+        dq, acc = lax.cond(t <= j, add, lambda acc: acc, (dq, buf[:, :, 2:])) if hops.causal else add((dq, buf[:, :, 2:]))
+        return jnp.concatenate([buf[:, :, :2], acc], axis=2), dq
+
+    def hop(t, carry):
+        buf, dq = carry
+        buf = _shift(buf, hops)  # the block of position j - t, with its dK/dV so far
+        return _per_block(functools.partial(step, t), hops)(q, buf, out, lse, dout, dlse, dq, _position(hops))
+
     if hops.group > 1:
-        dkv_own = dkv_own + lax.ppermute(acc, hops.axis_name, hops.perm)  # home to the owner
+        buf, dq = lax.fori_loop(1, hops.group, hop, (buf, dq))
+        dkv_own = dkv_own + _shift(buf[..., 2:, :, :], hops)  # dK/dV home to their owner
     return dq.astype(q.dtype), dkv_own.astype(kv.dtype)
 
 
 ring_unit_attention.defvjp(_ring_fwd, _ring_bwd)
 
 
+def _pairs_unit(ru: RingUnit, unit: Unit) -> Unit:
+    """``unit`` with the distinct (kv head, offset) pairs in place of its heads: gathers K/V once."""
+    return dataclasses.replace(unit, heads=ru.pair_heads, kv_heads=ru.pair_heads, offsets=ru.pair_offsets)
+
+
 def _attend_ring_unit(query, key, value, ru: RingUnit, axis_name, num_devices, causal, scale):
+    """A unit on this device's shard: local, or over its sub-ring of devices."""
     if ru.group == 1:
         return attend_unit(query, key, value, ru.unit, causal, scale)
     L = query.shape[1]
-    pairs = dataclasses.replace(ru.local, offsets=ru.pair_offsets)
+    pairs = _pairs_unit(ru, ru.local)
     k = gather_rows(key, pairs, ru.pair_heads)  # [b, L/r, pairs, d]
     v = gather_rows(value, pairs, ru.pair_heads)
     q = gather_rows(query, ru.local, ru.unit.heads)  # [b, L/r, H, d]
     hops = _Hops(axis_name, ru.group, ru.perm(num_devices), ru.q_to_pair, causal, scale)
     o, lse = ring_unit_attention(q, jnp.stack([k, v], axis=2), hops)  # kv: [b, L/r, 2, pairs, d]
     return scatter_rows(o, ru.local, L, 0.0), scatter_rows(lse, ru.local, L, -jnp.inf)
+
+
+def _attend_simulated_unit(query, key, value, ru: RingUnit, causal, scale):
+    """A unit on the whole sequence of one device, spanning units cut into ``g`` ring blocks."""
+    if ru.group == 1:
+        return attend_unit(query, key, value, ru.unit, causal, scale)
+    n, g = query.shape[1], ru.group
+
+    def blocks(x):  # [b*S, m, ...] -> [g, b*S, m/g, ...]: block j = the rows of ring position j
+        return jnp.moveaxis(x.reshape(x.shape[0], g, x.shape[1] // g, *x.shape[2:]), 1, 0)
+
+    def unblock(x):  # inverse of blocks
+        x = jnp.moveaxis(x, 0, 1)
+        return x.reshape(x.shape[0], -1, *x.shape[3:])
+
+    pairs = _pairs_unit(ru, ru.unit)
+    kv = jnp.stack([gather_rows(key, pairs, ru.pair_heads), gather_rows(value, pairs, ru.pair_heads)], axis=2)
+    q = gather_rows(query, ru.unit, ru.unit.heads)  # [b*S, m, H, d]
+    hops = _Hops(None, g, (), ru.q_to_pair, causal, scale)
+    o, lse = ring_unit_attention(blocks(q), blocks(kv), hops)
+    return scatter_rows(unblock(o), ru.unit, n, 0.0), scatter_rows(unblock(lse), ru.unit, n, -jnp.inf)
 
 
 def ring_dilated_attention(query, key, value, *, axis_name, segment_lengths, dilation_rates,
@@ -221,23 +283,16 @@ def ring_dilated_attention(query, key, value, *, axis_name, segment_lengths, dil
     return (out, lse) if return_lse else out
 
 
-def simulated_ring_attention(query, key, value, *, ring_size, return_lse=False, **kwargs):
-    """The ring on one device: the sequence cut into ``ring_size`` blocks that play the devices of a
-    named ``vmap`` axis, so K/V move by the same ``ppermute`` hops and peak memory falls with
-    ``ring_size`` (only the blocks of one hop are live at a time)."""
-    b, n = query.shape[:2]
+def simulated_ring_attention(query, key, value, config: DilatedConfig, ring_size: int):
+    """The ring on one device: ``(out, lse)`` with the sequence cut into ``ring_size`` blocks that
+    play the devices, K/V blocks moving by the same hops (``roll`` for ``ppermute``) with the same
+    merges; peak memory falls with ``ring_size``, since one hop's blocks are live at a time."""
+    _, n, h, h_kv, d = check_inputs(query, key, value)
     if n % ring_size:
         raise ValueError(f"seq_len={n} is not a multiple of {ring_size=}")
-
-    def split(x):  # [b, n, h, d] -> [R, b, n/R, h, d]
-        return jnp.moveaxis(x.reshape(b, ring_size, n // ring_size, *x.shape[2:]), 1, 0)
-
-    def merge(x):  # [R, b, n/R, ...] -> [b, n, ...]
-        return jnp.moveaxis(x, 0, 1).reshape(b, n, *x.shape[3:])
-
-    f = functools.partial(ring_dilated_attention, axis_name="_ring", return_lse=True, **kwargs)
-    out, lse = jax.vmap(f, axis_name="_ring")(split(query), split(key), split(value))
-    return (merge(out), merge(lse)) if return_lse else merge(out)
+    plan = get_ring_plan(config, n // ring_size, ring_size, h, h_kv)
+    attend = functools.partial(_attend_simulated_unit, causal=config.is_causal, scale=config.scale(d))
+    return run_layers(query, key, value, plan.layers, attend)
 
 
 def sharded_dilated_attention(query, key, value, *, mesh, seq_axis="sp", batch_axis=None, return_lse=False,
