@@ -86,7 +86,40 @@ OTHER_CASES = [
     # n=96 on 4 ranks: L=24 is not a multiple of w=16.
     DistCase("invalid-L-vs-w", 4, n=96, h=2, h_kv=2, d=8, w=(16, 96), r=(1, 2), kind="invalid"),
 ]
-ALL_CASES = GRAD_CASES + OTHER_CASES
+MODULE_CASES = [
+    DistCase("module-self-span4-longnet-causal", 4, **SPAN4, mix="longnet", causal=True,
+             kind="module"),
+    DistCase("module-cross-span4-hg-allgather", 4, **SPAN4, comm="all_gather", kind="module_cross"),
+    DistCase("module-self-span2-hg", 2, **SPAN2, kind="module"),
+]
+ALL_CASES = GRAD_CASES + OTHER_CASES + MODULE_CASES
+
+
+def _module_inputs(case: DistCase):
+    g = torch.Generator().manual_seed(case.seed + 1)
+    shape = (case.batch, case.n, case.h * case.d)
+    return [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3)]
+
+
+def _make_module(case: DistCase, **kw):
+    import ring_torch
+
+    torch.manual_seed(case.seed)
+    return ring_torch.MultiheadDilatedAttention(
+        case.h * case.d, case.h, case.w, case.r, num_kv_heads=case.h_kv, mix=case.mix,
+        dtype=torch.float64, **kw)
+
+
+def _module_run(module, case: DistCase, x, key, dout):
+    x = x.clone().requires_grad_()
+    key = key.clone().requires_grad_() if case.kind == "module_cross" else None
+    out = module(x, key, is_causal=case.causal)
+    (out * dout).sum().backward()
+    res = {"out": out.detach().numpy(), "dx": x.grad.numpy(),
+           "params": {n: p.grad.numpy() for n, p in module.named_parameters()}}
+    if key is not None:
+        res["dkey"] = key.grad.numpy()
+    return res
 
 
 def _global_inputs(case: DistCase):
@@ -123,6 +156,10 @@ def _run_case(case: DistCase, rank: int, world: int):
         except ValueError as e:
             return {"error": str(e), "sent": dict(stats.sent)}
         return {"error": None}
+    if case.kind.startswith("module"):
+        module = _make_module(case, process_group=torch.distributed.group.WORLD, comm=case.comm)
+        x, key, dout = (_shard(t, rank, world) for t in _module_inputs(case))
+        return _module_run(module, case, x, key, dout)
     if case.kind == "causality":
         out = call(q.to(dt), k.to(dt), v.to(dt))[0]
         if rank == world - 1:  # the last shard's K/V change; earlier shards must not notice
@@ -328,3 +365,20 @@ def test_errors_raise_on_every_rank_without_hanging(case):
             assert res["sent"] == {}  # raised before any message
         else:
             assert "disagree" in res["error"] and "head_dim" in res["error"]
+
+
+@pytest.mark.timeout(SPAWN_DEADLINE_S + 60)
+@pytest.mark.parametrize("case", MODULE_CASES, ids=[c.name for c in MODULE_CASES])
+def test_distributed_module_matches_single_process(case):
+    """Each rank runs the module on its shard; outputs and input gradients concatenate, and the
+    parameter gradients (per-rank partial sums) add up, to the single-process module's."""
+    per_rank = _case_results(case)
+    x, key, dout = _module_inputs(case)
+    ref = _module_run(_make_module(case), case, x, key, dout)
+    assert _max_abs(_cat(per_rank, "out"), ref["out"]) <= 1e-10
+    assert _max_abs(_cat(per_rank, "dx"), ref["dx"]) <= 1e-9
+    if case.kind == "module_cross":
+        assert _max_abs(_cat(per_rank, "dkey"), ref["dkey"]) <= 1e-9
+    for name, grad in ref["params"].items():
+        total = sum(r["params"][name] for r in per_rank)
+        assert _max_abs(total, grad) <= 1e-9, name
