@@ -191,6 +191,12 @@ class CommStats:
         return f"CommStats({dict(self.sent)})"
 
 
+def _record(stats, pattern, tensors, phases, ranks_per_process):
+    if stats is not None:
+        for t, phase in zip(tensors, phases, strict=True):
+            stats.add(phase, pattern, t.numel() * t.element_size() // ranks_per_process)
+
+
 class _Pending:
     def __init__(self, reqs, recvs):
         self.reqs, self.recvs = reqs, recvs
@@ -225,15 +231,16 @@ class _DistRing:
         self.prev = dist.get_global_rank(group, s * g + (j - 1) % g)
         self.stats, self.pattern, self.ranks_per_process = stats, pattern, 1
 
-    def shift(self, tensors, phase: str):
-        """Starts sending ``tensors`` to the next rank and receiving the previous rank's."""
+    def shift(self, tensors, phases):
+        """Starts sending ``tensors`` to the next rank and receiving the previous rank's, in one
+        ``batch_isend_irecv``; ``phases[i]`` labels ``tensors[i]`` in the stats."""
         dist = self.dist
+        tensors = [t.contiguous() for t in tensors]
         recvs = [torch.empty_like(t) for t in tensors]
-        ops = [dist.P2POp(dist.isend, t.contiguous(), self.next, self.group) for t in tensors]
+        ops = [dist.P2POp(dist.isend, t, self.next, self.group) for t in tensors]
         ops += [dist.P2POp(dist.irecv, r, self.prev, self.group) for r in recvs]
         reqs = dist.batch_isend_irecv(ops)
-        if self.stats is not None:
-            self.stats.add(phase, self.pattern, sum(t.numel() * t.element_size() for t in tensors))
+        _record(self.stats, self.pattern, tensors, phases, 1)
         return _Pending(reqs, recvs)
 
 
@@ -285,10 +292,8 @@ class _SimRing:
         self.js = tuple(range(g))
         self.stats, self.pattern, self.ranks_per_process = stats, pattern, num_ranks
 
-    def shift(self, tensors, phase: str):
-        if self.stats is not None:
-            self.stats.add(phase, self.pattern, sum(t.numel() * t.element_size() for t in tensors)
-                           // self.ranks_per_process)
+    def shift(self, tensors, phases):
+        _record(self.stats, self.pattern, tensors, phases, self.ranks_per_process)
         # Every buffer is [2, G, g, ...]: group-rank j receives the block of j - 1.
         return _Done([torch.roll(t, 1, dims=2) for t in tensors])
 
@@ -354,7 +359,7 @@ class _RingUnitFunction(torch.autograd.Function):
             if blocks is not None:
                 kv = blocks[(comm.js[0] - t) % g]
             elif t < g - 1:
-                pending = comm.shift([kv], "forward")  # overlaps the compute below
+                pending = comm.shift([kv], ["forward"])  # overlaps the compute below
             lo = _first_active(comm.js, t, causal)
             if lo < gl:
                 ke = kv[0].index_select(4, pair_index)
@@ -384,7 +389,6 @@ class _RingUnitFunction(torch.autograd.Function):
         dlse = torch.where(torch.isfinite(lse), dlse, torch.zeros_like(dlse))
         D = (dout * out).sum(-1)  # [G, gl, b, m, H]
         qc = q.to(compute)
-        fold = lambda x, lo: _fold(x, lo)  # noqa: E731
         dq = torch.zeros_like(qc)
 
         def block(kvc, t):
@@ -393,8 +397,8 @@ class _RingUnitFunction(torch.autograd.Function):
             lo = _first_active(comm.js, t, causal)
             if lo < gl:
                 dq_t, dk_t, dv_t = _block_grads(
-                    fold(qc, lo), fold(kvc[0], lo), fold(kvc[1], lo), fold(lse, lo),
-                    fold(dout, lo), fold(D, lo), fold(dlse, lo), pair_index, Np, scale,
+                    _fold(qc, lo), _fold(kvc[0], lo), _fold(kvc[1], lo), _fold(lse, lo),
+                    _fold(dout, lo), _fold(D, lo), _fold(dlse, lo), pair_index, Np, scale,
                     causal and t == 0)
                 dq[:, lo:] += dq_t.reshape(G, gl - lo, b, m, H, d)
                 dkv[0, :, lo:] = dk_t.reshape(G, gl - lo, b, m, Np, d)
@@ -408,21 +412,20 @@ class _RingUnitFunction(torch.autograd.Function):
             # Indexed by hop t (the block of j - t), then by source rank for the all-reduce.
             dkv_all = torch.stack([block(blocks[(j - t) % g].to(compute), t) for t in range(g)])
             order = [(j - src) % g for src in range(g)]  # hop of each source rank
-            dkv_all = comm.all_reduce(dkv_all[order], "backward_grad")
-            dkv = dkv_all[j]
+            dkv = comm.all_reduce(dkv_all[order], "backward_grad")[j]
         else:
             dkv = block(kv.to(compute), 0)  # own block (the only masked one)
-            acc = None
+            acc = None  # dK/dV of the block in hand, from hop 1 on
             for t in range(1, g):
-                (kv,) = comm.shift([kv], "backward_kv").wait()
-                contrib = block(kv.to(compute), t)
-                if acc is None:  # the accumulator of this block starts here, at hop 1
-                    acc = contrib
+                # One batched hop: the K/V of the block in hand and, from hop 2 on, its dK/dV.
+                if acc is None:
+                    (kv,) = comm.shift([kv], ["backward_kv"]).wait()
                 else:
-                    (acc,) = comm.shift([acc], "backward_grad").wait()
-                    acc = acc + contrib
+                    kv, acc = comm.shift([kv, acc], ["backward_kv", "backward_grad"]).wait()
+                contrib = block(kv.to(compute), t)
+                acc = contrib if acc is None else acc + contrib
             if acc is not None:
-                (acc,) = comm.shift([acc], "backward_grad").wait()  # home to the owner
+                (acc,) = comm.shift([acc], ["backward_grad"]).wait()  # home to the owner
                 dkv = dkv + acc
         return (dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype),
                 None, None, None, None, None, None)
