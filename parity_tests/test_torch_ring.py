@@ -81,6 +81,10 @@ OTHER_CASES = [
     DistCase("causality-span2", 2, **SPAN2, causal=True, kind="causality"),
     DistCase("mismatch-head-dim-4", 4, **SPAN4, kind="mismatch"),
     DistCase("mismatch-head-dim-2", 2, **SPAN2, kind="mismatch"),
+    DistCase("mismatch-causal-4", 4, **SPAN4, kind="mismatch_config"),
+    # A process group that is not WORLD: sub-ring peers are mapped to global ranks.
+    DistCase("subgroup-2x2-longnet-causal", 4, **SPAN2, mix="longnet", causal=True,
+             kind="subgroup"),
     # Globally valid (64 % 32 == 0, 32 % 32 == 0) but L=16 is not a multiple of r=32.
     DistCase("invalid-r-gt-L", 4, n=64, h=2, h_kv=2, d=8, w=(8, 32), r=(1, 32), kind="invalid"),
     # n=96 on 4 ranks: L=24 is not a multiple of w=16.
@@ -142,13 +146,22 @@ def _shard(x, rank, world):
 def _run_case(case: DistCase, rank: int, world: int):
     import ring_torch
 
+    import torch.distributed as dist
+
     dt = getattr(torch, case.dtype)
+    group = dist.group.WORLD
+    if case.kind == "subgroup":  # two independent rings of 2: ranks [0, 1] and [2, 3]
+        groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        group = groups[rank // 2]
+        case, rank, world = _subgroup_case(case, rank // 2), rank % 2, 2
     q, k, v, dout, dlse = (_shard(x, rank, world) for x in _global_inputs(case))
     stats = ring_torch.CommStats()
+    kwargs = case.kwargs
+    if case.kind == "mismatch_config" and rank == 1:  # one rank with another causality
+        kwargs = dict(kwargs, is_causal=not case.causal)
     call = functools.partial(ring_torch.ring_dilated_attention, return_lse=True,
-                             process_group=torch.distributed.group.WORLD, comm=case.comm,
-                             stats=stats, **case.kwargs)
-    if case.kind in ("mismatch", "invalid"):
+                             process_group=group, comm=case.comm, stats=stats, **kwargs)
+    if case.kind in ("mismatch", "mismatch_config", "invalid"):
         if case.kind == "mismatch" and rank == 1:  # one rank with another head_dim
             q, k, v = (x[..., :-1] for x in (q, k, v))
         try:
@@ -175,6 +188,11 @@ def _run_case(case: DistCase, rank: int, world: int):
     as_np = lambda t: t.detach().double().numpy()  # noqa: E731
     return {"out": as_np(out), "lse": as_np(lse), "dq": as_np(qs.grad), "dk": as_np(ks.grad),
             "dv": as_np(vs.grad), "sent_forward": fwd, "sent": dict(stats.sent)}
+
+
+def _subgroup_case(case: DistCase, s: int) -> DistCase:
+    """The case sub-ring ``s`` of a ``subgroup`` case runs: its own data (seed + s)."""
+    return dataclasses.replace(case, world=2, seed=case.seed + s, kind="grad")
 
 
 def _worker(rank, world, init_file, out_dir, names):
@@ -348,7 +366,7 @@ def test_causal_ring_ignores_later_shards(case):
     assert not np.array_equal(per_rank[-1]["out"], per_rank[-1]["out2"])
 
 
-ERRORS = [c for c in OTHER_CASES if c.kind in ("mismatch", "invalid")]
+ERRORS = [c for c in OTHER_CASES if c.kind in ("mismatch", "mismatch_config", "invalid")]
 
 
 @pytest.mark.timeout(SPAWN_DEADLINE_S + 60)
@@ -363,8 +381,26 @@ def test_errors_raise_on_every_rank_without_hanging(case):
             bad = {"invalid-r-gt-L": 1, "invalid-L-vs-w": 0}[case.name]
             assert res["error"].startswith(f"pattern {bad} ")
             assert res["sent"] == {}  # raised before any message
-        else:
+        elif case.kind == "mismatch":
             assert "disagree" in res["error"] and "head_dim" in res["error"]
+        else:
+            assert "disagree" in res["error"] and "config" in res["error"]
+
+
+SUBGROUPS = [c for c in OTHER_CASES if c.kind == "subgroup"]
+
+
+@pytest.mark.timeout(SPAWN_DEADLINE_S + 60)
+@pytest.mark.parametrize("case", SUBGROUPS, ids=[c.name for c in SUBGROUPS])
+def test_ring_on_a_process_subgroup(case):
+    per_rank = _case_results(case)
+    for s in range(2):
+        sub = _subgroup_case(case, s)
+        ref = _expected(sub)
+        for key in ("out", "lse", "dq", "dk", "dv"):
+            got = _cat(per_rank[2 * s:2 * s + 2], key)
+            assert _max_abs(got, ref[key]) <= 1e-9, (s, key)
+        assert per_rank[2 * s]["sent"] == _formula_bytes(sub)
 
 
 @pytest.mark.timeout(SPAWN_DEADLINE_S + 60)
