@@ -141,6 +141,8 @@ def test_simulated_bytes_per_rank_match_formula(mix, dtype):
                          ("backward_grad", i): (g - 1) * hop})
     assert dict(stats.sent) == expected
     assert expected  # the config does communicate
+    plan = ring_torch.build_ring_plan(ring_torch.DilatedConfig(w, r, mix), L, R, h, h_kv)
+    assert sum(stats.exchanges.values()) == plan.num_permutes(with_backward=True)
 
 
 def test_simulated_ring_peak_block_is_per_shard():

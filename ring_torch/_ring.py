@@ -104,8 +104,11 @@ class RingPlan:
         return dict(sent)
 
     def num_permutes(self, with_backward: bool = False) -> int:
-        hops = sum(ru.group - 1 for ru in self.units)
-        return 3 * hops if with_backward else hops
+        """Batched sub-ring exchanges per rank: ``g - 1`` forward hops per spanning unit; the
+        backward adds ``g``: ``g - 1`` hops of K/V (with the dK/dV accumulators from the second
+        on) and one that takes the accumulators home."""
+        return sum(ru.group - 1 + (ru.group if with_backward else 0)
+                   for ru in self.units if ru.group > 1)
 
 
 def check_sharding(config: DilatedConfig, local_len: int, world: int):
@@ -167,13 +170,15 @@ def build_ring_plan(config: DilatedConfig, local_len: int, world: int, num_heads
 
 class CommStats:
     """Bytes this rank sent, per ``(phase, pattern)``; phase is ``"forward"`` (K/V hops),
-    ``"backward_kv"`` (K/V again) or ``"backward_grad"`` (dK/dV accumulators).
+    ``"backward_kv"`` (K/V again) or ``"backward_grad"`` (dK/dV accumulators). ``messages``
+    counts tensors sent per ``(phase, pattern)``, ``exchanges`` batched ring hops per pattern.
 
     A simulated ring records the bytes of one rank (all ranks send the same amount)."""
 
     def __init__(self):
         self.sent: dict[tuple[str, int], int] = defaultdict(int)
         self.messages: dict[tuple[str, int], int] = defaultdict(int)
+        self.exchanges: dict[int, int] = defaultdict(int)  # batched ring hops, per pattern
 
     def add(self, phase: str, pattern: int, nbytes: int):
         self.sent[(phase, pattern)] += int(nbytes)
@@ -186,6 +191,7 @@ class CommStats:
     def reset(self):
         self.sent.clear()
         self.messages.clear()
+        self.exchanges.clear()
 
     def __repr__(self):
         return f"CommStats({dict(self.sent)})"
@@ -193,6 +199,7 @@ class CommStats:
 
 def _record(stats, pattern, tensors, phases, ranks_per_process):
     if stats is not None:
+        stats.exchanges[pattern] += 1
         for t, phase in zip(tensors, phases, strict=True):
             stats.add(phase, pattern, t.numel() * t.element_size() // ranks_per_process)
 
