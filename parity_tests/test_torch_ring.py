@@ -90,13 +90,18 @@ OTHER_CASES = [
     # n=96 on 4 ranks: L=24 is not a multiple of w=16.
     DistCase("invalid-L-vs-w", 4, n=96, h=2, h_kv=2, d=8, w=(16, 96), r=(1, 2), kind="invalid"),
 ]
+BF16_CASES = [
+    DistCase("span4-longnet-causal-ring-bfloat16", 4, **SPAN4, mix="longnet", causal=True,
+             dtype="bfloat16"),
+    DistCase("span4-head_groups-full-ring-bfloat16", 4, **SPAN4, dtype="bfloat16"),
+]
 MODULE_CASES = [
     DistCase("module-self-span4-longnet-causal", 4, **SPAN4, mix="longnet", causal=True,
              kind="module"),
     DistCase("module-cross-span4-hg-allgather", 4, **SPAN4, comm="all_gather", kind="module_cross"),
     DistCase("module-self-span2-hg", 2, **SPAN2, kind="module"),
 ]
-ALL_CASES = GRAD_CASES + OTHER_CASES + MODULE_CASES
+ALL_CASES = GRAD_CASES + OTHER_CASES + MODULE_CASES + BF16_CASES
 
 
 def _module_inputs(case: DistCase):
@@ -301,6 +306,18 @@ def test_distributed_matches_oracle_and_reference(case):
             assert _rel(got[key], ref["single_" + key]) <= 2e-5, key
         for key in ("dq", "dk", "dv"):
             assert _rel(got[key], ref[key]) <= 2e-5, key
+
+
+@pytest.mark.timeout(SPAWN_DEADLINE_S + 60)
+@pytest.mark.parametrize("case", BF16_CASES, ids=[c.name for c in BF16_CASES])
+def test_distributed_bfloat16(case):
+    """bfloat16 in and out (the merge in float32): within bf16 rounding of the reference, and the
+    wire carries 2-byte K/V (dK/dV accumulators in float32)."""
+    per_rank = _case_results(case)
+    ref = _expected(case)
+    for key in ("out", "lse", "dq", "dk", "dv"):
+        assert _rel(_cat(per_rank, key), ref[key]) <= 2e-2, key
+    assert per_rank[0]["sent"] == _formula_bytes(case)
 
 
 def _formula_bytes(case: DistCase):

@@ -492,12 +492,14 @@ def _ring_forward(rplan: RingPlan, q, k, v, scale, backend, make_comm):
 _DTYPE_CODES = {torch.float64: 1, torch.float32: 2, torch.float16: 3, torch.bfloat16: 4}
 
 
-def _check_consistent(group, fields: dict):
+def _check_consistent(group, fields: dict, device: torch.device):
     """One small ``all_gather`` of this rank's shapes and config hash; every rank raises the
     same ``ValueError`` when they differ (instead of hanging in a mismatched hop)."""
     import torch.distributed as dist
 
-    values = torch.tensor(list(fields.values()), dtype=torch.int64)
+    if dist.get_backend(group) != "nccl":  # NCCL needs device tensors, gloo takes CPU ones
+        device = torch.device("cpu")
+    values = torch.tensor(list(fields.values()), dtype=torch.int64, device=device)
     world = dist.get_world_size(group)
     gathered = [torch.empty_like(values) for _ in range(world)]
     dist.all_gather(gathered, values, group=group)
@@ -572,7 +574,7 @@ def ring_dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
             "dtype": _DTYPE_CODES.get(dtype, 0), "config": zlib.crc32(repr(
                 (config.segment_lengths, config.dilation_rates, mix, bool(is_causal),
                  softmax_scale is None, backend, comm)).encode()),
-            "softmax_scale": scale_bits})
+            "softmax_scale": scale_bits}, query.device)
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
 
     if simulated:
