@@ -1,0 +1,1 @@
+"""Benchmarks: timing sweeps whose results are committed under benchmarks/results/ (never asserted)."""
