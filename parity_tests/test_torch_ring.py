@@ -95,13 +95,19 @@ BF16_CASES = [
              dtype="bfloat16"),
     DistCase("span4-head_groups-full-ring-bfloat16", 4, **SPAN4, dtype="bfloat16"),
 ]
+DROPOUT_SEED, DROPOUT_P = 100, 0.25
+DROPOUT_CASES = [
+    DistCase("dropout-span4-longnet-causal-ring", 4, **SPAN4, mix="longnet", causal=True,
+             kind="dropout"),
+    DistCase("dropout-span4-hg-allgather", 4, **SPAN4, comm="all_gather", kind="dropout"),
+]
 MODULE_CASES = [
     DistCase("module-self-span4-longnet-causal", 4, **SPAN4, mix="longnet", causal=True,
              kind="module"),
     DistCase("module-cross-span4-hg-allgather", 4, **SPAN4, comm="all_gather", kind="module_cross"),
     DistCase("module-self-span2-hg", 2, **SPAN2, kind="module"),
 ]
-ALL_CASES = GRAD_CASES + OTHER_CASES + MODULE_CASES + BF16_CASES
+ALL_CASES = GRAD_CASES + OTHER_CASES + MODULE_CASES + BF16_CASES + DROPOUT_CASES
 
 
 def _module_inputs(case: DistCase):
@@ -164,6 +170,8 @@ def _run_case(case: DistCase, rank: int, world: int):
     kwargs = case.kwargs
     if case.kind == "mismatch_config" and rank == 1:  # one rank with another causality
         kwargs = dict(kwargs, is_causal=not case.causal)
+    if case.kind == "dropout":  # each rank passes its own seed: rank 0's must win
+        kwargs = dict(kwargs, dropout_p=DROPOUT_P, dropout_seed=DROPOUT_SEED + rank)
     call = functools.partial(ring_torch.ring_dilated_attention, return_lse=True,
                              process_group=group, comm=case.comm, stats=stats, **kwargs)
     if case.kind in ("mismatch", "mismatch_config", "invalid"):
@@ -306,6 +314,25 @@ def test_distributed_matches_oracle_and_reference(case):
             assert _rel(got[key], ref["single_" + key]) <= 2e-5, key
         for key in ("dq", "dk", "dv"):
             assert _rel(got[key], ref[key]) <= 2e-5, key
+
+
+@pytest.mark.timeout(SPAWN_DEADLINE_S + 60)
+@pytest.mark.parametrize("case", DROPOUT_CASES, ids=[c.name for c in DROPOUT_CASES])
+def test_distributed_dropout_equals_single_device(case):
+    """Same position-hashed mask on every rank (rank 0's seed), forward and ring backward."""
+    import ring_torch
+
+    per_rank = _case_results(case)
+    q, k, v, dout, dlse = _global_inputs(case)
+    xs = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, lse = ring_torch.dilated_attention(*xs, return_lse=True, dropout_p=DROPOUT_P,
+                                            dropout_seed=DROPOUT_SEED, **case.kwargs)
+    fin = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    ((out * dout).sum() + (fin * dlse).sum()).backward()
+    ref = {"out": out.detach(), "lse": lse.detach(), "dq": xs[0].grad, "dk": xs[1].grad,
+           "dv": xs[2].grad}
+    for key, value in ref.items():
+        assert _max_abs(_cat(per_rank, key), value.numpy()) <= 1e-12, key
 
 
 @pytest.mark.timeout(SPAWN_DEADLINE_S + 60)

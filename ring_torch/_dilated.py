@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ring_torch._config import DilatedConfig
+from ring_torch._dropout import Dropout, keep_mask, make_dropout
 from ring_torch._kernels import block_attention, check_backend, select_backend, xformers_available
 from ring_torch._plan import DilatedPlan, Unit, build_plan, index_tensor
 
@@ -36,7 +37,18 @@ def _scatter_rows(out: torch.Tensor, lse: torch.Tensor, unit: Unit, b: int, n: i
     return out.reshape(b, n, H, d), lse.reshape(b, n, H)  # [b, n, H, d], [b, n, H]
 
 
-def _run_unit(unit: Unit, q, k, v, scale, is_causal, backend):
+def _unit_keep(unit: Unit, dropout: Dropout, b: int, n: int, device) -> torch.Tensor:
+    """The dropout mask of a unit's folded blocks ``[b * S, H, m, m]`` (global positions)."""
+    S, m = n // unit.segment, unit.rows
+    pos = (dropout.base + torch.arange(S, device=device)[:, None] * unit.segment
+           + torch.arange(m, device=device)[None, :] * unit.rate + unit.offset)  # [S, m]
+    heads = torch.arange(*unit.q_heads, device=device)
+    pos = pos.repeat(b, 1)[:, None, :].expand(b * S, len(heads), m)
+    batch = dropout.batch_base + torch.arange(b, device=device).repeat_interleave(S)
+    return keep_mask(dropout.seed, unit.pattern, batch, heads, pos, pos, dropout.p)
+
+
+def _run_unit(unit: Unit, q, k, v, scale, is_causal, backend, dropout: Dropout | None = None):
     b, n = q.shape[:2]
     qs = _gather_rows(q[:, :, slice(*unit.q_heads)], unit)
     if unit.kv_index is None:
@@ -46,13 +58,15 @@ def _run_unit(unit: Unit, q, k, v, scale, is_causal, backend):
         index = index_tensor(unit.kv_index, q.device)
         ks = _gather_rows(k, unit).index_select(2, index)
         vs = _gather_rows(v, unit).index_select(2, index)
-    out, lse = block_attention(qs, ks, vs, scale=scale, is_causal=is_causal, backend=backend)
+    keep = None if dropout is None else _unit_keep(unit, dropout, b, n, q.device)
+    out, lse = block_attention(qs, ks, vs, scale=scale, is_causal=is_causal, backend=backend,
+                               keep=keep, dropout_p=0.0 if dropout is None else dropout.p)
     return _scatter_rows(out, lse, unit, b, n)
 
 
-def _run_heads(units, q, k, v, scale, is_causal, backend):
+def _run_heads(units, q, k, v, scale, is_causal, backend, dropout=None):
     """Runs ``units`` and concatenates their heads in unit order."""
-    results = [_run_unit(u, q, k, v, scale, is_causal, backend) for u in units]
+    results = [_run_unit(u, q, k, v, scale, is_causal, backend, dropout) for u in units]
     if len(results) == 1:
         return results[0]
     return torch.cat([o for o, _ in results], dim=2), torch.cat([l for _, l in results], dim=2)
@@ -77,9 +91,10 @@ def _lse_merge(outs, lses):
     return out, lse
 
 
-def _run_pattern(plan: DilatedPlan, i: int, q, k, v, scale, backend):
+def _run_pattern(plan: DilatedPlan, i: int, q, k, v, scale, backend, dropout=None):
     """``mix="longnet"``: all heads under pattern ``i``, head j at position j."""
-    out, lse = _run_heads(plan.pattern_units(i), q, k, v, scale, plan.is_causal, backend)
+    out, lse = _run_heads(plan.pattern_units(i), q, k, v, scale, plan.is_causal, backend,
+                          dropout)
     order = plan.head_order(i)
     if order != tuple(range(plan.num_heads)):
         # Units produce heads grouped by offset class; put head j back at position j.
@@ -89,10 +104,10 @@ def _run_pattern(plan: DilatedPlan, i: int, q, k, v, scale, backend):
     return out, lse
 
 
-def _forward(plan: DilatedPlan, q, k, v, scale, backend):
+def _forward(plan: DilatedPlan, q, k, v, scale, backend, dropout=None):
     if plan.mix == "head_groups":
-        return _run_heads(plan.units, q, k, v, scale, plan.is_causal, backend)
-    outs, lses = zip(*(_run_pattern(plan, i, q, k, v, scale, backend)
+        return _run_heads(plan.units, q, k, v, scale, plan.is_causal, backend, dropout)
+    outs, lses = zip(*(_run_pattern(plan, i, q, k, v, scale, backend, dropout)
                        for i in range(len(plan.segment_lengths))))
     return _lse_merge(list(outs), list(lses))
 
@@ -111,7 +126,8 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype):
 def dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
                       segment_lengths, dilation_rates, mix: str = "head_groups",
                       is_causal: bool = False, softmax_scale: float | None = None,
-                      return_lse: bool = False, backend: str = "auto"):
+                      return_lse: bool = False, backend: str = "auto",
+                      dropout_p: float = 0.0, dropout_seed: int | None = None):
     """Dilated attention of ``query [batch, seq, heads, head_dim]`` against
     ``key``/``value [batch, seq, kv_heads, head_dim]`` (``heads % kv_heads == 0``).
 
@@ -126,6 +142,11 @@ def dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
     ``backend``: ``"auto"`` (see :func:`ring_torch.select_backend`), ``"math"``, ``"torch"`` or
     ``"xformers"``. All checks raise ``ValueError`` before any compute.
+
+    ``dropout_p > 0``: dropout on each pattern's attention probabilities, with the counter-based
+    mask of :mod:`ring_torch._dropout` (a hash of seed, pattern, batch, head and the two
+    positions; ``dropout_seed`` defaults to a draw from torch's RNG), so the ring computes the
+    same mask. It runs the math path; the LSE is that of the undropped weights.
     """
     config = DilatedConfig(segment_lengths, dilation_rates, mix, is_causal, softmax_scale)
     _, n, h, h_kv, d = config.validate_inputs(query, key, value)
@@ -133,8 +154,9 @@ def dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     backend, compute = resolve_backend(backend, query.device, dtype)
     plan = build_plan(config, n, h, h_kv)
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    dropout = make_dropout(dropout_p, dropout_seed)
     q, k, v = (x.to(compute) for x in (query, key, value))
-    out, lse = _forward(plan, q, k, v, scale, backend)
+    out, lse = _forward(plan, q, k, v, scale, backend, dropout)
     out = out.to(dtype)
     if not return_lse:
         return out

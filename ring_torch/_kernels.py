@@ -94,7 +94,7 @@ def _pad_last(x, pad):
     return F.pad(x, (0, pad)) if pad else x
 
 
-def _math_attention(q, k, v, scale, is_causal):
+def _math_attention(q, k, v, scale, is_causal, keep=None, dropout_p=0.0):
     B, m, H, d = q.shape
     H_kv = k.shape[2]
     compute = torch.promote_types(q.dtype, torch.float32)
@@ -105,7 +105,10 @@ def _math_attention(q, k, v, scale, is_causal):
     if is_causal:
         s = s.masked_fill(causal_mask(m, s.device), float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # [B, H_kv, g, m]
-    out = torch.matmul(torch.exp(s - lse.unsqueeze(-1)), vh)  # [B, H_kv, g, m, d]
+    probs = torch.exp(s - lse.unsqueeze(-1))
+    if keep is not None:  # dropout on the probabilities; [B, H, m, m] -> [B, H_kv, g, m, m]
+        probs = probs * keep.reshape(probs.shape).to(compute) / (1.0 - dropout_p)
+    out = torch.matmul(probs, vh)  # [B, H_kv, g, m, d]
     out = out.reshape(B, H, m, d).transpose(1, 2).to(q.dtype)  # [B, m, H, d]
     return out, lse.reshape(B, H, m).transpose(1, 2)  # [B, m, H]
 
@@ -215,11 +218,15 @@ class _ExactLSE(torch.autograd.Function):
 
 
 def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
-                    is_causal: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                    is_causal: bool, backend: str, keep: torch.Tensor | None = None,
+                    dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense attention per block: ``q [B, m, H, d]``, ``k``/``v [B, m, H_kv, d]`` ->
-    ``(out [B, m, H, d], lse [B, m, H])``; causal is plain lower-triangular over the m rows."""
-    if backend == "math":
-        return _math_attention(q, k, v, scale, is_causal)
+    ``(out [B, m, H, d], lse [B, m, H])``; causal is plain lower-triangular over the m rows.
+
+    ``keep [B, H, m, m]`` (dropout): the probabilities are multiplied by ``keep / (1 - p)``
+    (the LSE is not); this always runs the math path."""
+    if backend == "math" or keep is not None:
+        return _math_attention(q, k, v, scale, is_causal, keep, dropout_p)
     if backend == "torch" and q.device.type == "cpu":
         kernel = _AtenCPU
     else:

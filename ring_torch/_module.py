@@ -31,9 +31,12 @@ class RingDilatedAttention(nn.Module):
     ``comm_stats`` (:class:`ring_torch.CommStats`) accumulates the bytes this rank sends per
     phase and pattern; :meth:`reset_comm_stats` clears it.
 
-    ``dropout`` on the attention probabilities is not implemented (the fused and ring kernels
-    never materialise them): with ``dropout > 0`` a forward in training mode raises
-    ``NotImplementedError``; in eval mode dropout is the identity and the forward runs.
+    ``dropout``: in training mode, dropout on each pattern's attention probabilities (the LSE is
+    that of the undropped weights). The mask is a hash of (seed, pattern, batch, head, query
+    position, key position), so single-device, simulated-ring and distributed runs with the same
+    seed agree exactly; the seed is drawn from torch's RNG per call (``torch.manual_seed`` makes
+    it reproducible; in a process group rank 0's seed is used). Dropout runs the math path (the
+    fused kernels cannot take an external mask). In eval mode dropout is off.
     """
 
     def __init__(self, segment_lengths, dilation_rates, *, mix: str = "head_groups",
@@ -69,17 +72,13 @@ class RingDilatedAttention(nn.Module):
                 is_causal: bool = False, return_lse: bool = False):
         """``query [b, seq, h, d]``, ``key``/``value [b, seq, h_kv, d]`` (local shards in a
         process group) -> ``out [b, seq, h, d]``, and ``lse [b, seq, h]`` with ``return_lse``."""
-        if self.dropout > 0 and self.training:
-            raise NotImplementedError(
-                f"RingDilatedAttention(dropout={self.dropout}) in training mode: dropout on the "
-                f"attention probabilities is not implemented (fused and ring kernels never "
-                f"materialise them); use dropout=0.0 or eval mode")
+        dropout_p = self.dropout if self.training else 0.0
         return ring_dilated_attention(
             query, key, value, segment_lengths=self.segment_lengths,
             dilation_rates=self.dilation_rates, mix=self.mix, is_causal=is_causal,
             softmax_scale=self.softmax_scale, return_lse=return_lse, backend=self.backend,
             ring_size=self.ring_size, process_group=self.process_group, comm=self.comm,
-            stats=self.comm_stats)
+            stats=self.comm_stats, dropout_p=dropout_p)
 
 
 class MultiheadDilatedAttention(nn.Module):

@@ -45,6 +45,7 @@ import torch
 
 from ring_torch._config import DilatedConfig, check_shapes
 from ring_torch._dilated import _lse_merge, _run_pattern, _run_unit, resolve_backend
+from ring_torch._dropout import Dropout, keep_mask, make_dropout
 from ring_torch._kernels import block_attention
 from ring_torch._plan import PATTERN_CACHE, DilatedPlan, Unit, build_plan, causal_mask, index_tensor
 
@@ -222,7 +223,17 @@ class _Done:
         return self.recvs
 
 
-class _DistRing:
+class _DistComm:
+    js: tuple[int]
+    s: int
+    g: int
+
+    def block_ranks(self, t: int) -> torch.Tensor:
+        """``[[shard]]``: the shard whose block this rank holds at hop ``t``."""
+        return torch.tensor([[self.s * self.g + (self.js[0] - t) % self.g]], dtype=torch.int64)
+
+
+class _DistRing(_DistComm):
     """Point-to-point hops between sub-ring neighbours (``batch_isend_irecv``)."""
 
     kind = "ring"
@@ -233,7 +244,7 @@ class _DistRing:
         self.dist, self.group = dist, group
         rank = dist.get_rank(group)
         s, j = divmod(rank, g)
-        self.js = (j,)
+        self.js, self.s, self.g = (j,), s, g
         self.next = dist.get_global_rank(group, s * g + (j + 1) % g)
         self.prev = dist.get_global_rank(group, s * g + (j - 1) % g)
         self.stats, self.pattern, self.ranks_per_process = stats, pattern, 1
@@ -254,7 +265,7 @@ class _DistRing:
 _SUBGROUPS: dict = {}
 
 
-class _DistAllGather:
+class _DistAllGather(_DistComm):
     """``all_gather`` of the strided rows inside each sub-ring; dK/dV by ``all_reduce``."""
 
     kind = "all_gather"
@@ -265,13 +276,13 @@ class _DistAllGather:
         self.dist = dist
         rank = dist.get_rank(group)
         s, j = divmod(rank, g)
-        self.js = (j,)
+        self.js, self.s, self.g = (j,), s, g
         members = tuple(dist.get_global_rank(group, s * g + i) for i in range(g))
         key = (id(group), members)
         if key not in _SUBGROUPS:
             # Only the members create (and synchronise on) their sub-group.
             _SUBGROUPS[key] = dist.new_group(list(members), use_local_synchronization=True)
-        self.subgroup, self.g = _SUBGROUPS[key], g
+        self.subgroup = _SUBGROUPS[key]
         self.stats, self.pattern, self.ranks_per_process = stats, pattern, 1
 
     def gather(self, x: torch.Tensor, phase: str) -> list[torch.Tensor]:
@@ -296,13 +307,18 @@ class _SimRing:
     kind = "ring"
 
     def __init__(self, g: int, stats: CommStats | None, pattern: int, num_ranks: int):
-        self.js = tuple(range(g))
+        self.js, self.g, self.num_ranks = tuple(range(g)), g, num_ranks
         self.stats, self.pattern, self.ranks_per_process = stats, pattern, num_ranks
 
     def shift(self, tensors, phases):
         _record(self.stats, self.pattern, tensors, phases, self.ranks_per_process)
         # Every buffer is [2, G, g, ...]: group-rank j receives the block of j - 1.
         return _Done([torch.roll(t, 1, dims=2) for t in tensors])
+
+    def block_ranks(self, t: int) -> torch.Tensor:
+        """``[G, g]``: the shard whose block each simulated rank holds at hop ``t``."""
+        ranks = torch.arange(self.num_ranks, dtype=torch.int64).view(-1, self.g)
+        return torch.roll(ranks, t, dims=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,25 +344,64 @@ def _first_active(js, t, causal):
     return sum(1 for j in js if j < t) if causal else 0
 
 
-def _block_grads(q, k, v, lse, dout, D, dlse, pair_index, num_pairs, scale, causal):
+def _block_grads(q, k, v, lse, dout, D, dlse, pair_index, num_pairs, scale, causal, keep=None,
+                 dropout_p=0.0):
     """Gradients of one block from the rows' *global* ``(out, lse)``, all in float32+.
 
     ``q``/``dout [B, m, H, d]``, ``k``/``v [B, m, Np, d]``, ``lse``/``D``/``dlse [B, m, H]``.
-    Returns ``dq [B, m, H, d]`` and ``dk``, ``dv [B, m, Np, d]``."""
+    Returns ``dq [B, m, H, d]`` and ``dk``, ``dv [B, m, Np, d]``. With dropout (``keep
+    [B, H, m, m]``, ``M = keep / (1 - p)``): ``dV = (P M)^T dO``, ``dS = P (M dP - D + dlse)``
+    (``D = rowsum(dO * O)`` of the dropped output)."""
     ke, ve = k.index_select(2, pair_index), v.index_select(2, pair_index)  # [B, m, H, d]
     s = torch.einsum("bihd,bjhd->bhij", q, ke) * scale
     if causal:
         s = s.masked_fill(causal_mask(s.shape[-1], s.device), float("-inf"))
     p = torch.exp(s - lse.transpose(1, 2).unsqueeze(-1))  # [B, H, m, m]
     dp = torch.einsum("bihd,bjhd->bhij", dout, ve)
+    pv = p
+    if keep is not None:
+        scaled = keep.to(p.dtype) / (1.0 - dropout_p)
+        dp, pv = dp * scaled, p * scaled
     ds = p * (dp - (D - dlse).transpose(1, 2).unsqueeze(-1))
     dq = torch.einsum("bhij,bjhd->bihd", ds, ke) * scale
     dk_h = torch.einsum("bhij,bihd->bjhd", ds, q) * scale
-    dv_h = torch.einsum("bhij,bihd->bjhd", p, dout)
+    dv_h = torch.einsum("bhij,bihd->bjhd", pv, dout)
     B, m, _, d = k.shape
     dk = torch.zeros(B, m, num_pairs, d, dtype=dk_h.dtype, device=dk_h.device)
     dv = torch.zeros_like(dk)
     return dq, dk.index_add_(2, pair_index, dk_h), dv.index_add_(2, pair_index, dv_h)
+
+
+@dataclass(frozen=True, eq=False)
+class _UnitDropout:
+    """Dropout masks of a spanning unit's blocks, from global positions (see ``_dropout``)."""
+
+    dropout: Dropout
+    pattern: int
+    local_len: int
+    rate: int
+    heads: torch.Tensor  # [H] global query heads
+    offsets: torch.Tensor  # [H] offset of each head (its pair's offset too)
+
+    @property
+    def p(self) -> float:
+        return self.dropout.p
+
+    def keep(self, comm, t: int, lo: int, b: int, m: int) -> torch.Tensor:
+        """``[G * (gl - lo) * b, H, m, m]`` for the active ranks ``[lo:]`` at hop ``t``."""
+        dev = self.heads.device
+        rows = torch.arange(m, device=dev) * self.rate  # [m]
+
+        def positions(shards):  # [G, gla] -> [G * gla * b, H, m]
+            pos = (shards.to(dev)[:, :, None, None, None] * self.local_len
+                   + self.offsets[:, None] + rows)  # [G, gla, 1, H, m]
+            return pos.expand(*shards.shape, b, len(self.heads), m).reshape(-1, len(self.heads), m)
+
+        qpos = positions(comm.block_ranks(0)[:, lo:])
+        kpos = positions(comm.block_ranks(t)[:, lo:])
+        batch = self.dropout.batch_base + torch.arange(b, device=dev).repeat(qpos.shape[0] // b)
+        return keep_mask(self.dropout.seed, self.pattern, batch, self.heads, qpos, kpos,
+                         self.dropout.p)
 
 
 class _RingUnitFunction(torch.autograd.Function):
@@ -354,7 +409,7 @@ class _RingUnitFunction(torch.autograd.Function):
     ``out [G, gl, b, m, H, d]`` (q's dtype), ``lse [G, gl, b, m, H]`` (float32+)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, comm, g, pair_index, scale, causal, backend):
+    def forward(ctx, q, k, v, comm, g, pair_index, scale, causal, backend, drop):
         compute = torch.promote_types(q.dtype, torch.float32)
         G, gl, b, m, H, d = q.shape
         kv = torch.stack([k, v]).contiguous()  # the wire buffer: K and V of every pair
@@ -371,15 +426,17 @@ class _RingUnitFunction(torch.autograd.Function):
             if lo < gl:
                 ke = kv[0].index_select(4, pair_index)
                 ve = kv[1].index_select(4, pair_index)
+                keep = None if drop is None else drop.keep(comm, t, lo, b, m)
                 o, l = block_attention(_fold(q, lo), _fold(ke, lo), _fold(ve, lo), scale=scale,
-                                       is_causal=causal and t == 0, backend=backend)
+                                       is_causal=causal and t == 0, backend=backend, keep=keep,
+                                       dropout_p=0.0 if drop is None else drop.p)
                 shape = (G, gl - lo, b, m, H)
                 o, l = o.reshape(*shape, d).to(compute), l.reshape(shape).to(compute)
                 out[:, lo:], lse[:, lo:] = _merge(out[:, lo:], lse[:, lo:], o, l)
             if pending is not None:
                 (kv,) = pending.wait()
         ctx.save_for_backward(q, k, v, out, lse, pair_index)
-        ctx.comm, ctx.g, ctx.scale, ctx.causal = comm, g, scale, causal
+        ctx.comm, ctx.g, ctx.scale, ctx.causal, ctx.drop = comm, g, scale, causal, drop
         ctx.set_materialize_grads(False)
         return out.to(q.dtype), lse
 
@@ -387,7 +444,7 @@ class _RingUnitFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, pair_index = ctx.saved_tensors
-        comm, g, scale, causal = ctx.comm, ctx.g, ctx.scale, ctx.causal
+        comm, g, scale, causal, drop = ctx.comm, ctx.g, ctx.scale, ctx.causal, ctx.drop
         compute = out.dtype
         G, gl, b, m, H, d = q.shape
         Np = k.shape[4]
@@ -403,10 +460,11 @@ class _RingUnitFunction(torch.autograd.Function):
             dkv = torch.zeros(2, G, gl, b, m, Np, d, dtype=compute, device=q.device)
             lo = _first_active(comm.js, t, causal)
             if lo < gl:
+                keep = None if drop is None else drop.keep(comm, t, lo, b, m)
                 dq_t, dk_t, dv_t = _block_grads(
                     _fold(qc, lo), _fold(kvc[0], lo), _fold(kvc[1], lo), _fold(lse, lo),
                     _fold(dout, lo), _fold(D, lo), _fold(dlse, lo), pair_index, Np, scale,
-                    causal and t == 0)
+                    causal and t == 0, keep, 0.0 if drop is None else drop.p)
                 dq[:, lo:] += dq_t.reshape(G, gl - lo, b, m, H, d)
                 dkv[0, :, lo:] = dk_t.reshape(G, gl - lo, b, m, Np, d)
                 dkv[1, :, lo:] = dv_t.reshape(G, gl - lo, b, m, Np, d)
@@ -435,14 +493,14 @@ class _RingUnitFunction(torch.autograd.Function):
                 (acc,) = comm.shift([acc], ["backward_grad"]).wait()  # home to the owner
                 dkv = dkv + acc
         return (dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype),
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------
 # Layer
 # ----------------------------------------------------------------------------------------------
 
-def _span_unit(ru: RingUnit, q, k, v, local_len, comm, scale, causal, backend):
+def _span_unit(ru: RingUnit, q, k, v, local_len, comm, scale, causal, backend, drop=None):
     """A spanning unit on ``q [b, nl, H, d]`` holding ``nl / L`` shards (1 distributed, R
     simulated); returns ``(out [b, nl, |heads|, d], lse [b, nl, |heads|])``."""
     b, nl, H, d = q.shape
@@ -461,7 +519,7 @@ def _span_unit(ru: RingUnit, q, k, v, local_len, comm, scale, causal, backend):
         return rows.movedim(1, 0).reshape(Rl // len(comm.js), len(comm.js), b, m, len(idx), d)
 
     out, lse = _RingUnitFunction.apply(to_ring(q, idx_q), to_ring(k, idx_kv), to_ring(v, idx_kv),
-                                       comm, g, pair_index, scale, causal, backend)
+                                       comm, g, pair_index, scale, causal, backend, drop)
     out = out.reshape(Rl, b, m, Hu, d).movedim(0, 1)  # [b, Rl, m, Hu, d]
     lse = lse.reshape(Rl, b, m, Hu).movedim(0, 1)
     full_out = out.new_zeros(b, Rl, m, r * Hu, d).index_copy(3, idx_out, out)
@@ -469,17 +527,23 @@ def _span_unit(ru: RingUnit, q, k, v, local_len, comm, scale, causal, backend):
     return full_out.reshape(b, nl, Hu, d), full_lse.reshape(b, nl, Hu)
 
 
-def _run_ring_unit(ru, rplan, q, k, v, scale, backend, make_comm):
+def _run_ring_unit(ru, rplan, q, k, v, scale, backend, make_comm, dropout):
     plan = rplan.plan
-    if ru.group == 1:
+    if ru.group == 1:  # local: the single-device unit on this shard (dropout at global positions)
         if plan.mix == "head_groups":
-            return _run_unit(ru.local_units[0], q, k, v, scale, plan.is_causal, backend)
-        return _run_pattern(plan, ru.pattern, q, k, v, scale, backend)
-    return _span_unit(ru, q, k, v, rplan.local_len, make_comm(ru), scale, plan.is_causal, backend)
+            return _run_unit(ru.local_units[0], q, k, v, scale, plan.is_causal, backend, dropout)
+        return _run_pattern(plan, ru.pattern, q, k, v, scale, backend, dropout)
+    drop = None
+    if dropout is not None:
+        drop = _UnitDropout(dropout, ru.pattern, rplan.local_len, ru.rate,
+                            torch.tensor(ru.heads, device=q.device),
+                            torch.tensor(ru.offsets, device=q.device))
+    return _span_unit(ru, q, k, v, rplan.local_len, make_comm(ru), scale, plan.is_causal, backend,
+                      drop)
 
 
-def _ring_forward(rplan: RingPlan, q, k, v, scale, backend, make_comm):
-    results = [_run_ring_unit(ru, rplan, q, k, v, scale, backend, make_comm)
+def _ring_forward(rplan: RingPlan, q, k, v, scale, backend, make_comm, dropout=None):
+    results = [_run_ring_unit(ru, rplan, q, k, v, scale, backend, make_comm, dropout)
                for ru in rplan.units]
     if rplan.plan.mix == "head_groups":
         if len(results) == 1:
@@ -492,23 +556,33 @@ def _ring_forward(rplan: RingPlan, q, k, v, scale, backend, make_comm):
 _DTYPE_CODES = {torch.float64: 1, torch.float32: 2, torch.float16: 3, torch.bfloat16: 4}
 
 
-def _check_consistent(group, fields: dict, device: torch.device):
+def _check_consistent(group, fields: dict, device: torch.device, shared: dict | None = None,
+                      compare: bool = True) -> dict:
     """One small ``all_gather`` of this rank's shapes and config hash; every rank raises the
-    same ``ValueError`` when they differ (instead of hanging in a mismatched hop)."""
+    same ``ValueError`` when they differ (instead of hanging in a mismatched hop). ``shared``
+    values are not compared: every rank gets rank 0's (the dropout seed)."""
     import torch.distributed as dist
 
+    shared = shared or {}
     if dist.get_backend(group) != "nccl":  # NCCL needs device tensors, gloo takes CPU ones
         device = torch.device("cpu")
-    values = torch.tensor(list(fields.values()), dtype=torch.int64, device=device)
+    values = torch.tensor(list(fields.values()) + list(shared.values()), dtype=torch.int64,
+                          device=device)
     world = dist.get_world_size(group)
     gathered = [torch.empty_like(values) for _ in range(world)]
     dist.all_gather(gathered, values, group=group)
-    rows = torch.stack(gathered)
-    if not bool((rows == rows[0]).all()):
+    rows = torch.stack(gathered)[:, :len(fields)]
+    if compare and not bool((rows == rows[0]).all()):
         names = list(fields)
         diff = {names[c]: rows[:, c].tolist() for c in range(len(names))
                 if not bool((rows[:, c] == rows[0, c]).all())}
         raise ValueError(f"ring ranks disagree on inputs/config (per rank): {diff}")
+    first = gathered[0][len(fields):].tolist()
+    return dict(zip(shared, first))
+
+
+def _float_bits(x: float) -> int:
+    return torch.tensor([float(x)], dtype=torch.float64).view(torch.int64).item()
 
 
 def ring_dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
@@ -517,7 +591,8 @@ def ring_dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
                            return_lse: bool = False, backend: str = "auto",
                            ring_size: int | None = None, process_group=None,
                            comm: str = "ring", stats: CommStats | None = None,
-                           check_consistency: bool = True):
+                           check_consistency: bool = True, dropout_p: float = 0.0,
+                           dropout_seed: int | None = None):
     """Dilated attention (the definition of :func:`ring_torch.dilated_attention`) over a ring.
 
     * ``process_group`` with world size ``P > 1``: each rank passes its local shard
@@ -532,6 +607,11 @@ def ring_dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     * otherwise: :func:`ring_torch.dilated_attention`.
 
     ``stats`` (a :class:`CommStats`) records the bytes this rank sends, per phase and pattern.
+
+    ``dropout_p > 0``: dropout on the attention probabilities with the position-hashed mask of
+    :func:`ring_torch.dilated_attention` (same mask in every mode, so results agree exactly with
+    the single-device layer for the same ``dropout_seed``); blocks then run the math path. In a
+    process group every rank uses rank 0's seed (shared by the consistency ``all_gather``).
     """
     from ring_torch._dilated import dilated_attention
 
@@ -552,7 +632,7 @@ def ring_dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
         return dilated_attention(query, key, value, segment_lengths=segment_lengths,
                                  dilation_rates=dilation_rates, mix=mix, is_causal=is_causal,
                                  softmax_scale=softmax_scale, return_lse=return_lse,
-                                 backend=backend)
+                                 backend=backend, dropout_p=dropout_p, dropout_seed=dropout_seed)
 
     config = DilatedConfig(segment_lengths, dilation_rates, mix, is_causal, softmax_scale)
     b, nl, h, h_kv, d = check_shapes(query, key, value)
@@ -566,15 +646,22 @@ def ring_dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     dtype = query.dtype
     backend, compute = resolve_backend(backend, query.device, dtype)
     rplan = build_ring_plan(config, L, P, h, h_kv)  # raises before any communication
-    if not simulated and check_consistency:
-        scale_bits = torch.tensor([0.0 if softmax_scale is None else float(softmax_scale)],
-                                  dtype=torch.float64).view(torch.int64).item()
-        _check_consistent(process_group, {
+    dropout = make_dropout(dropout_p, dropout_seed)
+    if not simulated and (check_consistency or dropout is not None):
+        shared = _check_consistent(process_group, {
             "batch": b, "local_len": L, "heads": h, "kv_heads": h_kv, "head_dim": d,
             "dtype": _DTYPE_CODES.get(dtype, 0), "config": zlib.crc32(repr(
                 (config.segment_lengths, config.dilation_rates, mix, bool(is_causal),
                  softmax_scale is None, backend, comm)).encode()),
-            "softmax_scale": scale_bits}, query.device)
+            "softmax_scale": _float_bits(0.0 if softmax_scale is None else softmax_scale),
+            "dropout_p": _float_bits(dropout_p)}, query.device,
+            shared={"dropout_seed": 0 if dropout is None else dropout.seed},
+            compare=check_consistency)
+        if dropout is not None:
+            import torch.distributed as dist
+
+            dropout = Dropout(dropout.p, shared["dropout_seed"],
+                              base=dist.get_rank(process_group) * L)
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
 
     if simulated:
@@ -587,7 +674,7 @@ def ring_dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
             return cls(process_group, ru.group, stats, ru.pattern)
 
     q, k, v = (x.to(compute) for x in (query, key, value))
-    out, lse = _ring_forward(rplan, q, k, v, scale, backend, make_comm)
+    out, lse = _ring_forward(rplan, q, k, v, scale, backend, make_comm, dropout)
     out = out.to(dtype)
     if not return_lse:
         return out
