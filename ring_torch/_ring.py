@@ -16,11 +16,17 @@ is the one of ``ring_jax._ring`` (same units, same pairs, same hops):
   later ranks (``t > j``) are skipped (no compute, still forwarded), earlier blocks need no mask,
   only the own block is masked.
 
-The backward (:class:`_RingUnitFunction`) sends K/V around the same sub-ring again; dK/dV
-accumulators (float32 or better) travel with them from hop 1 on, plus one last hop home: ``g - 1``
-K/V and ``g - 1`` dK/dV permutes. Every block uses the final global ``(out, lse)`` of its rows
-(``dS = P * (dP - D + dlse)``, ``P = exp(S - lse)``, ``D = rowsum(dO * O)``), so no per-hop scores
-are kept and memory per rank does not grow with P.
+The backward (:class:`_RingUnitFunction`) sends K/V around the same sub-ring again (``g - 1``
+hops); the dK/dV accumulator of the block in hand (float32 or better) starts on the rank that
+holds it at hop 1, rides along from hop 2 on (same batched exchange as the K/V) and takes one last
+hop home: ``g - 1`` K/V and ``g - 1`` dK/dV messages per rank, ``g`` exchanges. Every block uses
+the final global ``(out, lse)`` of its rows (``dS = P * (dP - D + dlse)``, ``P = exp(S - lse)``,
+``D = rowsum(dO * O)``, computed blockwise in float32 or better), so no per-hop scores are kept
+and memory per rank does not grow with P.
+
+Dropout (``dropout_p > 0``) multiplies each block's probabilities by a mask hashed from global
+positions (:mod:`ring_torch._dropout`); the backward regenerates it, so the ring equals the
+single-device layer for the same seed.
 
 The same function runs three ways, chosen by its communicator:
 
