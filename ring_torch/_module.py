@@ -96,8 +96,13 @@ class MultiheadDilatedAttention(nn.Module):
     ``xavier_normal_`` with gain 1 on ``q_proj``/``k_proj`` and gain ``gamma_init`` on
     ``v_proj``/``out_proj``, biases zero, LayerNorm weight 1 and bias 0.
 
+    ``dropout``: attention-probability dropout in training mode (see
+    :class:`RingDilatedAttention`).
+
     Parameter names: ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``, ``norm`` (None without
-    ``layer_norm``).
+    ``layer_norm``). In a process group every rank holds the full parameters and its shard of
+    the sequence; the projections and the LayerNorm act per position, so parameter gradients
+    are per-rank partial sums (all-reduce them, as data parallelism over the sequence would).
     """
 
     def __init__(self, embed_dim: int, num_heads: int, segment_lengths, dilation_rates, *,
