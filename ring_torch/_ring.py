@@ -350,6 +350,10 @@ def _first_active(js, t, causal):
     return sum(1 for j in js if j < t) if causal else 0
 
 
+# Score elements (B * H * rows * keys) one chunk of the block backward materialises at most.
+GRAD_CHUNK_ELEMENTS = 1 << 24
+
+
 def _block_grads(q, k, v, lse, dout, D, dlse, pair_index, num_pairs, scale, causal, keep=None,
                  dropout_p=0.0):
     """Gradients of one block from the rows' *global* ``(out, lse)``, all in float32+.
@@ -357,22 +361,36 @@ def _block_grads(q, k, v, lse, dout, D, dlse, pair_index, num_pairs, scale, caus
     ``q``/``dout [B, m, H, d]``, ``k``/``v [B, m, Np, d]``, ``lse``/``D``/``dlse [B, m, H]``.
     Returns ``dq [B, m, H, d]`` and ``dk``, ``dv [B, m, Np, d]``. With dropout (``keep
     [B, H, m, m]``, ``M = keep / (1 - p)``): ``dV = (P M)^T dO``, ``dS = P (M dP - D + dlse)``
-    (``D = rowsum(dO * O)`` of the dropped output)."""
+    (``D = rowsum(dO * O)`` of the dropped output).
+
+    Query rows are processed in chunks of at most :data:`GRAD_CHUNK_ELEMENTS` scores, so the
+    backward never holds an ``m x m`` block for long shards; causal chunks stop at their last
+    row's key."""
     ke, ve = k.index_select(2, pair_index), v.index_select(2, pair_index)  # [B, m, H, d]
-    s = torch.einsum("bihd,bjhd->bhij", q, ke) * scale
-    if causal:
-        s = s.masked_fill(causal_mask(s.shape[-1], s.device), float("-inf"))
-    p = torch.exp(s - lse.transpose(1, 2).unsqueeze(-1))  # [B, H, m, m]
-    dp = torch.einsum("bihd,bjhd->bhij", dout, ve)
-    pv = p
-    if keep is not None:
-        scaled = keep.to(p.dtype) / (1.0 - dropout_p)
-        dp, pv = dp * scaled, p * scaled
-    ds = p * (dp - (D - dlse).transpose(1, 2).unsqueeze(-1))
-    dq = torch.einsum("bhij,bjhd->bihd", ds, ke) * scale
-    dk_h = torch.einsum("bhij,bihd->bjhd", ds, q) * scale
-    dv_h = torch.einsum("bhij,bihd->bjhd", pv, dout)
-    B, m, _, d = k.shape
+    B, m, H, d = q.shape
+    rows = max(1, GRAD_CHUNK_ELEMENTS // max(1, B * H * m))
+    dq = torch.empty_like(q)
+    dk_h, dv_h = torch.zeros_like(ke), torch.zeros_like(ve)
+    row_terms = (D - dlse).transpose(1, 2).unsqueeze(-1)  # [B, H, m, 1]
+    lse_t = lse.transpose(1, 2).unsqueeze(-1)
+    for c0 in range(0, m, rows):
+        c1 = min(m, c0 + rows)
+        kend = c1 if causal else m  # causal: keys after the chunk's last row are all masked
+        qc, dc = q[:, c0:c1], dout[:, c0:c1]
+        kc, vc = ke[:, :kend], ve[:, :kend]
+        s = torch.einsum("bihd,bjhd->bhij", qc, kc) * scale  # [B, H, c, kend]
+        if causal:
+            s = s.masked_fill(causal_mask(m, s.device)[c0:c1, :kend], float("-inf"))
+        p = torch.exp(s - lse_t[:, :, c0:c1])
+        dp = torch.einsum("bihd,bjhd->bhij", dc, vc)
+        pv = p
+        if keep is not None:
+            scaled = keep[:, :, c0:c1, :kend].to(p.dtype) / (1.0 - dropout_p)
+            dp, pv = dp * scaled, p * scaled
+        ds = p * (dp - row_terms[:, :, c0:c1])
+        dq[:, c0:c1] = torch.einsum("bhij,bjhd->bihd", ds, kc) * scale
+        dk_h[:, :kend] += torch.einsum("bhij,bihd->bjhd", ds, qc) * scale
+        dv_h[:, :kend] += torch.einsum("bhij,bihd->bjhd", pv, dc)
     dk = torch.zeros(B, m, num_pairs, d, dtype=dk_h.dtype, device=dk_h.device)
     dv = torch.zeros_like(dk)
     return dq, dk.index_add_(2, pair_index, dk_h), dv.index_add_(2, pair_index, dv_h)
