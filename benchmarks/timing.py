@@ -7,20 +7,17 @@ import time
 
 
 def _sync(result):
-    """Blocks until ``result`` (a JAX pytree or torch tensors) is computed."""
-    try:
+    """Blocks until ``result`` (torch tensors, or a JAX pytree) is computed on its device."""
+    first = result[0] if isinstance(result, (tuple, list)) else result
+    if type(first).__module__.startswith("torch"):
+        import torch
+
+        if first.is_cuda:
+            torch.cuda.synchronize(first.device)
+    else:
         import jax
 
         jax.block_until_ready(result)
-    except ImportError:
-        pass
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-    except ImportError:
-        pass
     return result
 
 

@@ -1,14 +1,10 @@
-"""Test set-up: 8 simulated CPU devices for shard_map rings and float64 in JAX.
-
-XLA_FLAGS must be set before jax is first imported, so it is done here, at collection time.
-"""
+"""Test set-up: 8 simulated CPU devices for shard_map rings, fast compiles, float64 in JAX."""
 
 import os
 
-# Optimisation level 0: the suite compiles hundreds of small programs and runs each once, so
-# compile time dominates; numerics are the same IEEE operations.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0").strip()
+from parity_tests._env import simulate_cpu_devices
+
+simulate_cpu_devices(8, fast_compile=True)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 try:

@@ -85,6 +85,26 @@ def max_abs_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a[fin] - b[fin]).max(initial=0.0))
 
 
+def tolerances(got: Result, case: Case, x: Inputs, ref: Result | None = None) -> dict[str, tuple[float, float]]:
+    """``{field: (error, bound)}`` for each of out, lse, dq, dk, dv, under the case's dtype rule:
+
+    * float64: max abs error; bound 1e-10 for out and lse, 1e-9 for gradients (only rounding differs);
+    * float32: relative error ``||a - b|| / ||b||``; bound 2e-5;
+    * bfloat16: relative error; bound 2x the error of a naive dense bf16 implementation on the same
+      bf16-rounded inputs (flash-attn's rule).
+    """
+    ref = ref or reference(case, x)
+    names = Result._fields
+    if case.dtype == "float64":
+        return {k: (max_abs_err(getattr(got, k), getattr(ref, k)), 1e-10 if k in ("out", "lse") else 1e-9)
+                for k in names}
+    errs = {k: rel_err(getattr(got, k), getattr(ref, k)) for k in names}
+    if case.dtype == "float32":
+        return {k: (e, 2e-5) for k, e in errs.items()}
+    naive = reference(case, x, dtype=case.dtype)
+    return {k: (e, 2 * rel_err(getattr(naive, k), getattr(ref, k))) for k, e in errs.items()}
+
+
 def _torch_run(fn, case: Case, x: Inputs, dtype) -> Result:
     import torch
 
@@ -111,10 +131,12 @@ def reference(case: Case, x: Inputs, dtype: str = "float64") -> Result:
     return _torch_run(lambda q, k, v: reference_attention(q, k, v, **case.kwargs), case, x, _torch_dtype(dtype))
 
 
-def run_torch(case: Case, x: Inputs, **extra) -> Result:
+def run_torch(case: Case, x: Inputs, fn=None) -> Result:
+    """Runs ``fn(q, k, v) -> (out, lse)`` (default: ``ring_torch.dilated_attention``)."""
     import ring_torch
 
-    fn = lambda q, k, v: ring_torch.dilated_attention(q, k, v, return_lse=True, **case.kwargs, **extra)  # noqa: E731
+    if fn is None:
+        fn = lambda q, k, v: ring_torch.dilated_attention(q, k, v, return_lse=True, **case.kwargs)  # noqa: E731
     return _torch_run(fn, case, x, _torch_dtype(case.dtype))
 
 

@@ -36,7 +36,10 @@ def _jax_plan(n, P, h, h_kv, w, r, mix):
     return ring_jax_ring.get_ring_plan(JaxConfig(w, r, mix), n // P, P, h, h_kv)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[f"n{c[0]}-P{c[1]}-h{c[2]}-kv{c[3]}" for c in CONFIGS])
+IDS = [f"n{c[0]}-P{c[1]}-h{c[2]}-kv{c[3]}" for c in CONFIGS]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
 @pytest.mark.parametrize("mix", MIXES)
 def test_units_pairs_and_bytes_match_the_jax_ring_plan(config, mix):
     n, P, h, h_kv, w, r = config
@@ -86,7 +89,8 @@ def test_plan_structure(config, mix):
             for j, o, p in zip(ru.heads, ru.offsets, ru.q_to_pair):
                 assert ru.pairs[p] == (j // (h // h_kv), o)
     if mix == "head_groups":
-        assert sorted(itertools.chain.from_iterable(ru.heads for ru in plan.units)) == list(range(h))
+        heads = itertools.chain.from_iterable(ru.heads for ru in plan.units)
+        assert sorted(heads) == list(range(h))
     else:
         assert [ru.pattern for ru in plan.units] == list(range(len(w)))
         assert all(ru.offsets == tuple(j % ru.rate for j in range(h)) for ru in plan.units)

@@ -171,7 +171,8 @@ def test_simulated_ring_peak_block_is_per_shard():
     (dict(ring_size=3), "multiple of ring_size"),
     (dict(ring_size=0), "ring_size"),
     (dict(ring_size=4, segment_lengths=(8, 32), dilation_rates=(1, 32)),
-     r"pattern 1 \(w=32, w'=32, r=32\) with local length L=16 on P=4 ranks: L is not a multiple of r"),
+     r"pattern 1 \(w=32, w'=32, r=32\) with local length L=16 on P=4 ranks: "
+     r"L is not a multiple of r"),
     (dict(ring_size=4, segment_lengths=(24,), dilation_rates=(1,)), "not a multiple"),
     (dict(comm="broadcast"), "unknown comm"),
 ])
@@ -195,7 +196,9 @@ def test_chunked_block_backward_equals_unchunked(monkeypatch, mix, causal, dropo
     kw = dict(segment_lengths=w, dilation_rates=r, mix=mix, is_causal=causal,
               dropout_p=dropout_p, dropout_seed=3)
     q, k, v, dout, dlse = _inputs(n, h, h_kv, d)
-    fn = lambda *x: ring_torch.ring_dilated_attention(*x, return_lse=True, ring_size=4, **kw)  # noqa: E731
+
+    def fn(*x):
+        return ring_torch.ring_dilated_attention(*x, return_lse=True, ring_size=4, **kw)
     whole = _run(fn, q, k, v, dout, dlse, torch.float64)
     for elements in (1, 5 * 2 * h * (n // 4)):
         monkeypatch.setattr(ring_mod, "GRAD_CHUNK_ELEMENTS", elements)
