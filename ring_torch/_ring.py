@@ -1,4 +1,4 @@
-"""Ring dilated attention: the sequence sharded over P ranks, K/V row blocks passed around sub-rings.
+"""Ring dilated attention: the sequence sharded over P ranks, K/V row blocks sent around sub-rings.
 
 Rank ``i`` of ``P`` holds global positions ``[i*L, (i+1)*L)``. Per unit (one pattern over some
 query heads, each head at its offset; ``w`` the effective segment length ``min(w_i, n)``) the plan
@@ -480,7 +480,7 @@ class _RingUnitFunction(torch.autograd.Function):
         dq = torch.zeros_like(qc)
 
         def block(kvc, t):
-            """dq (added in place) and the ``[2, G, gl, b, m, Np, d]`` dK/dV of the block in hand."""
+            """Adds to dq in place; returns the ``[2, G, gl, b, m, Np, d]`` dK/dV of the block."""
             dkv = torch.zeros(2, G, gl, b, m, Np, d, dtype=compute, device=q.device)
             lo = _first_active(comm.js, t, causal)
             if lo < gl:
