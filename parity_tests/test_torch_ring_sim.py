@@ -205,3 +205,28 @@ def test_chunked_block_backward_equals_unchunked(monkeypatch, mix, causal, dropo
         chunked = _run(fn, q, k, v, dout, dlse, torch.float64)
         for a, b in zip(chunked, whole):
             assert _max_abs(a, b) <= 1e-13
+
+
+def test_saved_memory_per_rank_does_not_grow_with_ring_size():
+    """Autograd keeps, per rank, the local selected rows, the output and the LSE of each unit:
+    with the local length fixed and a pattern spanning all R shards, the bytes saved for the
+    backward divided by R stay flat as R grows (no per-hop scores or blocks are kept)."""
+    L, h, d = 16, 2, 8
+    per_rank = {}
+    for R in (2, 4, 8):
+        n = R * L
+        q, k, v, *_ = _inputs(n, h, h, d)
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        xs = [x.requires_grad_() for x in (q, k, v)]
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = ring_torch.ring_dilated_attention(*xs, segment_lengths=(L, n),
+                                                    dilation_rates=(1, 2), mix="longnet",
+                                                    ring_size=R)
+        out.sum().backward()
+        per_rank[R] = sum(saved) / R
+    assert per_rank[8] <= per_rank[2] * 1.01, per_rank
