@@ -230,3 +230,29 @@ def test_saved_memory_per_rank_does_not_grow_with_ring_size():
         out.sum().backward()
         per_rank[R] = sum(saved) / R
     assert per_rank[8] <= per_rank[2] * 1.01, per_rank
+
+
+@pytest.mark.parametrize("backend", ["math", "torch"])
+@pytest.mark.parametrize("mix", ["head_groups", "longnet"])
+def test_softmax_scale_and_explicit_backend(backend, mix):
+    _, n, h, h_kv, d, w, r, _ = CONFIGS[0]
+    kw = dict(segment_lengths=w, dilation_rates=r, mix=mix, is_causal=True, softmax_scale=0.3)
+    q, k, v, dout, dlse = _inputs(n, h, h_kv, d, seed=4)
+    dtype = torch.float64 if backend == "math" else torch.float32
+    ring = _run(lambda *x: ring_torch.ring_dilated_attention(*x, return_lse=True, ring_size=4,
+                                                             backend=backend, **kw),
+                q, k, v, dout, dlse, dtype)
+    ref = _run(lambda *x: reference_attention(*x, **kw), q, k, v, dout, dlse, torch.float64)
+    for a, b in zip(ring, ref):
+        assert (_max_abs(a, b) <= 1e-9) if dtype == torch.float64 else (_rel(a, b) <= 2e-5)
+
+
+def test_inference_mode_and_no_grad():
+    q, k, v, *_ = _inputs(64, 6, 3, 8)
+    kw = dict(segment_lengths=(8, 32, 64), dilation_rates=(1, 2, 4), mix="longnet")
+    ref = ring_torch.dilated_attention(q, k, v, **kw)
+    with torch.inference_mode():
+        a = ring_torch.ring_dilated_attention(q, k, v, ring_size=4, **kw)
+    with torch.no_grad():
+        b = ring_torch.ring_dilated_attention(q.requires_grad_(), k, v, ring_size=4, **kw)
+    assert _max_abs(a, ref) <= 1e-12 and _max_abs(b, ref) <= 1e-12 and not b.requires_grad
