@@ -10,6 +10,7 @@ Layout (one file per algorithm step):
   ``_ring``    sharded: sub-rings of ``ppermute`` hops over the selected rows, custom backward
 """
 
+from ring_jax._attention_fn import make_attention_fn
 from ring_jax._config import DilatedConfig
 from ring_jax._dilated import dilated_attention
 from ring_jax._kernels import block_attention
@@ -25,6 +26,16 @@ __all__ = [
     "dilated_attention",
     "get_plan",
     "get_ring_plan",
+    "make_attention_fn",
     "ring_dilated_attention",
     "sharded_dilated_attention",
 ]
+
+
+def __getattr__(name):
+    """``ring_jax.nnx`` / ``ring_jax.linen`` (the Flax layers) import flax on first access."""
+    if name in ("nnx", "linen"):
+        import importlib
+
+        return importlib.import_module(f"ring_jax.{name}")
+    raise AttributeError(f"module 'ring_jax' has no attribute {name!r}")
