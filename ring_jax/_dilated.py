@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ring_jax._config import DilatedConfig, check_inputs
+from ring_jax._dropout import Dropout, make_dropout
 from ring_jax._kernels import block_attention
 from ring_jax._plan import Plan, Unit, get_plan
 
@@ -73,13 +74,17 @@ def merge_by_lse(outs, lses):
     return out.astype(outs[0].dtype), lse
 
 
-def attend_unit(query, key, value, u: Unit, causal: bool, scale: float):
+def attend_unit(query, key, value, u: Unit, causal: bool, scale: float, dropout: Dropout | None = None):
     """One unit on the whole (local) sequence: ``(out [b, n, H, d], lse [b, n, H])`` for its heads."""
-    n = query.shape[1]
+    b, n = query.shape[:2]
     q = gather_rows(query, u, u.heads)  # [b*S, m, H, d]
     k = gather_rows(key, u, u.kv_heads)
     v = gather_rows(value, u, u.kv_heads)
-    o, lse = block_attention(q, k, v, causal, scale)
+    if dropout is None:
+        o, lse = block_attention(q, k, v, causal, scale)
+    else:
+        drop = dropout.block_args(b, n // u.w, u.w, u.r, u.heads, u.offsets)
+        o, lse = block_attention(q, k, v, causal, scale, dropout.rate, u.pattern, drop)
     return scatter_rows(o, u, n, 0.0), scatter_rows(lse, u, n, -jnp.inf)  # [b, n, H, d], [b, n, H]
 
 
@@ -98,15 +103,16 @@ def run_layers(query, key, value, layers, attend):
     return merge_by_lse(outs, lses)
 
 
-def dilated_attention_planned(query, key, value, plan: Plan, scale: float):
+def dilated_attention_planned(query, key, value, plan: Plan, scale: float, dropout: Dropout | None = None):
     """``(out [b, n, h, d], lse [b, n, h])`` for a validated plan."""
     causal = plan.config.is_causal
     return run_layers(query, key, value, [layer.units for layer in plan.layers],
-                      lambda q, k, v, u: attend_unit(q, k, v, u, causal, scale))
+                      lambda q, k, v, u: attend_unit(q, k, v, u, causal, scale, dropout))
 
 
 def dilated_attention(query, key, value, *, segment_lengths, dilation_rates, mix="head_groups",
-                      is_causal=False, softmax_scale=None, return_lse=False, ring_size=None):
+                      is_causal=False, softmax_scale=None, return_lse=False, ring_size=None,
+                      dropout_rate=0.0, dropout_seed=None):
     """Dilated attention (LongNet) on one device.
 
     Args:
@@ -121,6 +127,10 @@ def dilated_attention(query, key, value, *, segment_lengths, dilation_rates, mix
         float64 inputs; ``-inf`` on rows with no key).
       ring_size: if > 1, run the ring algorithm on this one device with the sequence cut into
         ``ring_size`` blocks (same result, peak memory falling with ``ring_size``).
+      dropout_rate, dropout_seed: dropout on each pattern's attention probabilities, the mask a
+        hash of (seed, pattern, batch, head, query and key position): the same on one device, in
+        any ring and in ``ring_torch`` for the same seed. ``dropout_seed``: an int or a uint32
+        scalar (e.g. ``jax.random.bits(key, dtype=jnp.uint32)``). The LSE is not affected.
 
     Returns:
       ``out [batch, seq, heads, head_dim]`` in the input dtype (rows with no key are 0), or
@@ -128,10 +138,12 @@ def dilated_attention(query, key, value, *, segment_lengths, dilation_rates, mix
     """
     config = DilatedConfig(segment_lengths, dilation_rates, mix, is_causal, softmax_scale)
     _, n, h, h_kv, d = check_inputs(query, key, value)
+    dropout = make_dropout(dropout_rate, dropout_seed)
     if ring_size is not None and ring_size > 1:
         from ring_jax._ring import simulated_ring_attention  # the ring builds on this module
 
-        out, lse = simulated_ring_attention(query, key, value, config, ring_size)
+        out, lse = simulated_ring_attention(query, key, value, config, ring_size, dropout)
     else:
-        out, lse = dilated_attention_planned(query, key, value, get_plan(config, n, h, h_kv), config.scale(d))
+        plan = get_plan(config, n, h, h_kv)
+        out, lse = dilated_attention_planned(query, key, value, plan, config.scale(d), dropout)
     return (out, lse) if return_lse else out

@@ -11,6 +11,10 @@ The backward is written out (``jax.custom_vjp``) rather than left to autodiff be
   extra ``dlse`` term);
 * the same formula evaluated with a *global* ``(O, lse)`` gives the exact gradient of one block of a
   merged attention, which is what the ring backward needs (``block_attention_bwd``).
+
+Dropout (``rate > 0`` with ``DropoutArgs``) multiplies the probabilities by ``keep / (1 - rate)``;
+the LSE stays that of the undropped weights, and the backward regenerates the mask:
+``dS = P * (keep / (1 - rate) * dP - D + dlse)``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from ring_jax._dropout import DropoutArgs, keep_mask
 
 
 def _acc_dtype(dtype):
@@ -35,16 +41,25 @@ def _scores(q, k, causal: bool, scale: float):
     return s
 
 
-def block_attention_fwd(q, k, v, causal: bool, scale: float):
+def _dropped(p, drop: DropoutArgs | None, pattern: int, rate: float):
+    """``P * keep / (1 - rate)``, or ``P`` without dropout."""
+    if drop is None or rate == 0.0:
+        return p
+    return jnp.where(keep_mask(drop, pattern, rate), p / (1.0 - rate), 0.0)
+
+
+def block_attention_fwd(q, k, v, causal: bool, scale: float, rate: float = 0.0, pattern: int = 0,
+                        drop: DropoutArgs | None = None):
     """The forward of `block_attention` without the custom VJP (for callers that write their own)."""
     s = _scores(q, k, causal, scale)
     lse = jax.nn.logsumexp(s, axis=-1)  # [B, H, m]; finite: every row sees at least its diagonal
-    p = jnp.exp(s - lse[..., None])
+    p = _dropped(jnp.exp(s - lse[..., None]), drop, pattern, rate)
     out = jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(p.dtype))
     return out.astype(q.dtype), jnp.swapaxes(lse, 1, 2)  # [B, m, H, d], [B, m, H]
 
 
-def block_attention_bwd(q, k, v, out, lse, dout, dlse, *, causal: bool, scale: float, keep_acc_dtype=False):
+def block_attention_bwd(q, k, v, out, lse, dout, dlse, *, causal: bool, scale: float, keep_acc_dtype=False,
+                        rate: float = 0.0, pattern: int = 0, drop: DropoutArgs | None = None):
     """Gradients ``(dq, dk, dv)`` of one block given the (possibly global) ``out`` and ``lse`` of
     the rows and their cotangents. Rows with ``lse = -inf`` contribute nothing. With
     ``keep_acc_dtype`` the gradients stay in the accumulation dtype (for ring accumulators)."""
@@ -53,8 +68,8 @@ def block_attention_bwd(q, k, v, out, lse, dout, dlse, *, causal: bool, scale: f
     lse_t = jnp.swapaxes(lse, 1, 2).astype(acc)[..., None]  # [B, H, m, 1]
     p = jnp.exp(s - jnp.where(jnp.isfinite(lse_t), lse_t, jnp.inf))
     dout = dout.astype(acc)
-    dv = jnp.einsum("bhqk,bqhd->bkhd", p, dout)
-    dp = jnp.einsum("bqhd,bkhd->bhqk", dout, v.astype(acc))
+    dv = jnp.einsum("bhqk,bqhd->bkhd", _dropped(p, drop, pattern, rate), dout)
+    dp = _dropped(jnp.einsum("bqhd,bkhd->bhqk", dout, v.astype(acc)), drop, pattern, rate)
     delta = jnp.sum(dout * out.astype(acc), axis=-1) - dlse.astype(acc)  # [B, m, H]
     ds = p * (dp - jnp.swapaxes(delta, 1, 2)[..., None])
     dq = jnp.einsum("bhqk,bkhd->bqhd", ds, k.astype(acc)) * scale
@@ -64,21 +79,24 @@ def block_attention_bwd(q, k, v, out, lse, dout, dlse, *, causal: bool, scale: f
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def block_attention(q, k, v, causal: bool, scale: float):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def block_attention(q, k, v, causal: bool, scale: float, rate: float = 0.0, pattern: int = 0,
+                    drop: DropoutArgs | None = None):
     """``(out [B, m, H, d], lse [B, m, H])`` of softmax attention within each of the B blocks."""
-    return block_attention_fwd(q, k, v, causal, scale)
+    return block_attention_fwd(q, k, v, causal, scale, rate, pattern, drop)
 
 
-def _block_attention_fwd(q, k, v, causal, scale):
-    out, lse = block_attention_fwd(q, k, v, causal, scale)
-    return (out, lse), (q, k, v, out, lse)
+def _block_attention_fwd(q, k, v, causal, scale, rate, pattern, drop):
+    out, lse = block_attention_fwd(q, k, v, causal, scale, rate, pattern, drop)
+    return (out, lse), (q, k, v, out, lse, drop)
 
 
-def _block_attention_bwd(causal, scale, residuals, cotangents):
-    q, k, v, out, lse = residuals
+def _block_attention_bwd(causal, scale, rate, pattern, residuals, cotangents):
+    q, k, v, out, lse, drop = residuals
     dout, dlse = cotangents
-    return block_attention_bwd(q, k, v, out, lse, dout, dlse, causal=causal, scale=scale)
+    grads = block_attention_bwd(q, k, v, out, lse, dout, dlse, causal=causal, scale=scale, rate=rate,
+                                pattern=pattern, drop=drop)
+    return (*grads, None)
 
 
 block_attention.defvjp(_block_attention_fwd, _block_attention_bwd)

@@ -28,6 +28,7 @@ import numpy as np
 from jax import lax
 
 from ring_jax._config import DilatedConfig, check_inputs
+from ring_jax._dropout import Dropout, DropoutArgs, as_seed, make_dropout
 from ring_jax._dilated import attend_unit, gather_rows, merge_by_lse, run_layers, scatter_rows
 from ring_jax._kernels import block_attention_bwd, block_attention_fwd
 from ring_jax._plan import PLAN_CACHE_SIZE, Unit, get_plan
@@ -118,6 +119,9 @@ class _Hops:
     q_to_pair: tuple[int, ...]
     causal: bool
     scale: float
+    local_len: int  # L: global positions of one block to the next
+    pattern: int = 0  # for the dropout hash
+    rate: float = 0.0  # dropout
 
 
 def _position(hops: _Hops):
@@ -144,33 +148,43 @@ def _expand(kv, hops: _Hops):
     return jnp.take(kv[:, :, 0], idx, axis=2), jnp.take(kv[:, :, 1], idx, axis=2)
 
 
-def _attend(q, kv, hops: _Hops, causal: bool):
-    o, lse = block_attention_fwd(q, *_expand(kv, hops), causal, hops.scale)
+def _at_hop(drop: DropoutArgs | None, hops: _Hops, t, j):
+    """Dropout args of the block in hand at hop ``t``: its keys belong to position ``j - t``."""
+    if drop is None:
+        return None
+    return drop._replace(kpos=drop.qpos + (((j - t) % hops.group) - j) * hops.local_len)
+
+
+def _attend(q, kv, hops: _Hops, causal: bool, drop: DropoutArgs | None):
+    o, lse = block_attention_fwd(q, *_expand(kv, hops), causal, hops.scale, hops.rate, hops.pattern, drop)
     return o.astype(jnp.promote_types(o.dtype, jnp.float32)), lse
 
 
-def _block_grads(q, kv, out, lse, dout, dlse, hops: _Hops, causal: bool):
+def _block_grads(q, kv, out, lse, dout, dlse, hops: _Hops, causal: bool, drop: DropoutArgs | None):
     """float32 ``(dq [b, m, H, d], dkv [b, m, 2, pairs, d])`` of one block, heads summed into pairs."""
     dq, dk, dv = block_attention_bwd(q, *_expand(kv, hops), out, lse, dout, dlse, causal=causal,
-                                     scale=hops.scale, keep_acc_dtype=True)
+                                     scale=hops.scale, keep_acc_dtype=True, rate=hops.rate,
+                                     pattern=hops.pattern, drop=drop)
     onehot = np.eye(kv.shape[3])[np.asarray(hops.q_to_pair)].astype(dk.dtype)  # [H, pairs]
     return dq, jnp.einsum("bmshd,hp->bmspd", jnp.stack([dk, dv], axis=2), onehot)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def ring_unit_attention(q, kv, hops: _Hops):
+def ring_unit_attention(q, kv, hops: _Hops, drop: DropoutArgs | None = None):
     """``q [b, m, H, d]`` (this device's selected rows), ``kv [b, m, 2, pairs, d]`` → ``(out, lse)``
     over the whole segment, whose ``g`` blocks live on the ``g`` devices of the sub-ring (with
-    ``hops.axis_name=None``: all arguments carry a leading block axis ``[g, ...]``)."""
-    return _ring_forward(q, kv, hops)
+    ``hops.axis_name=None``: all arguments carry a leading block axis ``[g, ...]``). ``drop``: the
+    dropout args of the rows' own block (``kpos = qpos``)."""
+    return _ring_forward(q, kv, hops, drop)
 
 
-def _ring_forward(q, kv, hops: _Hops):
-    out, lse = _per_block(lambda q, kv: _attend(q, kv, hops, hops.causal), hops)(q, kv)  # own block: masked
+def _ring_forward(q, kv, hops: _Hops, drop=None):
+    own = lambda q, kv, drop: _attend(q, kv, hops, hops.causal, drop)  # noqa: E731
+    out, lse = _per_block(own, hops)(q, kv, drop)  # own block: the only masked one
 
-    def step(t, q, kv, out, lse, j):
+    def step(t, q, kv, out, lse, drop, j):
         def merge(acc):
-            o, l = _attend(q, kv, hops, causal=False)
+            o, l = _attend(q, kv, hops, False, _at_hop(drop, hops, t, j))
             return merge_by_lse([acc[0], o], [acc[1], l])
 
         # Causal: the block of position j - t < 0 (mod g) lies in the future: skipped, no compute.
@@ -179,7 +193,7 @@ def _ring_forward(q, kv, hops: _Hops):
     def hop(t, carry):
         kv, out, lse = carry
         kv = _shift(kv, hops)  # now holds the block of position j - t
-        out, lse = _per_block(functools.partial(step, t), hops)(q, kv, out, lse, _position(hops))
+        out, lse = _per_block(functools.partial(step, t), hops)(q, kv, out, lse, drop, _position(hops))
         return kv, out, lse
 
     # A loop, not unrolled hops: one hop's blocks are live at a time, whatever g is.
@@ -187,24 +201,26 @@ def _ring_forward(q, kv, hops: _Hops):
     return out.astype(q.dtype), lse
 
 
-def _ring_fwd(q, kv, hops):
-    out, lse = _ring_forward(q, kv, hops)
-    return (out, lse), (q, kv, out, lse)
+def _ring_fwd(q, kv, hops, drop=None):
+    out, lse = _ring_forward(q, kv, hops, drop)
+    return (out, lse), (q, kv, out, lse, drop)
 
 
 def _ring_bwd(hops, residuals, cotangents):
-    q, kv, out, lse = residuals
+    q, kv, out, lse, drop = residuals
     dout, dlse = cotangents
     grads = functools.partial(_block_grads, hops=hops)
-    dq, dkv_own = _per_block(lambda *a: grads(*a, causal=hops.causal), hops)(q, kv, out, lse, dout, dlse)
+    own = lambda *a: grads(*a[:-1], causal=hops.causal, drop=a[-1])  # noqa: E731
+    dq, dkv_own = _per_block(own, hops)(q, kv, out, lse, dout, dlse, drop)
     # K, V and the dK/dV accumulator of the block in hand travel as one buffer [b, m, 4, pairs, d]
     # (K/V upcast to the accumulator dtype, exactly): one permute a hop, and no operand XLA could
     # share with the forward's hops, which would keep the whole segment's K/V alive until here.
     buf = jnp.concatenate([kv.astype(dkv_own.dtype), jnp.zeros_like(dkv_own)], axis=-3)
 
-    def step(t, q, buf, out, lse, dout, dlse, dq, j):
+    def step(t, q, buf, out, lse, dout, dlse, dq, drop, j):
         def add(acc):
-            dq_t, dkv_t = grads(q, buf[:, :, :2].astype(kv.dtype), out, lse, dout, dlse, causal=False)
+            dq_t, dkv_t = grads(q, buf[:, :, :2].astype(kv.dtype), out, lse, dout, dlse, causal=False,
+                                drop=_at_hop(drop, hops, t, j))
             return acc[0] + dq_t, acc[1] + dkv_t
 
         # Causal: the block of position j - t < 0 (mod g) lies in the future: no compute.
@@ -214,12 +230,12 @@ def _ring_bwd(hops, residuals, cotangents):
     def hop(t, carry):
         buf, dq = carry
         buf = _shift(buf, hops)  # the block of position j - t, with its dK/dV so far
-        return _per_block(functools.partial(step, t), hops)(q, buf, out, lse, dout, dlse, dq, _position(hops))
+        return _per_block(functools.partial(step, t), hops)(q, buf, out, lse, dout, dlse, dq, drop, _position(hops))
 
     if hops.group > 1:
         buf, dq = lax.fori_loop(1, hops.group, hop, (buf, dq))
         dkv_own = dkv_own + _shift(buf[..., 2:, :, :], hops)  # dK/dV home to their owner
-    return dq.astype(q.dtype), dkv_own.astype(kv.dtype)
+    return dq.astype(q.dtype), dkv_own.astype(kv.dtype), None
 
 
 ring_unit_attention.defvjp(_ring_fwd, _ring_bwd)
@@ -230,25 +246,31 @@ def _pairs_unit(ru: RingUnit, unit: Unit) -> Unit:
     return dataclasses.replace(unit, heads=ru.pair_heads, kv_heads=ru.pair_heads, offsets=ru.pair_offsets)
 
 
-def _attend_ring_unit(query, key, value, ru: RingUnit, axis_name, num_devices, causal, scale):
+def _hops(ru: RingUnit, axis_name, num_devices, causal, scale, dropout: Dropout | None) -> _Hops:
+    return _Hops(axis_name, ru.group, ru.perm(num_devices) if axis_name is not None else (), ru.q_to_pair, causal,
+                 scale, ru.local.w, ru.unit.pattern, 0.0 if dropout is None else dropout.rate)
+
+
+def _attend_ring_unit(query, key, value, ru: RingUnit, axis_name, num_devices, causal, scale, dropout):
     """A unit on this device's shard: local, or over its sub-ring of devices."""
     if ru.group == 1:
-        return attend_unit(query, key, value, ru.unit, causal, scale)
-    L = query.shape[1]
+        return attend_unit(query, key, value, ru.unit, causal, scale, dropout)
+    b, L = query.shape[:2]
     pairs = _pairs_unit(ru, ru.local)
     k = gather_rows(key, pairs, ru.pair_heads)  # [b, L/r, pairs, d]
     v = gather_rows(value, pairs, ru.pair_heads)
     q = gather_rows(query, ru.local, ru.unit.heads)  # [b, L/r, H, d]
-    hops = _Hops(axis_name, ru.group, ru.perm(num_devices), ru.q_to_pair, causal, scale)
-    o, lse = ring_unit_attention(q, jnp.stack([k, v], axis=2), hops)  # kv: [b, L/r, 2, pairs, d]
+    hops = _hops(ru, axis_name, num_devices, causal, scale, dropout)
+    drop = None if dropout is None else dropout.block_args(b, 1, L, ru.unit.r, ru.unit.heads, ru.unit.offsets)
+    o, lse = ring_unit_attention(q, jnp.stack([k, v], axis=2), hops, drop)  # kv: [b, L/r, 2, pairs, d]
     return scatter_rows(o, ru.local, L, 0.0), scatter_rows(lse, ru.local, L, -jnp.inf)
 
 
-def _attend_simulated_unit(query, key, value, ru: RingUnit, causal, scale):
+def _attend_simulated_unit(query, key, value, ru: RingUnit, causal, scale, dropout):
     """A unit on the whole sequence of one device, spanning units cut into ``g`` ring blocks."""
     if ru.group == 1:
-        return attend_unit(query, key, value, ru.unit, causal, scale)
-    n, g = query.shape[1], ru.group
+        return attend_unit(query, key, value, ru.unit, causal, scale, dropout)
+    (b, n), g, u = query.shape[:2], ru.group, ru.unit
 
     def blocks(x):  # [b*S, m, ...] -> [g, b*S, m/g, ...]: block j = the rows of ring position j
         return jnp.moveaxis(x.reshape(x.shape[0], g, x.shape[1] // g, *x.shape[2:]), 1, 0)
@@ -260,30 +282,43 @@ def _attend_simulated_unit(query, key, value, ru: RingUnit, causal, scale):
     pairs = _pairs_unit(ru, ru.unit)
     kv = jnp.stack([gather_rows(key, pairs, ru.pair_heads), gather_rows(value, pairs, ru.pair_heads)], axis=2)
     q = gather_rows(query, ru.unit, ru.unit.heads)  # [b*S, m, H, d]
-    hops = _Hops(None, g, (), ru.q_to_pair, causal, scale)
-    o, lse = ring_unit_attention(blocks(q), blocks(kv), hops)
+    hops = _hops(ru, None, g, causal, scale, dropout)
+    drop = None
+    if dropout is not None:  # positions [B, H, m] -> [g, B, H, m/g]; the rest repeated per block
+        args = dropout.block_args(b, n // u.w, u.w, u.r, u.heads, u.offsets)
+        qpos = jnp.moveaxis(blocks(jnp.moveaxis(args.qpos, 2, 1)), 2, 3)
+        drop = args._replace(**{f: jnp.broadcast_to(getattr(args, f), (g, *jnp.shape(getattr(args, f))))
+                                for f in ("seed", "batch", "heads")}, qpos=qpos, kpos=qpos)
+    o, lse = ring_unit_attention(blocks(q), blocks(kv), hops, drop)
     return scatter_rows(unblock(o), ru.unit, n, 0.0), scatter_rows(unblock(lse), ru.unit, n, -jnp.inf)
 
 
 def ring_dilated_attention(query, key, value, *, axis_name, segment_lengths, dilation_rates,
-                           mix="head_groups", is_causal=False, softmax_scale=None, return_lse=False):
+                           mix="head_groups", is_causal=False, softmax_scale=None, return_lse=False,
+                           dropout_rate=0.0, dropout_seed=None, batch_axis=None):
     """Dilated attention over a sequence sharded along ``axis_name``; call inside ``shard_map``.
 
     Arguments are the local shards: ``query [b, L, h, d]``, ``key/value [b, L, h_kv, d]``, device i
     of the axis holding global positions ``[i*L, (i+1)*L)``. Returns the local shard of
     ``dilated_attention`` on the global sequence (and its LSE ``[b, L, h]`` with ``return_lse``).
+    Dropout as in ``dilated_attention``; ``batch_axis``, if the batch is sharded too, makes the
+    dropout mask use global batch indices.
     """
     config = DilatedConfig(segment_lengths, dilation_rates, mix, is_causal, softmax_scale)
-    _, L, h, h_kv, d = check_inputs(query, key, value)
+    b, L, h, h_kv, d = check_inputs(query, key, value)
     P = lax.axis_size(axis_name)
     plan = get_ring_plan(config, L, P, h, h_kv)
+    dropout = make_dropout(dropout_rate, dropout_seed)
+    if dropout is not None:
+        dropout = dropout._replace(pos_base=lax.axis_index(axis_name) * L,
+                                   batch_base=0 if batch_axis is None else lax.axis_index(batch_axis) * b)
     attend = functools.partial(_attend_ring_unit, axis_name=axis_name, num_devices=P, causal=config.is_causal,
-                               scale=config.scale(d))
+                               scale=config.scale(d), dropout=dropout)
     out, lse = run_layers(query, key, value, plan.layers, attend)
     return (out, lse) if return_lse else out
 
 
-def simulated_ring_attention(query, key, value, config: DilatedConfig, ring_size: int):
+def simulated_ring_attention(query, key, value, config: DilatedConfig, ring_size: int, dropout=None):
     """The ring on one device: ``(out, lse)`` with the sequence cut into ``ring_size`` blocks that
     play the devices, K/V blocks moving by the same hops (``roll`` for ``ppermute``) with the same
     merges; peak memory falls with ``ring_size``, since one hop's blocks are live at a time."""
@@ -291,23 +326,29 @@ def simulated_ring_attention(query, key, value, config: DilatedConfig, ring_size
     if n % ring_size:
         raise ValueError(f"seq_len={n} is not a multiple of {ring_size=}")
     plan = get_ring_plan(config, n // ring_size, ring_size, h, h_kv)
-    attend = functools.partial(_attend_simulated_unit, causal=config.is_causal, scale=config.scale(d))
+    attend = functools.partial(_attend_simulated_unit, causal=config.is_causal, scale=config.scale(d),
+                               dropout=dropout)
     return run_layers(query, key, value, plan.layers, attend)
 
 
 def sharded_dilated_attention(query, key, value, *, mesh, seq_axis="sp", batch_axis=None, return_lse=False,
-                              **kwargs):
+                              dropout_seed=None, **kwargs):
     """Global arrays in, global arrays out: ``ring_dilated_attention`` under ``jax.shard_map``.
 
     The sequence dimension is sharded over ``seq_axis``; ``batch_axis`` (optional) shards the batch
     for data parallelism. Heads stay whole on each device (a head's pattern depends on its index).
     """
-    spec = jax.sharding.PartitionSpec(batch_axis, seq_axis, None, None)
-    lse_spec = jax.sharding.PartitionSpec(batch_axis, seq_axis, None)
+    P = jax.sharding.PartitionSpec
+    spec, lse_spec = P(batch_axis, seq_axis, None, None), P(batch_axis, seq_axis, None)
     if jax.sharding.AxisType.Explicit in tuple(mesh.axis_types):  # explicit meshes do not reshard implicitly
         sharding = jax.sharding.NamedSharding(mesh, spec)
         query, key, value = (jax.sharding.reshard(x, sharding) for x in (query, key, value))
-    f = functools.partial(ring_dilated_attention, axis_name=seq_axis, return_lse=True, **kwargs)
-    out, lse = jax.shard_map(f, mesh=mesh, in_specs=(spec, spec, spec), out_specs=(spec, lse_spec),
-                             check_vma=False)(query, key, value)
+    seed = jnp.uint32(0) if dropout_seed is None else as_seed(dropout_seed)  # an explicit, replicated input
+
+    def f(q, k, v, seed):
+        return ring_dilated_attention(q, k, v, axis_name=seq_axis, batch_axis=batch_axis, return_lse=True,
+                                      dropout_seed=None if dropout_seed is None else seed, **kwargs)
+
+    out, lse = jax.shard_map(f, mesh=mesh, in_specs=(spec, spec, spec, P()), out_specs=(spec, lse_spec),
+                             check_vma=False)(query, key, value, seed)
     return (out, lse) if return_lse else out
