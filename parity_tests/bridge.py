@@ -62,7 +62,7 @@ def nnx_params(nnx_module) -> dict:
     """The NNX module's parameter tree as a nested dict."""
     from flax import nnx
 
-    return nnx.state(nnx_module, nnx.Param).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(nnx_module, nnx.Param))
 
 
 def torch_to_nnx(torch_module, nnx_module):
@@ -115,3 +115,52 @@ def linen_to_torch(params, torch_module):
     if "params" in params and "q_proj" not in params:
         params = params["params"]
     return _load_into_torch(params, torch_module)
+
+
+# -- helpers for the tests: one forward + backward through each framework -----------------------
+
+def _kv(xs):
+    """(query,) -> self-attention; (query, key) -> value = key; (query, key, value)."""
+    return tuple(xs) + (None,) * (3 - len(xs))
+
+
+def torch_value_and_grads(torch_module, xs, dout, **call):
+    """``(out, [d input], {torch name: d param})`` (NumPy) of ``sum(module(*xs) * dout)``."""
+    import torch
+
+    torch_module.zero_grad()
+    ts = [torch.from_numpy(np.asarray(x)).requires_grad_() for x in xs]
+    out = torch_module(*_kv(ts), **call)
+    (out * torch.from_numpy(np.asarray(dout)).to(out.dtype)).sum().backward()
+    return (_np(out), [_np(t.grad) for t in ts],
+            {n: _np(p.grad) for n, p in torch_module.named_parameters()})
+
+
+def nnx_value_and_grads(nnx_module, xs, dout, **call):
+    """``(out, [d input], {torch name: d param})`` (NumPy, torch layouts) of
+    ``sum(module(*xs) * dout)``."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    def loss(model, xs):
+        out = model(*_kv(xs), **call)
+        return jnp.sum(out * dout), out
+
+    f = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    (_, out), (g_model, g_xs) = f(nnx_module, tuple(jnp.asarray(x) for x in xs))
+    g_params = nnx.to_pure_dict(g_model)  # nnx.grad differentiates the nnx.Param leaves
+    return np.asarray(out), [np.asarray(g) for g in g_xs], flax_tree_to_state_dict(g_params)
+
+
+def linen_value_and_grads(linen_module, params, xs, dout, rngs=None, **call):
+    """As :func:`nnx_value_and_grads` for a Linen module and its ``params``."""
+    import jax
+    import jax.numpy as jnp
+
+    def loss(params, xs):
+        out = linen_module.apply({"params": params}, *_kv(xs), rngs=rngs, **call)
+        return jnp.sum(out * dout), out
+
+    f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    (_, out), (g_params, g_xs) = f(params, tuple(jnp.asarray(x) for x in xs))
+    return np.asarray(out), [np.asarray(g) for g in g_xs], flax_tree_to_state_dict(g_params)
