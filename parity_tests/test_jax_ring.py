@@ -67,7 +67,7 @@ def test_custom_backward_equals_autodiff_of_the_ring():
 
     mesh = mesh_of(4)
     spec = jax.sharding.PartitionSpec("sp")
-    hops = _Hops("sp", 4, ((0, 1), (1, 2), (2, 3), (3, 0)), (0, 0, 1), True, 0.3)
+    hops = _Hops("sp", 4, ((0, 1), (1, 2), (2, 3), (3, 0)), (0, 0, 1), True, 0.3, local_len=8)
     kq, kk = jax.random.split(jax.random.PRNGKey(0))
     q = jax.random.normal(kq, (4 * 2, 8, 3, 4))  # per device: [b=2, m=8, H=3, d=4]
     kv = jax.random.normal(kk, (4 * 2, 8, 2, 2, 4))  # pairs = 2
