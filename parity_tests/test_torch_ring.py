@@ -85,6 +85,7 @@ OTHER_CASES = [
     # A process group that is not WORLD: sub-ring peers are mapped to global ranks.
     DistCase("subgroup-2x2-longnet-causal", 4, **SPAN2, mix="longnet", causal=True,
              kind="subgroup"),
+    DistCase("subgroup-2x2-hg-allgather", 4, **SPAN2, comm="all_gather", kind="subgroup"),
     # Globally valid (64 % 32 == 0, 32 % 32 == 0) but L=16 is not a multiple of r=32.
     DistCase("invalid-r-gt-L", 4, n=64, h=2, h_kv=2, d=8, w=(8, 32), r=(1, 32), kind="invalid"),
     # n=96 on 4 ranks: L=24 is not a multiple of w=16.
@@ -444,7 +445,8 @@ def test_ring_on_a_process_subgroup(case):
         for key in ("out", "lse", "dq", "dk", "dv"):
             got = _cat(per_rank[2 * s:2 * s + 2], key)
             assert _max_abs(got, ref[key]) <= 1e-9, (s, key)
-        assert per_rank[2 * s]["sent"] == _formula_bytes(sub)
+        if case.comm == "ring":
+            assert per_rank[2 * s]["sent"] == _formula_bytes(sub)
 
 
 @pytest.mark.timeout(SPAWN_DEADLINE_S + 60)
@@ -462,3 +464,15 @@ def test_distributed_module_matches_single_process(case):
     for name, grad in ref["params"].items():
         total = sum(r["params"][name] for r in per_rank)
         assert _max_abs(total, grad) <= 1e-9, name
+
+
+ALL_GATHER = [c for c in GRAD_CASES if c.comm == "all_gather"]
+
+
+@pytest.mark.timeout(SPAWN_DEADLINE_S + 60)
+@pytest.mark.parametrize("case", ALL_GATHER, ids=[c.name for c in ALL_GATHER])
+def test_all_gather_forward_bytes_match_the_ring(case):
+    """all_gather moves the same forward bytes per rank as the ring (its block to g - 1 peers)."""
+    expected = {k: b for k, b in _formula_bytes(case).items() if k[0] == "forward"}
+    for rank, res in enumerate(_case_results(case)):
+        assert res["sent_forward"] == expected, f"rank {rank}"
