@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import shutil
 import tempfile
 import time
 import traceback
@@ -247,8 +248,11 @@ def _results(world: int) -> list[dict]:
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
-    return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False)
-            for r in range(world)]
+    try:
+        return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False)
+                for r in range(world)]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _case_results(case: DistCase) -> list[dict]:
