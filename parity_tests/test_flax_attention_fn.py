@@ -5,6 +5,8 @@ biases and sow_weights, and maps Flax's dropout arguments to the core's dropout.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -36,7 +38,7 @@ def _nnx_mha(fn=None, num_kv_heads=None, seed=0, **kw):
 def _nnx_expected(m, xq, xk, **core):
     """The NNX layer written out: its projections, the core (or the oracle), its output."""
     q, k, v = m.query(xq), m.key(xk), m.value(xk)
-    att = ring_jax.dilated_attention(q, k, v, **core)
+    att = jax.jit(functools.partial(ring_jax.dilated_attention, **core))(q, k, v)
     ref, _ = oracle.dilated_attention(q, k, v, **{k_: v_ for k_, v_ in core.items()
                                                   if not k_.startswith("dropout")})
     if not any(k_.startswith("dropout") for k_ in core):
@@ -97,7 +99,8 @@ def test_linen_equals_core(mix, causal):
     out = jax.jit(m.apply)(params, xq, xk)
 
     def core(q, k, v):
-        att = ring_jax.dilated_attention(q, k, v, **PATTERN, mix=mix, is_causal=causal)
+        att = jax.jit(functools.partial(ring_jax.dilated_attention, **PATTERN, mix=mix,
+                                        is_causal=causal))(q, k, v)
         ref, _ = oracle.dilated_attention(q, k, v, **PATTERN, mix=mix, is_causal=causal)
         assert np.abs(np.asarray(att) - ref).max() <= 1e-12
         return att
@@ -170,8 +173,8 @@ def test_dropout_linen():
     assert np.array_equal(out1, out1b)
     assert np.abs(np.asarray(out1 - out2)).max() > 1e-3
     seed = jax.random.bits(k1, dtype=jnp.uint32)
-    ref = _linen_expected(params, lambda q, k, v: ring_jax.dilated_attention(
-        q, k, v, **PATTERN, dropout_rate=0.3, dropout_seed=seed), x, x)
+    ref = jax.jit(lambda p, x: _linen_expected(p, lambda q, k, v: ring_jax.dilated_attention(
+        q, k, v, **PATTERN, dropout_rate=0.3, dropout_seed=seed), x, x))(params, x)
     assert np.abs(np.asarray(out1) - np.asarray(ref)).max() <= 1e-12
     det = jax.jit(lambda p, x: m.apply(p, x, deterministic=True))(params, x)
     assert np.array_equal(det, jax.jit(plain.apply)(params, x))

@@ -216,3 +216,14 @@ def test_other_errors():
     m = rnnx.MultiHeadDilatedAttention(H, E, **PATTERN, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="multiple of w"):
         m(jnp.zeros((1, 40, E)))
+
+
+def test_import_ring_jax_without_flax():
+    """``import ring_jax`` does not import flax; ``ring_jax.nnx`` / ``ring_jax.linen`` do."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ring_jax; assert 'flax' not in sys.modules; "
+            "assert ring_jax.nnx.MultiHeadDilatedAttention and ring_jax.linen.DilatedAttention; "
+            "assert 'flax' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
