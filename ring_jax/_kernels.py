@@ -12,6 +12,11 @@ The backward is written out (``jax.custom_vjp``) rather than left to autodiff be
 * the same formula evaluated with a *global* ``(O, lse)`` gives the exact gradient of one block of a
   merged attention, which is what the ring backward needs (``block_attention_bwd``).
 
+Kernels: ``xla`` (matmuls and a softmax, any dtype and device: the reference) and ``cudnn``
+(flash attention through ``_cudnn``, CUDA and 16-bit inputs only). ``set_block_kernel`` picks one;
+``auto`` (default) takes cuDNN where it can run and no dropout is asked for. The choice is made
+when a function is traced.
+
 Dropout (``rate > 0`` with ``DropoutArgs``) multiplies the probabilities by ``keep / (1 - rate)``;
 the LSE stays that of the undropped weights, and the backward regenerates the mask:
 ``dS = P * (keep / (1 - rate) * dP - D + dlse)``.
@@ -24,7 +29,34 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from ring_jax import _cudnn
 from ring_jax._dropout import DropoutArgs, keep_mask
+
+KERNELS = ("auto", "xla", "cudnn")
+_kernel = "auto"
+
+
+def set_block_kernel(name: str) -> None:
+    """``"auto"`` | ``"xla"`` | ``"cudnn"`` for functions traced from now on."""
+    global _kernel
+    if name not in KERNELS:
+        raise ValueError(f"block kernel {name!r} is not one of {KERNELS}")
+    _kernel = name
+
+
+def get_block_kernel() -> str:
+    return _kernel
+
+
+def _use_cudnn(q, drop) -> bool:
+    if _kernel == "xla":
+        return False
+    usable = drop is None and _cudnn.usable(q, q.shape[-1])
+    if _kernel == "cudnn" and not usable:
+        raise ValueError(f"block kernel 'cudnn' cannot run here: needs a CUDA backend (have "
+                         f"{jax.default_backend()!r}), bf16/f16 inputs (have {q.dtype}), head_dim % 8 == 0 "
+                         f"and <= 120 (have {q.shape[-1]}), no dropout, and JAX in {_cudnn.TESTED_JAX}")
+    return usable
 
 
 def _acc_dtype(dtype):
@@ -51,6 +83,8 @@ def _dropped(p, drop: DropoutArgs | None, pattern: int, rate: float):
 def block_attention_fwd(q, k, v, causal: bool, scale: float, rate: float = 0.0, pattern: int = 0,
                         drop: DropoutArgs | None = None):
     """The forward of `block_attention` without the custom VJP (for callers that write their own)."""
+    if _use_cudnn(q, drop):
+        return _cudnn.forward(q, k, v, causal, scale)
     s = _scores(q, k, causal, scale)
     lse = jax.nn.logsumexp(s, axis=-1)  # [B, H, m]; finite: every row sees at least its diagonal
     p = _dropped(jnp.exp(s - lse[..., None]), drop, pattern, rate)
@@ -64,6 +98,9 @@ def block_attention_bwd(q, k, v, out, lse, dout, dlse, *, causal: bool, scale: f
     the rows and their cotangents. Rows with ``lse = -inf`` contribute nothing. With
     ``keep_acc_dtype`` the gradients stay in the accumulation dtype (for ring accumulators)."""
     acc = _acc_dtype(q.dtype)
+    if _use_cudnn(q, drop):
+        grads = _cudnn.backward(q, k, v, out, lse, dout, dlse, causal, scale)
+        return tuple(g.astype(acc) for g in grads) if keep_acc_dtype else grads
     s = _scores(q, k, causal, scale)
     lse_t = jnp.swapaxes(lse, 1, 2).astype(acc)[..., None]  # [B, H, m, 1]
     p = jnp.exp(s - jnp.where(jnp.isfinite(lse_t), lse_t, jnp.inf))

@@ -1,0 +1,76 @@
+"""cuDNN flash attention for one block, behind one adapter (private JAX API, version-checked).
+
+The public ``jax.nn.dot_product_attention(implementation="cudnn", return_residual=True)`` returns
+its LSE in the input dtype (bf16), too coarse to merge ring blocks, and its backward ignores the LSE
+cotangent. The module under it, ``jax._src.cudnn.fused_attention_stablehlo``, returns float32
+softmax stats ``[B, H, m]`` (the natural-log LSE) and has a backward primitive that takes
+``(stats, output)`` as inputs, which is what an exact block backward needs:
+
+* ``dlse`` enters through one extra head-dim column (padded to 8): ``q, k`` get zeros (scores
+  unchanged), ``v`` a column of ones, ``out`` zeros, ``dout`` the column ``dlse``; then the
+  kernel's ``dP - D`` becomes ``dP + dlse - D`` exactly.
+
+``usable`` says whether this path can run; anything else uses the XLA kernel in ``_kernels``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+TESTED_JAX = ((0, 10), (0, 12))  # inclusive range of (major, minor) this adapter was written against
+
+
+@functools.cache
+def _module():
+    """The private module, or None if this JAX is outside the tested range or lacks the API."""
+    version = tuple(int(x) for x in jax.__version__.split(".")[:2])
+    if not TESTED_JAX[0] <= version <= TESTED_JAX[1]:
+        return None
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as fa
+    except ImportError:
+        return None
+    needed = ("dot_product_attention", "_dot_product_attention_bwd_p_wrapper", "MaskType", "AttentionLayout")
+    return fa if all(hasattr(fa, name) for name in needed) else None
+
+
+def usable(q, head_dim: int) -> bool:
+    """cuDNN flash runs on CUDA for 16-bit inputs with ``head_dim % 8 == 0`` (<= 120, leaving room
+    for the LSE column of the backward)."""
+    return (_module() is not None and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+            and head_dim % 8 == 0 and head_dim <= 120)
+
+
+def _mask(causal: bool):
+    fa = _module()
+    return fa.MaskType.CAUSAL if causal else fa.MaskType.NO_MASK
+
+
+def forward(q, k, v, causal: bool, scale: float):
+    """``(out [B, m, H, d], lse [B, m, H] float32)``."""
+    out, stats = _module().dot_product_attention(q, k, v, scale=scale, mask_type=_mask(causal), return_residual=True)
+    return out, jnp.swapaxes(stats, 1, 2)
+
+
+def backward(q, k, v, out, lse, dout, dlse, causal: bool, scale: float):
+    """``(dq, dk, dv)`` given the rows' (possibly global) ``out``, ``lse`` and cotangents."""
+    fa = _module()
+    d = q.shape[-1]
+
+    def pad(x, column=None):  # [..., d] -> [..., d + 8]; the first extra column is `column`
+        extra = jnp.zeros((*x.shape[:-1], 8), x.dtype)
+        if column is not None:
+            extra = extra.at[..., 0].set(column.astype(x.dtype))
+        return jnp.concatenate([x, extra], axis=-1)
+
+    unused = jnp.zeros(0, dtype=q.dtype)
+    stats = jnp.swapaxes(lse, 1, 2).astype(jnp.float32)  # [B, H, m]
+    grads = fa._dot_product_attention_bwd_p_wrapper.bind(
+        pad(q), pad(k), pad(v, jnp.ones(v.shape[:-1], v.dtype)), unused, unused, unused, unused, unused,
+        unused, unused, stats, pad(out.astype(q.dtype)), pad(dout.astype(q.dtype), dlse),
+        scale=scale, seed=42, dropout_rate=0.0, variadic_args=(False, False), mask_type=_mask(causal),
+        layout=fa.AttentionLayout.BTNH.value, sliding_window_length=None)
+    return tuple(g[..., :d] for g in grads[:3])
