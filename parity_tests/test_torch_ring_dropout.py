@@ -14,7 +14,11 @@ import torch
 
 import ring_torch
 from parity_tests.oracle import head_pairs
+from parity_tests.test_torch_ring_sim import _max_abs
+from parity_tests.test_torch_ring_sim import _run as _run_in
 from ring_torch._dropout import keep_mask
+
+_run = functools.partial(_run_in, dtype=torch.float64)
 
 # (id, n, h, h_kv, d, segment_lengths, dilation_rates); longnet configs include an r=1 pattern
 # so no row is empty in every pattern.
@@ -64,20 +68,6 @@ def _inputs(n, h, h_kv, d, seed=0):
     g = torch.Generator().manual_seed(seed)
     shapes = ((2, n, h, d), (2, n, h_kv, d), (2, n, h_kv, d), (2, n, h, d), (2, n, h))
     return [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
-
-
-def _run(fn, q, k, v, dout, dlse):
-    xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    out, lse = fn(*xs)
-    fin = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    ((out.double() * dout).sum() + (fin.double() * dlse).sum()).backward()
-    return [out.detach().double(), lse.detach().double()] + [x.grad.double() for x in xs]
-
-
-def _max_abs(a, b):
-    fin = torch.isfinite(b)
-    assert torch.equal(fin, torch.isfinite(a))
-    return (a[fin] - b[fin]).abs().max().item()
 
 
 def _kw(config, mix, causal):
