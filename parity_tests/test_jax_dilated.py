@@ -162,3 +162,14 @@ def test_xla_flops_match_plan_and_scale_linearly(mix, is_causal):
     # sits a little under 4 because the LSE merge, linear in n, weighs most at tiny n.
     assert counts[16][1] == 4 * counts[8][1]
     assert 3.6 <= counts[16][0] / counts[8][0] <= 4.05
+
+
+def test_ring_jax_imports_and_runs_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None\n"  # any import of torch now fails
+            "import jax.numpy as jnp, ring_jax\n"
+            "x = jnp.ones((1, 16, 2, 8))\n"
+            "ring_jax.dilated_attention(x, x, x, segment_lengths=(8,), dilation_rates=(2,), ring_size=2)\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
