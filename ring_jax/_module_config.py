@@ -49,6 +49,20 @@ def resolve_kv(query, key, value, embed_dim: int):
     return key, value
 
 
+def multihead_forward(layer, query, key, value, num_kv_heads: int, attend):
+    """The multi-head layer of both Flax APIs (and of ``ring_torch.MultiheadDilatedAttention``):
+    project, split heads, ``attend(q, k, v)``, merge heads, LayerNorm, output projection."""
+    key, value = resolve_kv(query, key, value, layer.in_features)
+    b, n, _ = query.shape
+    q = layer.q_proj(query).reshape(b, n, layer.num_heads, layer.head_dim)  # [b, s, h, d]
+    k = layer.k_proj(key).reshape(b, n, num_kv_heads, layer.head_dim)  # [b, s, h_kv, d]
+    v = layer.v_proj(value).reshape(b, n, num_kv_heads, layer.head_dim)
+    out = attend(q, k, v).reshape(b, n, layer.in_features)  # [b, s, h * d]
+    if layer.norm is not None:
+        out = layer.norm(out)
+    return layer.out_proj(out)
+
+
 def xavier_normal(gain: float = 1.0):
     """``torch.nn.init.xavier_normal_`` for a ``[in, out]`` kernel: untruncated normal with
     ``std = gain * sqrt(2 / (in + out))``."""

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from ring_jax._attention_fn import attend, check_dropout_rate, check_placement, seed_from_key
 from ring_jax._config import DilatedConfig
 from ring_jax._module_config import (check_heads, pattern_config, resolve_deterministic,
-                                     resolve_kv, xavier_normal)
+                                     multihead_forward, xavier_normal)
 
 __all__ = ["DilatedAttention", "MultiHeadDilatedAttention"]
 
@@ -146,13 +146,5 @@ class MultiHeadDilatedAttention(nn.Module):
                  deterministic: bool | None = None, dropout_rng=None):
         """``query [b, n, in_features]`` (``key``/``value`` the same shape, or None for
         self-attention) -> ``[b, n, in_features]``."""
-        key, value = resolve_kv(query, key, value, self.in_features)
-        b, n, _ = query.shape
-        q = self.q_proj(query).reshape(b, n, self.num_heads, self.head_dim)
-        k = self.k_proj(key).reshape(b, n, self.kv_heads, self.head_dim)
-        v = self.v_proj(value).reshape(b, n, self.kv_heads, self.head_dim)
-        out = self.attention(q, k, v, is_causal=is_causal, deterministic=deterministic,
-                             dropout_rng=dropout_rng).reshape(b, n, self.in_features)
-        if self.norm is not None:
-            out = self.norm(out)
-        return self.out_proj(out)
+        return multihead_forward(self, query, key, value, self.kv_heads, lambda q, k, v: self.attention(
+            q, k, v, is_causal=is_causal, deterministic=deterministic, dropout_rng=dropout_rng))
