@@ -6,8 +6,6 @@ Everything here is plain JAX (no flax import): ``import ring_jax`` stays free of
 
 from __future__ import annotations
 
-import inspect
-
 import jax
 import jax.numpy as jnp
 
@@ -15,14 +13,7 @@ from ring_jax._config import DilatedConfig
 from ring_jax._dilated import dilated_attention
 from ring_jax._ring import sharded_dilated_attention
 
-__all__ = ["make_attention_fn", "core_supports_dropout", "seed_from_key", "attend",
-           "check_placement"]
-
-
-def core_supports_dropout() -> bool:
-    """Whether the core functions take ``dropout_rate`` / ``dropout_seed``."""
-    params = inspect.signature(dilated_attention).parameters
-    return "dropout_rate" in params and "dropout_seed" in params
+__all__ = ["make_attention_fn", "seed_from_key", "attend", "check_placement"]
 
 
 def seed_from_key(key) -> jax.Array:
@@ -51,19 +42,12 @@ def attend(query, key, value, *, config: DilatedConfig, is_causal: bool = False,
     """Dilated attention of ``[b, n, h, d]`` arrays with the pattern of ``config``: the single
     device core, the simulated ring (``ring_size``) or the mesh ring (``mesh``).
 
-    ``dropout_rate > 0`` needs ``dropout_seed`` and a core with dropout; the dropout arguments
+    ``dropout_rate > 0`` needs ``dropout_seed`` (the core checks both); the dropout arguments
     are passed to the core only when dropout is on."""
     kwargs = dict(segment_lengths=config.segment_lengths, dilation_rates=config.dilation_rates,
                   mix=config.mix, is_causal=bool(is_causal) or config.is_causal,
                   softmax_scale=config.softmax_scale)
     if dropout_rate > 0.0:
-        if dropout_seed is None:
-            raise ValueError("dropout is on but no dropout seed / rng was given")
-        if not core_supports_dropout():
-            raise NotImplementedError(
-                "attention dropout > 0 needs ring_jax.dilated_attention(dropout_rate=..., "
-                "dropout_seed=...), which this ring_jax does not have; pass "
-                "deterministic=True or dropout=0")
         kwargs.update(dropout_rate=float(dropout_rate), dropout_seed=dropout_seed)
     if mesh is not None:
         return sharded_dilated_attention(query, key, value, mesh=mesh, seq_axis=seq_axis,
