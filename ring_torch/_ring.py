@@ -331,14 +331,6 @@ class _SimRing:
 # The ring unit: forward and backward
 # ----------------------------------------------------------------------------------------------
 
-def _merge(o1, l1, o2, l2):
-    """LSE merge of two partial results (``o`` float32+, ``l`` float32+); NaN-safe for -inf."""
-    lse = torch.logaddexp(l1, l2)
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    return (torch.exp(l1 - safe).unsqueeze(-1) * o1
-            + torch.exp(l2 - safe).unsqueeze(-1) * o2), lse
-
-
 def _fold(x, lo):
     """``[G, gl, b, m, X, d]`` -> the active group-ranks ``[lo:]`` folded into the batch."""
     return x[:, lo:].reshape(-1, *x.shape[3:])
@@ -456,7 +448,7 @@ class _RingUnitFunction(torch.autograd.Function):
                                        dropout_p=0.0 if drop is None else drop.p)
                 shape = (G, gl - lo, b, m, H)
                 o, l = o.reshape(*shape, d).to(compute), l.reshape(shape).to(compute)
-                out[:, lo:], lse[:, lo:] = _merge(out[:, lo:], lse[:, lo:], o, l)
+                out[:, lo:], lse[:, lo:] = _lse_merge([out[:, lo:], o], [lse[:, lo:], l])
             if pending is not None:
                 (kv,) = pending.wait()
         ctx.save_for_backward(q, k, v, out, lse, pair_index)
