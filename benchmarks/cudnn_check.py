@@ -18,10 +18,14 @@ from benchmarks.timing import first_call_ms, time_ms
 
 
 def grads_of(fn):
-    """``(out, lse, dq, dk, dv)`` of ``sum(out * g) + sum(lse * gl)``."""
+    """``(out, lse, dq, dk, dv)`` of ``sum(out * g) + sum(lse * gl)``; for an ``fn`` that returns
+    ``out`` only (no LSE cotangent: the kernel's plain backward), ``(out, dq, dk, dv)``."""
 
     def run(q, k, v, g, gl):
-        (out, lse), vjp = jax.vjp(fn, q, k, v)
+        res, vjp = jax.vjp(fn, q, k, v)
+        if not isinstance(res, tuple):
+            return (res, *vjp(g.astype(res.dtype)))
+        out, lse = res
         return (out, lse, *vjp((g.astype(out.dtype), gl)))
 
     return jax.jit(run)
@@ -39,7 +43,7 @@ def compare(sweep, name, fn, shape, kv_shape, **extra):
         with jax.default_matmul_precision("highest" if dtype == jnp.float32 else "default"):
             results[kernel, dtype] = grads_of(fn)(q.astype(dtype), k.astype(dtype), v.astype(dtype), g, gl)
     ref = results["xla", jnp.float32]
-    fields = ("out", "lse", "dq", "dk", "dv")
+    fields = ("out", "lse", "dq", "dk", "dv") if len(ref) == 5 else ("out", "dq", "dk", "dv")
     sweep.add(section="cudnn_parity", case=name, **extra,
               cudnn_bf16={f: rel(a, b) for f, a, b in zip(fields, results["cudnn", jnp.bfloat16], ref)},
               xla_bf16={f: rel(a, b) for f, a, b in zip(fields, results["xla", jnp.bfloat16], ref)})
@@ -49,6 +53,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--budget-s", type=float, default=300)
+    ap.add_argument("--parity-only", action="store_true", help="skip the timing sweep")
     args = ap.parse_args()
     sweep = Sweep(args.out, args.budget_s)
     sweep.data["meta"].update(jax=jax.__version__, device=jax.devices()[0].device_kind)
@@ -60,6 +65,12 @@ def main():
             kw = dict(segment_lengths=W, dilation_rates=R, mix=mix, is_causal=True, ring_size=ring_size)
             compare(sweep, "dilated", lambda q, k, v, kw=kw: ring_jax.dilated_attention(q, k, v, return_lse=True, **kw),
                     (1, 16384, H, D), (1, 16384, H // 2, D), mix=mix, ring_size=ring_size)
+        for chunk in (None, 4096 * 4):
+            kw = dict(segment_lengths=W, dilation_rates=R, mix=mix, is_causal=True, chunk_size=chunk)
+            compare(sweep, "dilated_out_only", lambda q, k, v, kw=kw: ring_jax.dilated_attention(q, k, v, **kw),
+                    (1, 65536, H, D), (1, 65536, H // 2, D), mix=mix, chunk_size=chunk)
+    if args.parity_only:
+        return
     ring_jax.set_block_kernel("cudnn")
     for mix in ("head_groups", "longnet"):
         kw = dict(segment_lengths=W, dilation_rates=R, mix=mix, is_causal=True)

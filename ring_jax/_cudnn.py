@@ -56,7 +56,8 @@ def forward(q, k, v, causal: bool, scale: float):
 
 
 def backward(q, k, v, out, lse, dout, dlse, causal: bool, scale: float):
-    """``(dq, dk, dv)`` given the rows' (possibly global) ``out``, ``lse`` and cotangents."""
+    """``(dq, dk, dv)`` given the rows' (possibly global) ``out``, ``lse`` and cotangents;
+    ``dlse=None`` means a zero LSE cotangent (no extra column: the kernel runs at ``head_dim``)."""
     fa = _module()
     d = q.shape[-1]
 
@@ -66,11 +67,13 @@ def backward(q, k, v, out, lse, dout, dlse, causal: bool, scale: float):
             extra = extra.at[..., 0].set(column.astype(x.dtype))
         return jnp.concatenate([x, extra], axis=-1)
 
+    out, dout = out.astype(q.dtype), dout.astype(q.dtype)
+    if dlse is not None:
+        q, k, v, out, dout = pad(q), pad(k), pad(v, jnp.ones(v.shape[:-1], v.dtype)), pad(out), pad(dout, dlse)
     unused = jnp.zeros(0, dtype=q.dtype)
     stats = jnp.swapaxes(lse, 1, 2).astype(jnp.float32)  # [B, H, m]
     grads = fa._dot_product_attention_bwd_p_wrapper.bind(
-        pad(q), pad(k), pad(v, jnp.ones(v.shape[:-1], v.dtype)), unused, unused, unused, unused, unused,
-        unused, unused, stats, pad(out.astype(q.dtype)), pad(dout.astype(q.dtype), dlse),
+        q, k, v, unused, unused, unused, unused, unused, unused, unused, stats, out, dout,
         scale=scale, seed=42, dropout_rate=0.0, variadic_args=(False, False), mask_type=_mask(causal),
         layout=fa.AttentionLayout.BTNH.value, sliding_window_length=None)
     return tuple(g[..., :d] for g in grads[:3])

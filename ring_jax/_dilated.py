@@ -1,19 +1,26 @@
 """Dilated attention on one device: gather strided rows, fold segments into the batch, attend, scatter.
 
 No ``n x n`` or ``n x w`` mask exists anywhere: the selected rows of a (pattern, offset) pair are a
-strided reshape (one paired gather when heads use different offsets), and within a segment they keep their order, so causality is the plain lower
-triangle of each ``m x m`` block.
+strided reshape (one paired gather when heads use different offsets), and within a segment they
+keep their order, so causality is the plain lower triangle of each ``m x m`` block.
+
+The backward is written out: each unit's block gradient is taken against the merged output and
+LSE, so only ``q, k, v, out, lse`` are kept between forward and backward. With ``chunk_size``
+both run over independent stretches of the sequence in a loop (long sequences in bounded memory).
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from ring_jax._config import DilatedConfig, check_inputs
 from ring_jax._dropout import Dropout, make_dropout
-from ring_jax._kernels import block_attention
+from ring_jax._kernels import block_attention, block_attention_bwd
 from ring_jax._plan import Plan, Unit, get_plan
 
 
@@ -103,16 +110,112 @@ def run_layers(query, key, value, layers, attend):
     return merge_by_lse(outs, lses)
 
 
-def dilated_attention_planned(query, key, value, plan: Plan, scale: float, dropout: Dropout | None = None):
-    """``(out [b, n, h, d], lse [b, n, h])`` for a validated plan."""
+def _forward(query, key, value, plan: Plan, scale: float, dropout: Dropout | None):
+    """``(out [b, n, h, d], lse [b, n, h])`` of one independent stretch of the sequence."""
     causal = plan.config.is_causal
     return run_layers(query, key, value, [layer.units for layer in plan.layers],
                       lambda q, k, v, u: attend_unit(q, k, v, u, causal, scale, dropout))
 
 
+def _scatter_add_rows(y, shape, u: Unit, heads: tuple[int, ...]):
+    """The transpose of ``gather_rows(., u, heads)`` on an input of ``shape``: rows back in place,
+    repeated heads (GQA) summed, in ``y``'s dtype."""
+    return jax.linear_transpose(lambda x: gather_rows(x, u, heads), jax.ShapeDtypeStruct(shape, y.dtype))(y)[0]
+
+
+def _backward(query, key, value, out, lse, dout, dlse, plan: Plan, scale: float, dropout: Dropout | None):
+    """``(dq, dk, dv)`` of one stretch from the *merged* ``out``/``lse``: with ``P = exp(S - lse)``
+    taken against the global LSE, each unit's block gradient is exact on its own (the same
+    formula as the ring backward), so no per-pattern output or LSE is kept for the backward and a
+    zero ``dlse`` (``None``) lets the fast kernel skip the LSE column. Sums in float32."""
+    causal = plan.config.is_causal
+    b, n = query.shape[:2]
+    grads = [None, None, None]
+    for u in plan.units:
+        drop = None if dropout is None else dropout.block_args(b, n // u.w, u.w, u.r, u.heads, u.offsets)
+        q_rows = [gather_rows(x, u, u.heads) for x in (query, out, dout)]  # [b*S, m, H, d] each
+        lse_u, dlse_u = (None if x is None else gather_rows(x[..., None], u, u.heads)[..., 0] for x in (lse, dlse))
+        g = block_attention_bwd(q_rows[0], gather_rows(key, u, u.kv_heads), gather_rows(value, u, u.kv_heads),
+                                q_rows[1], lse_u, q_rows[2], dlse_u, causal=causal, scale=scale,
+                                keep_acc_dtype=True, rate=0.0 if dropout is None else dropout.rate,
+                                pattern=u.pattern, drop=drop)
+        for i, (x, heads) in enumerate(((query, u.heads), (key, u.kv_heads), (value, u.kv_heads))):
+            full = _scatter_add_rows(g[i], x.shape, u, heads)
+            grads[i] = full if grads[i] is None else grads[i] + full
+    return tuple(gr.astype(x.dtype) for gr, x in zip(grads, (query, key, value)))
+
+
+def _by_chunks(fn, chunk: int, inputs, outputs):
+    """``fn(start, *chunks_of_inputs) -> chunks_of_outputs`` applied to consecutive ``chunk``-token
+    stretches of ``inputs`` (``[b, n, ...]``, None passes through) in a loop, written into
+    ``outputs`` (``ShapeDtypeStruct``s): one stretch's temporaries are live at a time."""
+    n = outputs[0].shape[1]
+    if chunk == n:
+        return fn(0, *inputs)
+
+    def step(i, acc):
+        start = i * chunk
+        parts = fn(start, *(None if x is None else lax.dynamic_slice_in_dim(x, start, chunk, axis=1) for x in inputs))
+        return tuple(lax.dynamic_update_slice_in_dim(a, p.astype(a.dtype), start, axis=1) for a, p in zip(acc, parts))
+
+    return lax.fori_loop(0, n // chunk, step, tuple(jnp.zeros(o.shape, o.dtype) for o in outputs))
+
+
+def _dropout_at(rate: float, state, start) -> Dropout | None:
+    """The dropout of the stretch starting at ``start`` (positions stay global)."""
+    if state is None:
+        return None
+    seed, batch_base, pos_base = state
+    return Dropout(rate, seed, batch_base, pos_base + start)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _attention(plan: Plan, scale: float, rate: float, with_lse: bool, query, key, value, drop_state):
+    """``out`` (and ``lse`` if ``with_lse``) over the whole sequence, ``plan`` being the plan of one
+    chunk: the sequence is cut into ``n / plan.seq_len`` independent chunks (segments never cross
+    one), each computed in turn."""
+    return _attention_fwd(plan, scale, rate, with_lse, query, key, value, drop_state)[0]
+
+
+def _attention_fwd(plan, scale, rate, with_lse, query, key, value, drop_state):
+    b, n, h = query.shape[:3]
+    outputs = (jax.ShapeDtypeStruct(query.shape, query.dtype),
+               jax.ShapeDtypeStruct((b, n, h), jnp.promote_types(query.dtype, jnp.float32)))
+    out, lse = _by_chunks(lambda s, q, k, v: _forward(q, k, v, plan, scale, _dropout_at(rate, drop_state, s)),
+                          plan.seq_len, (query, key, value), outputs)
+    return ((out, lse) if with_lse else out), (query, key, value, out, lse, drop_state)
+
+
+def _attention_bwd(plan, scale, rate, with_lse, residuals, cotangents):
+    query, key, value, out, lse, drop_state = residuals
+    dout, dlse = cotangents if with_lse else (cotangents, None)
+    outputs = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (query, key, value))
+    grads = _by_chunks(lambda s, *x: _backward(*x, plan, scale, _dropout_at(rate, drop_state, s)),
+                       plan.seq_len, (query, key, value, out, lse, dout, dlse), outputs)
+    return (*grads, None)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def check_chunk_size(chunk_size: int | None, seq_len: int, config: DilatedConfig) -> int:
+    """``chunk_size`` (``seq_len`` when None) if every segment of every pattern lies inside one chunk."""
+    if chunk_size is None:
+        return seq_len
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size <= 0:
+        raise ValueError(f"{chunk_size=} must be a positive int or None")
+    if seq_len % chunk_size:
+        raise ValueError(f"{seq_len=} is not a multiple of {chunk_size=}")
+    for w in config.segment_lengths:
+        if chunk_size % min(w, seq_len):
+            raise ValueError(f"{chunk_size=} is not a multiple of the segment length w={min(w, seq_len)} "
+                             f"({seq_len=}): a segment would cross chunks")
+    return int(chunk_size)
+
+
 def dilated_attention(query, key, value, *, segment_lengths, dilation_rates, mix="head_groups",
                       is_causal=False, softmax_scale=None, return_lse=False, ring_size=None,
-                      dropout_rate=0.0, dropout_seed=None):
+                      dropout_rate=0.0, dropout_seed=None, chunk_size=None):
     """Dilated attention (LongNet) on one device.
 
     Args:
@@ -131,6 +234,9 @@ def dilated_attention(query, key, value, *, segment_lengths, dilation_rates, mix
         hash of (seed, pattern, batch, head, query and key position): the same on one device, in
         any ring and in ``ring_torch`` for the same seed. ``dropout_seed``: an int or a uint32
         scalar (e.g. ``jax.random.bits(key, dtype=jnp.uint32)``). The LSE is not affected.
+      chunk_size: if set, compute the sequence ``chunk_size`` tokens at a time in a loop, forward
+        and backward (a multiple of every segment length, so chunks are independent): peak memory
+        is the inputs, outputs and gradients plus one chunk's temporaries. Not with ``ring_size``.
 
     Returns:
       ``out [batch, seq, heads, head_dim]`` in the input dtype (rows with no key are 0), or
@@ -140,10 +246,15 @@ def dilated_attention(query, key, value, *, segment_lengths, dilation_rates, mix
     _, n, h, h_kv, d = check_inputs(query, key, value)
     dropout = make_dropout(dropout_rate, dropout_seed)
     if ring_size is not None and ring_size > 1:
+        if chunk_size is not None:
+            raise ValueError(f"{chunk_size=} and {ring_size=}: pick one way of cutting the sequence")
         from ring_jax._ring import simulated_ring_attention  # the ring builds on this module
 
         out, lse = simulated_ring_attention(query, key, value, config, ring_size, dropout)
-    else:
-        plan = get_plan(config, n, h, h_kv)
-        out, lse = dilated_attention_planned(query, key, value, plan, config.scale(d), dropout)
-    return (out, lse) if return_lse else out
+        return (out, lse) if return_lse else out
+    config.validate_shapes(n, h, h_kv)  # errors name the whole sequence, not a chunk
+    plan = get_plan(config, check_chunk_size(chunk_size, n, config), h, h_kv)  # the plan of one chunk
+    drop_state = None if dropout is None else (dropout.seed, jnp.asarray(dropout.batch_base, jnp.int32),
+                                               jnp.asarray(dropout.pos_base, jnp.int32))
+    rate = 0.0 if dropout is None else dropout.rate
+    return _attention(plan, config.scale(d), rate, bool(return_lse), query, key, value, drop_state)

@@ -95,7 +95,7 @@ def block_attention_fwd(q, k, v, causal: bool, scale: float, rate: float = 0.0, 
 def block_attention_bwd(q, k, v, out, lse, dout, dlse, *, causal: bool, scale: float, keep_acc_dtype=False,
                         rate: float = 0.0, pattern: int = 0, drop: DropoutArgs | None = None):
     """Gradients ``(dq, dk, dv)`` of one block given the (possibly global) ``out`` and ``lse`` of
-    the rows and their cotangents. Rows with ``lse = -inf`` contribute nothing. With
+    the rows and their cotangents (``dlse=None``: zero). Rows with ``lse = -inf`` contribute nothing. With
     ``keep_acc_dtype`` the gradients stay in the accumulation dtype (for ring accumulators)."""
     acc = _acc_dtype(q.dtype)
     if _use_cudnn(q, drop):
@@ -107,7 +107,9 @@ def block_attention_bwd(q, k, v, out, lse, dout, dlse, *, causal: bool, scale: f
     dout = dout.astype(acc)
     dv = jnp.einsum("bhqk,bqhd->bkhd", _dropped(p, drop, pattern, rate), dout)
     dp = _dropped(jnp.einsum("bqhd,bkhd->bhqk", dout, v.astype(acc)), drop, pattern, rate)
-    delta = jnp.sum(dout * out.astype(acc), axis=-1) - dlse.astype(acc)  # [B, m, H]
+    delta = jnp.sum(dout * out.astype(acc), axis=-1)  # [B, m, H]
+    if dlse is not None:
+        delta = delta - dlse.astype(acc)
     ds = p * (dp - jnp.swapaxes(delta, 1, 2)[..., None])
     dq = jnp.einsum("bhqk,bkhd->bqhd", ds, k.astype(acc)) * scale
     dk = jnp.einsum("bhqk,bqhd->bkhd", ds, q.astype(acc)) * scale
