@@ -6,7 +6,8 @@ keep their order, so causality is the plain lower triangle of each ``m x m`` blo
 
 The backward is written out: each unit's block gradient is taken against the merged output and
 LSE, so only ``q, k, v, out, lse`` are kept between forward and backward. With ``chunk_size``
-both run over independent stretches of the sequence in a loop (long sequences in bounded memory).
+both run over independent stretches of the sequence in a loop and the backward recomputes each
+stretch's ``out, lse`` (long sequences in bounded memory).
 """
 
 from __future__ import annotations
@@ -183,16 +184,24 @@ def _attention_fwd(plan, scale, rate, with_lse, query, key, value, drop_state):
                jax.ShapeDtypeStruct((b, n, h), jnp.promote_types(query.dtype, jnp.float32)))
     out, lse = _by_chunks(lambda s, q, k, v: _forward(q, k, v, plan, scale, _dropout_at(rate, drop_state, s)),
                           plan.seq_len, (query, key, value), outputs)
-    return ((out, lse) if with_lse else out), (query, key, value, out, lse, drop_state)
+    # Chunked (the memory-bound case): keep only q, k, v and recompute each chunk's out/lse in the
+    # backward, so out and its cotangent are never both alive at full length.
+    saved = (out, lse) if plan.seq_len == n else (None, None)
+    return ((out, lse) if with_lse else out), (query, key, value, *saved, drop_state)
 
 
 def _attention_bwd(plan, scale, rate, with_lse, residuals, cotangents):
     query, key, value, out, lse, drop_state = residuals
     dout, dlse = cotangents if with_lse else (cotangents, None)
     outputs = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (query, key, value))
-    grads = _by_chunks(lambda s, *x: _backward(*x, plan, scale, _dropout_at(rate, drop_state, s)),
-                       plan.seq_len, (query, key, value, out, lse, dout, dlse), outputs)
-    return (*grads, None)
+
+    def chunk_grads(start, q, k, v, o, lse, do, dlse):
+        dropout = _dropout_at(rate, drop_state, start)
+        if o is None:
+            o, lse = _forward(q, k, v, plan, scale, dropout)
+        return _backward(q, k, v, o, lse, do, dlse, plan, scale, dropout)
+
+    return (*_by_chunks(chunk_grads, plan.seq_len, (query, key, value, out, lse, dout, dlse), outputs), None)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -235,8 +244,10 @@ def dilated_attention(query, key, value, *, segment_lengths, dilation_rates, mix
         any ring and in ``ring_torch`` for the same seed. ``dropout_seed``: an int or a uint32
         scalar (e.g. ``jax.random.bits(key, dtype=jnp.uint32)``). The LSE is not affected.
       chunk_size: if set, compute the sequence ``chunk_size`` tokens at a time in a loop, forward
-        and backward (a multiple of every segment length, so chunks are independent): peak memory
-        is the inputs, outputs and gradients plus one chunk's temporaries. Not with ``ring_size``.
+        and backward (a multiple of every segment length, so chunks are independent). Only q, k, v
+        are kept for the backward, which recomputes each chunk's forward: peak memory is q, k, v,
+        their gradients and ``out``'s cotangent plus one chunk's temporaries, for one extra
+        forward pass. Not with ``ring_size``.
 
     Returns:
       ``out [batch, seq, heads, head_dim]`` in the input dtype (rows with no key are 0), or
