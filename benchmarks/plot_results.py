@@ -1,5 +1,10 @@
-"""Plots the committed H100 results beside the anchors (bare segment kernels, dense flash, the seed
-system), log-log with the slope of each curve from 32K on.
+"""Plots of the committed GPU results, beside the anchors (bare segment kernels, dense flash, the
+seed system):
+
+* ``h100_scaling_<date>.png``: time vs n, log-log with each curve's slope from 32K on;
+* ``h100_memory_<date>.png``: device bytes per token vs n, one pass and chunked, next to the bytes
+  of q, k, v, o and the gradients;
+* ``2xh100_ring_scaling_<date>.png``: weak and strong scaling of both rings.
 
     python -m benchmarks.plot_results [--results benchmarks/results]
 """
@@ -12,27 +17,44 @@ import os
 
 import numpy as np
 
+DATE = "2026-11-25"
+PATTERN = "bf16, b=1, h=8, d=64, causal, w=(2K,4K,8K,16K), r=(1,2,4,8)"
+
 
 def slope(n, t):
     n, t = np.asarray(n, float), np.asarray(t, float)
-    keep = n >= 32768
+    keep = (n >= 32768) & np.isfinite(t)
     return float(np.polyfit(np.log(n[keep]), np.log(t[keep]), 1)[0]) if keep.sum() > 1 else float("nan")
 
 
-def load(results):
-    def read(name):
-        with open(os.path.join(results, name)) as f:
-            return json.load(f)
+def read(results, name):
+    with open(os.path.join(results, name)) as f:
+        return json.load(f)
 
-    anchors = read("anchors_h100_2026-11-25.json")["rows"]
-    cudnn = [r for r in read("h100_jax_cudnn_2026-11-25.json")["rows"] if r["section"] == "scaling_cudnn" and "fwd_ms" in r]
-    xla = [r for r in read("h100_jax_sweep_2026-11-25.json")["rows"] if r["section"] == "scaling"]
-    torch = [r for r in read("h100_torch_sweep_2026-11-25.json")["rows"] if r["section"] == "scaling"]
+
+def timing_series(results):
+    """``{label: [(n, fwd_ms or None, fwdbwd_ms or None)]}`` for ours and for the anchors."""
+    ab = [r for r in read(results, f"h100_backward_ab_{DATE}.json")["rows"] if r["impl"] == "ring_jax"]
+    lc = read(results, f"h100_long_context_{DATE}.json")["rows"]
+    torch = [r for r in read(results, f"h100_torch_sweep_{DATE}.json")["rows"] if r["section"] == "scaling"]
+    anchors = read(results, f"anchors_h100_{DATE}.json")["rows"]
+
+    def ours(mix):
+        rows = {r["n"]: r for r in ab if r["mix"] == mix and "fwdbwd_ms" in r}
+        rows.update({r["n"]: r for r in lc if r["section"] == "ab" and r["mix"] == mix and r["chunk"] is None
+                     and "fwdbwd_ms" in r})
+        return [(n, rows[n]["fwd_ms"], rows[n]["fwdbwd_ms"]) for n in sorted(rows)]
+
+    def chunked(mix):
+        rows = [r for r in lc if r["mix"] == mix and r.get("chunk") == 65536 and "fwdbwd_ms" in r]
+        return sorted((r["n"], r.get("fwd_ms"), r["fwdbwd_ms"]) for r in rows)
+
     series = {
-        "JAX cuDNN, head groups": [(r["n"], r["fwd_ms"], r["fwdbwd_ms"]) for r in cudnn if r["mix"] == "head_groups"],
-        "JAX cuDNN, longnet mix": [(r["n"], r["fwd_ms"], r["fwdbwd_ms"]) for r in cudnn if r["mix"] == "longnet"],
-        "JAX XLA kernel, head groups": [(r["n"], r["fwd_ms"], r["fwdbwd_ms"]) for r in xla],
-        "torch (efficient attn), head groups": [(r["n"], r["fwd_ms"], r["fwdbwd_ms"]) for r in torch],
+        "JAX, head groups": ours("head_groups"),
+        "JAX, head groups, chunk_size=64K": chunked("head_groups"),
+        "JAX, longnet mix": ours("longnet"),
+        "JAX, longnet mix, chunk_size=64K": chunked("longnet"),
+        "torch, head groups": [(r["n"], r["fwd_ms"], r["fwdbwd_ms"]) for r in torch],
     }
     refs = {
         "anchor: bare segment kernels (floor)": [(r["n"], r["floor_fwd_ms"], r["floor_fwdbwd_ms"]) for r in anchors],
@@ -40,6 +62,91 @@ def load(results):
         "anchor: seed system (DarcStar)": [(r["n"], r["ds_fwd_ms"], None) for r in anchors],
     }
     return series, refs
+
+
+def plot_timing(plt, results):
+    series, refs = timing_series(results)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for col, (ax, title) in enumerate(zip(axes, ("forward", "forward + backward"))):
+        for label, rows in series.items():
+            rows = [r for r in rows if r[1 + col] is not None]
+            if rows:
+                n, t = [r[0] for r in rows], [r[1 + col] for r in rows]
+                ax.loglog(n, t, "o-", label=f"{label} (slope {slope(n, t):.2f})")
+        for label, rows in refs.items():
+            rows = [r for r in rows if r[1 + col] is not None]
+            if rows:
+                ax.loglog([r[0] for r in rows], [r[1 + col] for r in rows], "s--", alpha=0.6, label=label)
+        ax.set(xlabel="sequence length n (tokens)", ylabel="time [ms]", title=f"{title}: {PATTERN}")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=7)
+        ax.grid(True, which="both", alpha=0.2)
+    fig.suptitle(f"One NVIDIA H100 80GB, {DATE} (slopes fitted from 32K on)", fontsize=10)
+    return fig, f"h100_scaling_{DATE}.png"
+
+
+def set_peak(rows):
+    """The max_n rows whose run raised the process's peak bytes in use (a later, smaller run
+    reports the earlier peak: that number is not its own)."""
+    top, out = 0, []
+    for r in rows:
+        if r["section"] == "max_n" and (r.get("peak_bytes_in_use") or 0) > top:
+            top = r["peak_bytes_in_use"]
+            out.append(r)
+    return out
+
+
+def plot_memory(plt, results):
+    lc = read(results, f"h100_long_context_{DATE}.json")["rows"]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for mix in ("head_groups", "longnet"):
+        for chunked in (False, True):
+            rows = sorted((r["n"], r["total_b_per_tok"]) for r in lc if r["section"] == "memory" and r["mix"] == mix
+                          and (r["chunk"] is not None) == chunked and "total_b_per_tok" in r)
+            label = f"{mix}, {'chunk_size=256K' if chunked else 'one pass'} (compiled: args + outputs + temps)"
+            ax.semilogx([r[0] for r in rows], [r[1] / 1024 for r in rows], "o-" if chunked else "s--", label=label)
+        peak = [(r["n"], r["peak_bytes_in_use"] / r["n"]) for r in set_peak(lc) if r["mix"] == mix]
+        ax.semilogx([p[0] for p in peak], [p[1] / 1024 for p in peak], "k^" if mix == "head_groups" else "kv",
+                    label=f"{mix}, chunk_size=64K: measured device peak / n (runs that fit)")
+    ax.axhline(7.0, color="gray", ls=":", label="q, k, v, o + dq, dk, dv (7 KiB/token)")
+    ax.set(xlabel="sequence length n (tokens)", ylabel="KiB per token (forward + backward)", ylim=(0, 30),
+           title=f"Device memory per token, {PATTERN}")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.2)
+    fig.suptitle(f"One NVIDIA H100 80GB, {DATE}", fontsize=10)
+    return fig, f"h100_memory_{DATE}.png"
+
+
+def efficiency(rows, kind, field):
+    """time(1) / time(P) for weak scaling, time(1) / (P * time(P)) for strong."""
+    base = next(r[field] for r in rows if r["P"] == 1 and r["kind"] == kind)
+    return {r["P"]: base / r[field] / (r["P"] if kind == "strong" else 1) for r in rows if r["kind"] == kind}
+
+
+def plot_rings(plt, results):
+    data = read(results, f"2xh100_ring_scaling_{DATE}.json")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, kind in zip(axes, ("weak", "strong")):
+        labels, width = [], 0.2
+        for i, (fw, field) in enumerate([(f, x) for f in ("jax", "torch") for x in ("fwd_ms", "fwdbwd_ms")]):
+            rows = [r for r in data["rows"] if r["framework"] == fw and r["kind"] == kind and field in r]
+            eff = efficiency(rows, kind, field)
+            Ps = sorted(eff)
+            xs = np.arange(len(Ps)) + (i - 1.5) * width
+            bars = ax.bar(xs, [next(r[field] for r in rows if r["P"] == P) for P in Ps], width,
+                          label=f"{fw} {field.replace('_ms', '').replace('fwdbwd', 'fwd+bwd')}")
+            for b, P in zip(bars, Ps):
+                ax.annotate(f"{eff[P]:.0%}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
+                            va="bottom", fontsize=7)
+            labels = [f"P={P}" for P in Ps]
+        ax.set_xticks(np.arange(len(labels)), labels)
+        what = "n = P x 256K" if kind == "weak" else "n = 1M"
+        ax.set(ylabel="time [ms]", title=f"{kind} scaling ({what}); efficiency over the bars")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"NVIDIA H100 80GB x2 (NCCL), {DATE}: bf16, h=10, d=64, causal, w=(2K,4K,8K,16K,n), "
+                 "r=(1,2,4,8,n/16K)", fontsize=9)
+    return fig, f"2xh100_ring_scaling_{DATE}.png"
 
 
 def main():
@@ -51,26 +158,12 @@ def main():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series, refs = load(args.results)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    for col, (ax, title) in enumerate(zip(axes, ("forward", "forward + backward"))):
-        for label, rows in series.items():
-            n, t = [r[0] for r in rows], [r[1 + col] for r in rows]
-            ax.loglog(n, t, "o-", label=f"{label} (slope {slope(n, t):.2f})")
-        for label, rows in refs.items():
-            rows = [r for r in rows if r[1 + col] is not None]
-            if rows:
-                ax.loglog([r[0] for r in rows], [r[1 + col] for r in rows], "s--", alpha=0.6, label=label)
-        ax.set(xlabel="sequence length n (tokens)", ylabel="time [ms]",
-               title=f"{title}: bf16, b=1, h=8, d=64, causal, w=(2K,4K,8K,16K), r=(1,2,4,8)")
-        ax.title.set_fontsize(9)
-        ax.legend(fontsize=7)
-        ax.grid(True, which="both", alpha=0.2)
-    fig.suptitle("One NVIDIA H100 80GB, 2026-11-25 (slopes fitted from 32K on)", fontsize=10)
-    fig.tight_layout()
-    out = os.path.join(args.results, "h100_scaling_2026-11-25.png")
-    fig.savefig(out, dpi=110)
-    print(f"wrote {out}")
+    for plot in (plot_timing, plot_memory, plot_rings):
+        fig, name = plot(plt, args.results)
+        fig.tight_layout()
+        out = os.path.join(args.results, name)
+        fig.savefig(out, dpi=110)
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -46,10 +46,11 @@ def _nnx_expected(m, xq, xk, **core):
     return m.out(att)
 
 
-@pytest.mark.parametrize("mix,causal,kv,ring", [("head_groups", False, None, None),
-                                                ("longnet", True, 2, 4)])
-def test_nnx_equals_core(mix, causal, kv, ring):
-    fn = ring_jax.make_attention_fn(**PATTERN, mix=mix, ring_size=ring)
+@pytest.mark.parametrize("mix,causal,kv,ring,chunk", [("head_groups", False, None, None, None),
+                                                      ("longnet", True, 2, 4, None),
+                                                      ("longnet", True, 2, None, 32)])
+def test_nnx_equals_core(mix, causal, kv, ring, chunk):
+    fn = ring_jax.make_attention_fn(**PATTERN, mix=mix, ring_size=ring, chunk_size=chunk)
     m = _nnx_mha(fn, num_kv_heads=kv)
     xq, xk = _x(2)
     out = nnx.jit(lambda m, a, b: m(a, b, is_causal=causal))(m, xq, xk)

@@ -94,13 +94,13 @@ def test_dense_composition(framework, case):
         assert np.abs(got[2][name] - ref[2][name]).max() <= 1e-10, name
 
 
-@pytest.mark.parametrize("placement", ["single", "ring_size", "mesh"])
+@pytest.mark.parametrize("placement", ["single", "ring_size", "mesh", "chunk_size"])
 def test_core_layer(placement):
     """``DilatedAttention`` (no parameters) == ``ring_jax.dilated_attention`` == the oracle."""
     rng = np.random.default_rng(1)
     q = jnp.asarray(rng.standard_normal((2, 64, 4, 8)))
     k, v = (jnp.asarray(rng.standard_normal((2, 64, 2, 8))) for _ in range(2))
-    extra = {"single": {}, "ring_size": {"ring_size": 4},
+    extra = {"single": {}, "ring_size": {"ring_size": 4}, "chunk_size": {"chunk_size": 32},
              "mesh": {"mesh": jax.make_mesh((4,), ("sp",),
                                             axis_types=(jax.sharding.AxisType.Auto,),
                                             devices=jax.devices()[:4])}}[placement]
@@ -208,6 +208,10 @@ def test_other_errors():
             make(dropout=1.0)
         with pytest.raises(ValueError, match="ring_size=0 must be a positive int"):
             make(ring_size=0)
+        with pytest.raises(ValueError, match="chunk_size=32 runs one device's sequence in chunks"):
+            make(mesh=mesh, chunk_size=32)
+        with pytest.raises(ValueError, match="chunk_size=0 must be a positive int"):
+            make(chunk_size=0)
     with pytest.raises(ValueError, match="non-empty and of equal length"):
         rnnx.DilatedAttention((8, 16), (1,))
     with pytest.raises(ValueError, match="mix='bad'"):

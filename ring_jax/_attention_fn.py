@@ -21,12 +21,19 @@ def seed_from_key(key) -> jax.Array:
     return jax.random.bits(key, dtype=jnp.uint32)
 
 
-def check_placement(mesh, ring_size) -> None:
+def check_placement(mesh, ring_size, chunk_size=None) -> None:
+    """At most one way of cutting the sequence: a mesh ring, a simulated ring or chunks."""
     if ring_size is not None and (int(ring_size) != ring_size or ring_size < 1):
         raise ValueError(f"{ring_size=} must be a positive int")
     if mesh is not None and ring_size is not None and ring_size > 1:
         raise ValueError(f"{ring_size=} simulates a ring on one device; with a mesh the ring is "
                          f"the mesh axis: pass one of them")
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1:
+            raise ValueError(f"{chunk_size=} must be a positive int or None")
+        if mesh is not None or (ring_size is not None and ring_size > 1):
+            raise ValueError(f"{chunk_size=} runs one device's sequence in chunks; it does not combine "
+                             f"with a mesh or ring_size={ring_size}: pass one of them")
 
 
 def check_dropout_rate(rate) -> float:
@@ -37,10 +44,11 @@ def check_dropout_rate(rate) -> float:
 
 
 def attend(query, key, value, *, config: DilatedConfig, is_causal: bool = False, mesh=None,
-           seq_axis="sp", batch_axis=None, ring_size=None, dropout_rate: float = 0.0,
+           seq_axis="sp", batch_axis=None, ring_size=None, chunk_size=None, dropout_rate: float = 0.0,
            dropout_seed=None):
     """Dilated attention of ``[b, n, h, d]`` arrays with the pattern of ``config``: the single
-    device core, the simulated ring (``ring_size``) or the mesh ring (``mesh``).
+    device core (in chunks with ``chunk_size``), the simulated ring (``ring_size``) or the mesh
+    ring (``mesh``).
 
     ``dropout_rate > 0`` needs ``dropout_seed`` (the core checks both); the dropout arguments
     are passed to the core only when dropout is on."""
@@ -52,12 +60,12 @@ def attend(query, key, value, *, config: DilatedConfig, is_causal: bool = False,
     if mesh is not None:
         return sharded_dilated_attention(query, key, value, mesh=mesh, seq_axis=seq_axis,
                                          batch_axis=batch_axis, **kwargs)
-    return dilated_attention(query, key, value, ring_size=ring_size, **kwargs)
+    return dilated_attention(query, key, value, ring_size=ring_size, chunk_size=chunk_size, **kwargs)
 
 
 def make_attention_fn(segment_lengths, dilation_rates, *, mix="head_groups", is_causal=False,
                       softmax_scale=None, ring_size=None, mesh=None, seq_axis="sp",
-                      batch_axis=None):
+                      batch_axis=None, chunk_size=None):
     """An ``attention_fn`` for ``flax.nnx.MultiHeadAttention`` and
     ``flax.linen.MultiHeadDotProductAttention`` that runs dilated attention.
 
@@ -78,10 +86,12 @@ def make_attention_fn(segment_lengths, dilation_rates, *, mix="head_groups", is_
     * ``module`` (``sow_weights``): refused, the dilated weights are never materialised.
 
     ``ring_size`` runs the simulated ring on one device; ``mesh`` the ring over
-    ``mesh[seq_axis]`` (global arrays in and out, :func:`ring_jax.sharded_dilated_attention`).
+    ``mesh[seq_axis]`` (global arrays in and out, :func:`ring_jax.sharded_dilated_attention`);
+    ``chunk_size`` runs one device's sequence in independent chunks (bounded memory, see
+    :func:`ring_jax.dilated_attention`).
     """
     config = DilatedConfig(segment_lengths, dilation_rates, mix, bool(is_causal), softmax_scale)
-    check_placement(mesh, ring_size)
+    check_placement(mesh, ring_size, chunk_size)
 
     def dilated_attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True,
                              dropout_rng=None, dropout_rate=0.0, deterministic=False, dtype=None,
@@ -113,6 +123,6 @@ def make_attention_fn(segment_lengths, dilation_rates, *, mix="head_groups", is_
             rate = 0.0
         return attend(query, key, value, config=config, is_causal=is_causal, mesh=mesh,
                       seq_axis=seq_axis, batch_axis=batch_axis, ring_size=ring_size,
-                      dropout_rate=rate, dropout_seed=seed)
+                      chunk_size=chunk_size, dropout_rate=rate, dropout_seed=seed)
 
     return dilated_attention_fn

@@ -28,7 +28,8 @@ class DilatedAttention(nn.Module):
     """Dilated attention (LongNet) over ``[batch, seq, heads, head_dim]`` arrays; no parameters.
 
     ``mesh``: the ring over ``mesh[seq_axis]`` (global arrays in and out); ``ring_size``: the
-    simulated ring on one device; otherwise :func:`ring_jax.dilated_attention`. ``dropout``:
+    simulated ring on one device; otherwise :func:`ring_jax.dilated_attention` (with
+    ``chunk_size``: in independent chunks, for sequences that do not fit in one pass). ``dropout``:
     attention-probability dropout (the core's hashed mask, seed ``jax.random.bits(key, uint32)``
     with ``key = dropout_rng`` or ``self.make_rng("dropout")``), off when ``deterministic`` (the
     call's, else the field's; one of them is needed when ``dropout > 0``).
@@ -43,11 +44,12 @@ class DilatedAttention(nn.Module):
     seq_axis: str = "sp"
     batch_axis: Any = None
     ring_size: int | None = None
+    chunk_size: int | None = None
     deterministic: bool | None = None
 
     def __post_init__(self):
         pattern_config(self.segment_lengths, self.dilation_rates, self.mix, self.softmax_scale)
-        check_placement(self.mesh, self.ring_size)
+        check_placement(self.mesh, self.ring_size, self.chunk_size)
         check_dropout_rate(self.dropout)
         super().__post_init__()
 
@@ -71,7 +73,8 @@ class DilatedAttention(nn.Module):
             seed = seed_from_key(dropout_rng)
         return attend(query, key, value, config=self.config, is_causal=is_causal,
                       mesh=self.mesh, seq_axis=self.seq_axis, batch_axis=self.batch_axis,
-                      ring_size=self.ring_size, dropout_rate=rate, dropout_seed=seed)
+                      ring_size=self.ring_size, chunk_size=self.chunk_size, dropout_rate=rate,
+                      dropout_seed=seed)
 
 
 class MultiHeadDilatedAttention(nn.Module):
@@ -100,6 +103,7 @@ class MultiHeadDilatedAttention(nn.Module):
     seq_axis: str = "sp"
     batch_axis: Any = None
     ring_size: int | None = None
+    chunk_size: int | None = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
     deterministic: bool | None = None
@@ -108,7 +112,7 @@ class MultiHeadDilatedAttention(nn.Module):
         config = pattern_config(self.segment_lengths, self.dilation_rates, self.mix,
                                 self.softmax_scale)
         check_heads(self.in_features, self.num_heads, self.num_kv_heads, config)
-        check_placement(self.mesh, self.ring_size)
+        check_placement(self.mesh, self.ring_size, self.chunk_size)
         check_dropout_rate(self.dropout)
         super().__post_init__()
 
@@ -140,7 +144,7 @@ class MultiHeadDilatedAttention(nn.Module):
             tuple(self.segment_lengths), tuple(self.dilation_rates), mix=self.mix,
             softmax_scale=self.softmax_scale, dropout=self.dropout, mesh=self.mesh,
             seq_axis=self.seq_axis, batch_axis=self.batch_axis, ring_size=self.ring_size,
-            deterministic=self.deterministic)
+            chunk_size=self.chunk_size, deterministic=self.deterministic)
 
     def __call__(self, query, key=None, value=None, *, is_causal: bool = False,
                  deterministic: bool | None = None, dropout_rng=None):

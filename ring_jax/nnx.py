@@ -45,7 +45,8 @@ class DilatedAttention(nnx.Module):
     The pattern is ``self.config`` (a frozen :class:`ring_jax.DilatedConfig`; causality is the
     call's ``is_causal``). ``mesh``: the ring over ``mesh[seq_axis]``
     (:func:`ring_jax.sharded_dilated_attention`, global arrays in and out); ``ring_size``: the
-    simulated ring on one device; otherwise :func:`ring_jax.dilated_attention`.
+    simulated ring on one device; otherwise :func:`ring_jax.dilated_attention` (with
+    ``chunk_size``: in independent chunks, for sequences that do not fit in one pass).
 
     ``dropout``: attention-probability dropout (the core's hashed mask, seed
     ``jax.random.bits(key, uint32)`` from ``rngs``' ``dropout`` stream), off when
@@ -56,12 +57,13 @@ class DilatedAttention(nnx.Module):
     def __init__(self, segment_lengths, dilation_rates, *, mix: str = "head_groups",
                  softmax_scale: float | None = None, dropout: float = 0.0, mesh=None,
                  seq_axis: str = "sp", batch_axis=None, ring_size: int | None = None,
-                 deterministic: bool | None = False, rngs: nnx.Rngs | None = None):
+                 chunk_size: int | None = None, deterministic: bool | None = False,
+                 rngs: nnx.Rngs | None = None):
         self.config = pattern_config(segment_lengths, dilation_rates, mix, softmax_scale)
-        check_placement(mesh, ring_size)
+        check_placement(mesh, ring_size, chunk_size)
         self.dropout = check_dropout_rate(dropout)
         self.mesh, self.seq_axis, self.batch_axis = mesh, seq_axis, batch_axis
-        self.ring_size = ring_size
+        self.ring_size, self.chunk_size = ring_size, chunk_size
         self.deterministic = deterministic
         self.rngs = _fork(rngs, self.dropout)
 
@@ -84,7 +86,8 @@ class DilatedAttention(nnx.Module):
             rate, seed = self.dropout, seed_from_key(_key(rngs))
         return attend(query, key, value, config=self.config, is_causal=is_causal,
                       mesh=self.mesh, seq_axis=self.seq_axis, batch_axis=self.batch_axis,
-                      ring_size=self.ring_size, dropout_rate=rate, dropout_seed=seed)
+                      ring_size=self.ring_size, chunk_size=self.chunk_size, dropout_rate=rate,
+                      dropout_seed=seed)
 
 
 class MultiHeadDilatedAttention(nnx.Module):
@@ -92,7 +95,7 @@ class MultiHeadDilatedAttention(nnx.Module):
 
     ``q = q_proj(query)``, ``k = k_proj(key)``, ``v = v_proj(value)`` (``k``/``v`` project to
     ``num_kv_heads * head_dim``: grouped-query attention), split into heads, dilated attention
-    (:class:`DilatedAttention`, so ``mesh``/``ring_size`` apply), heads concatenated, then
+    (:class:`DilatedAttention`, so ``mesh``/``ring_size``/``chunk_size`` apply), heads concatenated, then
     ``LayerNorm(in_features)`` (MAGNETO's sub-LN, when ``layer_norm``) and ``out_proj``.
     Self-attention when ``key`` and ``value`` are None; cross-attention when given (same shape
     as the query; ``value`` defaults to ``key``).
@@ -108,7 +111,7 @@ class MultiHeadDilatedAttention(nnx.Module):
                  layer_norm: bool = True, layer_norm_eps: float = 1e-5, gamma_init: float = 1.0,
                  mix: str = "head_groups", softmax_scale: float | None = None, mesh=None,
                  seq_axis: str = "sp", batch_axis=None, ring_size: int | None = None,
-                 dtype=None, param_dtype=jnp.float32, deterministic: bool | None = False,
+                 chunk_size: int | None = None, dtype=None, param_dtype=jnp.float32, deterministic: bool | None = False,
                  rngs: nnx.Rngs):
         config = pattern_config(segment_lengths, dilation_rates, mix, softmax_scale)
         self.num_kv_heads, self.head_dim = check_heads(in_features, num_heads, num_kv_heads,
@@ -133,7 +136,7 @@ class MultiHeadDilatedAttention(nnx.Module):
         self.attention = DilatedAttention(
             config.segment_lengths, config.dilation_rates, mix=mix, softmax_scale=softmax_scale,
             dropout=dropout, mesh=mesh, seq_axis=seq_axis, batch_axis=batch_axis,
-            ring_size=ring_size, deterministic=deterministic, rngs=rngs)
+            ring_size=ring_size, chunk_size=chunk_size, deterministic=deterministic, rngs=rngs)
 
     def __call__(self, query, key=None, value=None, *, is_causal: bool = False,
                  deterministic: bool | None = None, rngs=None):
