@@ -174,10 +174,12 @@ def main():
         ring_lengths, scaling = (1024,), [512, 1024]
     else:
         ring_lengths, scaling = (16384, 65536), [2 ** k for k in range(14, 20)]  # 16K .. 512K
-    if "jax" in args.sections:
+    if "jax" in args.sections.split(","):
         jax_sections(sweep, ring_lengths[0], scaling)
-    if "torch" in args.sections:
+    if "torch" in args.sections.split(","):
         torch_sections(sweep, ring_lengths, scaling)
+    if "torch_scaling" in args.sections.split(","):  # the scaling part alone
+        torch_sections(sweep, (), scaling)
 
 
 if __name__ == "__main__":

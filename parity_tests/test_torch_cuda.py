@@ -37,6 +37,37 @@ def _inputs(n, h, h_kv, d, seed=0):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c[0] for c in CONFIGS])
 @pytest.mark.parametrize("mix", ["head_groups", "longnet"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_output_only_gradients_and_kernel_choice(config, mix, dtype, monkeypatch):
+    """No LSE cotangent: the fused backward runs as is (no extra column); on sm80+ with
+    head_dim % 8 == 0 it is the flash kernel."""
+    import ring_torch._kernels as kernels
+
+    _, n, h, h_kv, d, w, r = config
+    kw = dict(segment_lengths=w, dilation_rates=r, mix=mix, is_causal=True)
+    q, k, v = _inputs(n, h, h_kv, d, seed=3)
+    dout = torch.randn(2, n, h, d, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    used = []
+    for name in ("_AtenFlashCUDA", "_AtenCUDA"):
+        kernel = getattr(kernels, name)
+        monkeypatch.setattr(kernel, "forward", staticmethod(
+            lambda *a, f=kernel.forward, name=name: used.append(name) or f(*a)))
+
+    def grads(fn, *x):
+        x = [t.detach().clone().requires_grad_() for t in x]
+        fn(*x).backward(dout.to(x[0].device, x[0].dtype))
+        return [t.grad.cpu().double() for t in x]
+
+    got = grads(lambda *x: dilated_attention(*x, backend="torch", **kw), *(t.cuda().to(dtype) for t in (q, k, v)))
+    ref = grads(lambda *x: reference_attention(*x, **kw)[0], q, k, v)
+    for name, a, b in zip("qkv", got, ref):
+        assert _rel(a.numpy(), b.numpy()) <= 5 * TOL[dtype], f"d{name}"
+    flash = kernels.cuda_kernel(dtype, d, torch.cuda.get_device_capability()) == "flash"
+    assert set(used) == {"_AtenFlashCUDA" if flash else "_AtenCUDA"}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c[0] for c in CONFIGS])
+@pytest.mark.parametrize("mix", ["head_groups", "longnet"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("backend,dtype", [("torch", torch.float32), ("torch", torch.float16),
                                            ("torch", torch.bfloat16), ("math", torch.float64),

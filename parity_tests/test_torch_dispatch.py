@@ -81,6 +81,26 @@ def test_auto_on_mocked_cuda_device(capability, xformers, dtype, expected, monke
     assert asked == [torch.device("cuda", 1)]
 
 
+@pytest.mark.parametrize("dtype,head_dim,capability,expected", [
+    (bf16, 64, (9, 0), "flash"), (f16, 128, (8, 0), "flash"), (bf16, 256, (8, 6), "flash"),
+    (f32, 64, (9, 0), "efficient"),  # flash has no fp32
+    (f16, 64, (7, 5), "efficient"), (f16, 64, (6, 1), "efficient"),  # flash needs sm80
+    (bf16, 60, (9, 0), "efficient"), (bf16, 288, (9, 0), "efficient"),  # head_dim % 8, <= 256
+])
+def test_cuda_kernel_table(dtype, head_dim, capability, expected):
+    assert kernels.cuda_kernel(dtype, head_dim, capability) == expected
+
+
+def test_flash_kernel_calls_match_the_aten_schemas():
+    # The aten flash forward/backward on meta tensors: argument order, the None cumulative
+    # lengths and the saved tensors go through (the numbers are checked on CUDA, test_torch_cuda).
+    q, k, v = (torch.empty(2, 128, 4, 64, device="meta", dtype=bf16) for _ in range(3))
+    out, lse, saved = kernels._AtenFlashCUDA.forward(q, k, v, 0.125, True)
+    assert out.shape == q.shape and lse.shape == (2, 128, 4) and lse.dtype == f32
+    grads = kernels._AtenFlashCUDA.backward(torch.empty_like(out), q, k, v, out, saved, 0.125, True)
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+
+
 def test_explicit_backend_computes_in_input_dtype():
     assert resolve_backend("math", torch.device("cpu"), bf16) == ("math", bf16)
     with pytest.raises(ValueError, match="backend='torch' on cuda does not support"):

@@ -9,7 +9,9 @@ Backends:
 
 * ``math``: plain matmuls in float32 or better, any dtype; autograd differentiates it exactly.
 * ``torch``: torch's fused kernels (CPU: ``aten._scaled_dot_product_flash_attention_for_cpu``;
-  CUDA: ``aten._scaled_dot_product_efficient_attention``).
+  CUDA: ``aten._scaled_dot_product_flash_attention`` for fp16/bf16 on sm80+ with
+  ``head_dim % 8 == 0`` and ``<= 256``, else ``aten._scaled_dot_product_efficient_attention``;
+  :func:`cuda_kernel` decides).
 * ``xformers``: CUDA only, ``memory_efficient_attention_forward_requires_grad`` / ``..._backward``.
 
 The fused backwards ignore the gradient of the LSE. :class:`_ExactLSE` makes them exact: with
@@ -27,7 +29,8 @@ import torch.nn.functional as F
 
 from ring_torch._plan import causal_mask
 
-__all__ = ["BACKENDS", "block_attention", "select_backend", "check_backend", "xformers_available"]
+__all__ = ["BACKENDS", "block_attention", "select_backend", "check_backend", "cuda_kernel",
+           "xformers_available"]
 
 BACKENDS = ("auto", "math", "torch", "xformers")
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -68,6 +71,15 @@ def select_backend(device_type: str, dtype: torch.dtype, capability: tuple[int, 
             return ("xformers" if xformers_available else "torch"), dtype
         return "torch", torch.float32
     return "math", dtype
+
+
+def cuda_kernel(dtype: torch.dtype, head_dim: int, capability: tuple[int, int]) -> str:
+    """Which fused kernel ``backend="torch"`` runs on CUDA: ``"flash"`` (FlashAttention-2: fp16/bf16,
+    sm80+, ``head_dim % 8 == 0`` and ``<= 256``) or ``"efficient"`` (the memory-efficient kernel:
+    any card from sm50, fp32 too, any head_dim after padding to a multiple of 8)."""
+    flash = (dtype in (torch.float16, torch.bfloat16) and tuple(capability) >= (8, 0)
+             and head_dim % 8 == 0 and head_dim <= 256)
+    return "flash" if flash else "efficient"
 
 
 def check_backend(backend: str, device_type: str, dtype: torch.dtype):
@@ -160,6 +172,27 @@ class _AtenCUDA:
         return tuple(g[..., :d].transpose(1, 2) for g in (dq, dk, dv))
 
 
+class _AtenFlashCUDA:
+    """``aten._scaled_dot_product_flash_attention`` (FlashAttention-2): fp16/bf16, sm80+, no GQA
+    (the caller repeats kv heads). Its backward takes ``out`` and the float32 ``logsumexp``."""
+
+    pad_multiple = 8
+
+    @staticmethod
+    def forward(q, k, v, scale, is_causal):
+        out, lse, *_, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, is_causal, False, scale=scale)
+        return out.transpose(1, 2), lse.transpose(1, 2), (lse, seed, offset)  # [B, m, H, d], [B, m, H]
+
+    @staticmethod
+    def backward(dout, q, k, v, out, saved, scale, is_causal):
+        lse, seed, offset = saved
+        dout, q, k, v, out = (x.contiguous().transpose(1, 2) for x in (dout, q, k, v, out))  # [B, H, m, d]
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            dout, q, k, v, out, lse, None, None, q.shape[2], k.shape[2], 0.0, is_causal, seed, offset, scale=scale)
+        return tuple(g.transpose(1, 2) for g in grads)
+
+
 class _XFormers:
     """xformers' memory-efficient forward/backward in its own [B, m, H, d] layout."""
 
@@ -230,7 +263,10 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     if backend == "torch" and q.device.type == "cpu":
         kernel = _AtenCPU
     else:
-        kernel = _AtenCUDA if backend == "torch" else _XFormers
+        kernel = _XFormers
+        if backend == "torch":
+            flash = cuda_kernel(q.dtype, q.shape[-1], torch.cuda.get_device_capability(q.device)) == "flash"
+            kernel = _AtenFlashCUDA if flash else _AtenCUDA
         group = q.shape[2] // k.shape[2]
         if group > 1:  # these kernels want equal head counts; autograd sums the repeats back
             k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
