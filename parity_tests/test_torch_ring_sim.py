@@ -256,3 +256,41 @@ def test_inference_mode_and_no_grad():
     with torch.no_grad():
         b = ring_torch.ring_dilated_attention(q.requires_grad_(), k, v, ring_size=4, **kw)
     assert _max_abs(a, ref) <= 1e-12 and _max_abs(b, ref) <= 1e-12 and not b.requires_grad
+
+
+@pytest.mark.parametrize("config", CONFIGS[:2] + CONFIGS[4:], ids=lambda c: c[0])
+@pytest.mark.parametrize("mix", ["head_groups", "longnet"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)],
+                         ids=["float32", "bfloat16"])
+def test_ring_backward_by_the_fused_kernel(config, mix, dtype, tol, monkeypatch):
+    """No dropout, ``backend="torch"``: every ring block's gradient comes from the fused backward
+    kernel fed the global (out, lse), with and without an LSE cotangent (longnet merges its
+    patterns' LSEs, so there it always has one); it matches the float64 reference."""
+    import ring_torch._ring as ring_module
+
+    _, n, h, h_kv, d, w, r, sizes = config
+    kw = dict(segment_lengths=w, dilation_rates=r, mix=mix, is_causal=True)
+    q, k, v, dout, dlse = _inputs(n, h, h_kv, d, seed=5)
+    q, k, v = (x.to(dtype).double() for x in (q, k, v))  # exactly representable
+    calls = []
+    real = ring_module.fused_block_grads
+    monkeypatch.setattr(ring_module, "fused_block_grads", lambda *a, **k: calls.append(a[6] is None) or real(*a, **k))
+
+    def grads(fn, dtype):
+        xs = [x.detach().to(dtype, copy=True).requires_grad_() for x in (q, k, v)]
+        (fn(*xs).double() * dout).sum().backward()
+        return [x.grad.double() for x in xs]
+
+    ring = grads(lambda *x: ring_torch.ring_dilated_attention(*x, ring_size=max(sizes), backend="torch", **kw),
+                 dtype)
+    ref = grads(lambda *x: reference_attention(*x, **kw)[0], torch.float64)
+    assert calls and all(calls) == (mix == "head_groups")  # no LSE cotangent unless merged
+    for a, b in zip(ring, ref):
+        assert _rel(a, b) <= tol
+    calls.clear()
+    ring = _run(lambda *x: ring_torch.ring_dilated_attention(*x, return_lse=True, ring_size=max(sizes),
+                                                             backend="torch", **kw), q, k, v, dout, dlse, dtype)
+    ref = _run(lambda *x: reference_attention(*x, **kw), q, k, v, dout, dlse, torch.float64)
+    assert calls and not any(calls)  # the LSE cotangent went in
+    for a, b in zip(ring[2:], ref[2:]):
+        assert _rel(a, b) <= tol

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 from ring_torch._plan import causal_mask
 
-__all__ = ["BACKENDS", "block_attention", "select_backend", "check_backend", "cuda_kernel",
-           "xformers_available"]
+__all__ = ["BACKENDS", "block_attention", "check_backend", "cuda_kernel", "fused_block_grads",
+           "select_backend", "xformers_available"]
 
 BACKENDS = ("auto", "math", "torch", "xformers")
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -144,6 +144,10 @@ class _AtenCPU:
             out.transpose(1, 2), lse, 0.0, is_causal, scale=scale)
         return tuple(g.transpose(1, 2) for g in grads)
 
+    @staticmethod
+    def saved_from_lse(lse, q):
+        return (lse.transpose(1, 2).float().contiguous(),)  # [B, H, m]
+
 
 class _AtenCUDA:
     """``aten._scaled_dot_product_efficient_attention``: fp32/fp16/bf16 on sm50+; no GQA, so
@@ -171,6 +175,19 @@ class _AtenCUDA:
             [True, True, True, False], is_causal, scale=scale)
         return tuple(g[..., :d].transpose(1, 2) for g in (dq, dk, dv))
 
+    @staticmethod
+    def saved_from_lse(lse, q):
+        m = lse.shape[1]
+        lse = F.pad(lse.transpose(1, 2).float(), (0, -m % 32)).contiguous()  # [B, H, m padded to 32]
+        return (lse, *_rng_state(_AtenCUDA, q))
+
+
+def _rng_state(kernel, q):
+    """The (unused without dropout) RNG seed/offset tensors the kernel's backward takes, as its
+    own forward makes them for dropout 0: from one tiny forward call."""
+    tiny = q.new_zeros(1, 1, 1, q.shape[-1])
+    return kernel.forward(tiny, tiny, tiny, 1.0, False)[2][1:]
+
 
 class _AtenFlashCUDA:
     """``aten._scaled_dot_product_flash_attention`` (FlashAttention-2): fp16/bf16, sm80+, no GQA
@@ -191,6 +208,10 @@ class _AtenFlashCUDA:
         grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
             dout, q, k, v, out, lse, None, None, q.shape[2], k.shape[2], 0.0, is_causal, seed, offset, scale=scale)
         return tuple(g.transpose(1, 2) for g in grads)
+
+    @staticmethod
+    def saved_from_lse(lse, q):
+        return (lse.transpose(1, 2).float().contiguous(), *_rng_state(_AtenFlashCUDA, q))
 
 
 class _XFormers:
@@ -219,6 +240,22 @@ class _XFormers:
             dout.contiguous(), out, lse, q, k, v, attn_bias=_XFormers._bias(is_causal), scale=scale)
 
 
+def _kernel_backward(kernel, dout, dlse, q, k, v, out, saved, scale, is_causal):
+    """``kernel.backward`` made exact in ``dlse`` (None: zero) by the extra column of the module
+    docstring; every operand padded to the kernel's head-dim multiple."""
+    d = q.shape[-1]
+    if dlse is None:
+        pad = -d % kernel.pad_multiple
+        dout, q, k, v, out = (_pad_last(x, pad) for x in (dout, q, k, v, out))
+    else:
+        pad = -(d + 1) % kernel.pad_multiple  # zero columns beyond the one we need
+        ones = torch.ones_like(v[..., :1])
+        q, k, out = (F.pad(x, (0, 1 + pad)) for x in (q, k, out))
+        v = F.pad(torch.cat([v, ones], dim=-1), (0, pad))
+        dout = F.pad(torch.cat([dout, dlse.unsqueeze(-1).to(dout.dtype)], dim=-1), (0, pad))
+    return tuple(g[..., :d] for g in kernel.backward(dout, q, k, v, out, saved, scale, is_causal))
+
+
 class _ExactLSE(torch.autograd.Function):
     """A fused kernel whose backward is exact in both ``dout`` and ``dlse`` (module docstring)."""
 
@@ -236,18 +273,33 @@ class _ExactLSE(torch.autograd.Function):
         q, k, v, out, *saved = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        if dlse is not None:
-            d = q.shape[-1]
-            pad = -(d + 1) % ctx.kernel.pad_multiple  # zero columns beyond the one we need
-            ones = torch.ones_like(v[..., :1])
-            q, k, out = (F.pad(x, (0, 1 + pad)) for x in (q, k, out))
-            v = F.pad(torch.cat([v, ones], dim=-1), (0, pad))
-            dout = F.pad(torch.cat([dout, dlse.unsqueeze(-1).to(dout.dtype)], dim=-1), (0, pad))
-            grads = ctx.kernel.backward(dout, q, k, v, out, saved, ctx.scale, ctx.is_causal)
-            dq, dk, dv = (g[..., :d] for g in grads)
-        else:
-            dq, dk, dv = ctx.kernel.backward(dout, q, k, v, out, saved, ctx.scale, ctx.is_causal)
+        dq, dk, dv = _kernel_backward(ctx.kernel, dout, dlse, q, k, v, out, saved, ctx.scale, ctx.is_causal)
         return dq, dk, dv, None, None, None
+
+
+def _fused_kernel(q, backend: str):
+    """The fused kernel ``backend`` runs on ``q``'s device and dtype, or None (math)."""
+    if backend == "math":
+        return None
+    if backend == "torch" and q.device.type == "cpu":
+        return _AtenCPU
+    if backend == "torch":
+        flash = cuda_kernel(q.dtype, q.shape[-1], torch.cuda.get_device_capability(q.device)) == "flash"
+        return _AtenFlashCUDA if flash else _AtenCUDA
+    return _XFormers
+
+
+def fused_block_grads(dout, q, k, v, out, lse, dlse=None, *, scale: float, is_causal: bool, backend: str):
+    """``(dq, dk, dv)`` of one block by the fused backward kernel, given the rows' *global*
+    ``out [B, m, H, d]``, ``lse [B, m, H]`` and cotangents ``dout``, ``dlse`` (None: zero): a
+    ring block's share of a merged attention, since the kernel's ``P = exp(S - lse)`` and
+    ``D = rowsum(dO * O)`` are then the global ones. ``k``/``v`` have ``H`` heads. Only for
+    ``backend="torch"``, whose kernels take an outside LSE."""
+    if backend != "torch":
+        raise ValueError(f"fused_block_grads runs backend='torch' kernels, not {backend=}")
+    kernel = _fused_kernel(q, backend)
+    dout, k, v, out = (x.to(q.dtype) for x in (dout, k, v, out))
+    return _kernel_backward(kernel, dout, dlse, q, k, v, out, kernel.saved_from_lse(lse, q), scale, is_causal)
 
 
 def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
@@ -258,15 +310,10 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
 
     ``keep [B, H, m, m]`` (dropout): the probabilities are multiplied by ``keep / (1 - p)``
     (the LSE is not); this always runs the math path."""
-    if backend == "math" or keep is not None:
+    kernel = _fused_kernel(q, backend)
+    if kernel is None or keep is not None:
         return _math_attention(q, k, v, scale, is_causal, keep, dropout_p)
-    if backend == "torch" and q.device.type == "cpu":
-        kernel = _AtenCPU
-    else:
-        kernel = _XFormers
-        if backend == "torch":
-            flash = cuda_kernel(q.dtype, q.shape[-1], torch.cuda.get_device_capability(q.device)) == "flash"
-            kernel = _AtenFlashCUDA if flash else _AtenCUDA
+    if kernel is not _AtenCPU:
         group = q.shape[2] // k.shape[2]
         if group > 1:  # these kernels want equal head counts; autograd sums the repeats back
             k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)

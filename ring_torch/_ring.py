@@ -52,7 +52,7 @@ import torch
 from ring_torch._config import DilatedConfig, check_shapes
 from ring_torch._dilated import _lse_merge, _run_pattern, _run_unit, resolve_backend
 from ring_torch._dropout import Dropout, keep_mask, make_dropout
-from ring_torch._kernels import block_attention
+from ring_torch._kernels import block_attention, fused_block_grads
 from ring_torch._plan import PATTERN_CACHE, DilatedPlan, Unit, build_plan, causal_mask, index_tensor
 
 __all__ = ["RingUnit", "RingPlan", "CommStats", "build_ring_plan", "check_sharding",
@@ -388,6 +388,18 @@ def _block_grads(q, k, v, lse, dout, D, dlse, pair_index, num_pairs, scale, caus
     return dq, dk.index_add_(2, pair_index, dk_h), dv.index_add_(2, pair_index, dv_h)
 
 
+def _fused_grads(q, k, v, out, lse, dout, dlse, pair_index, num_pairs, scale, causal):
+    """``_block_grads`` by the fused backward kernel of ``backend="torch"`` (no dropout; ``dlse``
+    None: zero). Same shapes; float32+ results."""
+    compute = lse.dtype
+    grads = fused_block_grads(dout, q, k.index_select(2, pair_index), v.index_select(2, pair_index), out, lse,
+                              dlse, scale=scale, is_causal=causal, backend="torch")
+    dq, dk_h, dv_h = (x.to(compute) for x in grads)
+    B, m, _, d = dq.shape
+    dk = torch.zeros(B, m, num_pairs, d, dtype=compute, device=dq.device)
+    return dq, dk.index_add_(2, pair_index, dk_h), torch.zeros_like(dk).index_add_(2, pair_index, dv_h)
+
+
 @dataclass(frozen=True, eq=False)
 class _UnitDropout:
     """Dropout masks of a spanning unit's blocks, from global positions (see ``_dropout``)."""
@@ -453,6 +465,7 @@ class _RingUnitFunction(torch.autograd.Function):
                 (kv,) = pending.wait()
         ctx.save_for_backward(q, k, v, out, lse, pair_index)
         ctx.comm, ctx.g, ctx.scale, ctx.causal, ctx.drop = comm, g, scale, causal, drop
+        ctx.backend = backend
         ctx.set_materialize_grads(False)
         return out.to(q.dtype), lse
 
@@ -464,23 +477,36 @@ class _RingUnitFunction(torch.autograd.Function):
         compute = out.dtype
         G, gl, b, m, H, d = q.shape
         Np = k.shape[4]
+        # Without dropout, each block's gradient is the fused kernel's backward run with the
+        # global (out, lse) (exact: the module docstring's formula); else the float32 formula.
+        fused = drop is None and ctx.backend == "torch"
         dout = torch.zeros_like(out) if dout is None else dout.to(compute)
-        dlse = torch.zeros_like(lse) if dlse is None else dlse.to(compute)
-        dlse = torch.where(torch.isfinite(lse), dlse, torch.zeros_like(dlse))
-        D = (dout * out).sum(-1)  # [G, gl, b, m, H]
-        qc = q.to(compute)
-        dq = torch.zeros_like(qc)
+        if dlse is not None or not fused:
+            dlse = torch.zeros_like(lse) if dlse is None else dlse.to(compute)
+            dlse = torch.where(torch.isfinite(lse), dlse, torch.zeros_like(dlse))
+        if fused:
+            out_in = out.to(q.dtype)
+        else:
+            D = (dout * out).sum(-1)  # [G, gl, b, m, H]
+            qc = q.to(compute)
+        dq = torch.zeros(q.shape, dtype=compute, device=q.device)
 
         def block(kvc, t):
             """Adds to dq in place; returns the ``[2, G, gl, b, m, Np, d]`` dK/dV of the block."""
             dkv = torch.zeros(2, G, gl, b, m, Np, d, dtype=compute, device=q.device)
             lo = _first_active(comm.js, t, causal)
             if lo < gl:
-                keep = None if drop is None else drop.keep(comm, t, lo, b, m)
-                dq_t, dk_t, dv_t = _block_grads(
-                    _fold(qc, lo), _fold(kvc[0], lo), _fold(kvc[1], lo), _fold(lse, lo),
-                    _fold(dout, lo), _fold(D, lo), _fold(dlse, lo), pair_index, Np, scale,
-                    causal and t == 0, keep, 0.0 if drop is None else drop.p)
+                if fused:
+                    dq_t, dk_t, dv_t = _fused_grads(
+                        _fold(q, lo), _fold(kvc[0], lo), _fold(kvc[1], lo), _fold(out_in, lo), _fold(lse, lo),
+                        _fold(dout, lo), None if dlse is None else _fold(dlse, lo), pair_index, Np, scale,
+                        causal and t == 0)
+                else:
+                    keep = None if drop is None else drop.keep(comm, t, lo, b, m)
+                    dq_t, dk_t, dv_t = _block_grads(
+                        _fold(qc, lo), _fold(kvc[0], lo), _fold(kvc[1], lo), _fold(lse, lo),
+                        _fold(dout, lo), _fold(D, lo), _fold(dlse, lo), pair_index, Np, scale,
+                        causal and t == 0, keep, 0.0 if drop is None else drop.p)
                 dq[:, lo:] += dq_t.reshape(G, gl - lo, b, m, H, d)
                 dkv[0, :, lo:] = dk_t.reshape(G, gl - lo, b, m, Np, d)
                 dkv[1, :, lo:] = dv_t.reshape(G, gl - lo, b, m, Np, d)
