@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 import ring_jax
-from benchmarks.gpu_sweep import D, H, R, W, Sweep, rel
+from benchmarks.gpu_sweep import D, H, R, W, new_sweep, rel
 from benchmarks.timing import first_call_ms, time_ms
 
 
@@ -55,7 +55,7 @@ def main():
     ap.add_argument("--budget-s", type=float, default=300)
     ap.add_argument("--parity-only", action="store_true", help="skip the timing sweep")
     args = ap.parse_args()
-    sweep = Sweep(args.out, args.budget_s)
+    sweep = new_sweep(args.out, args.budget_s)
     sweep.data["meta"].update(jax=jax.__version__, device=jax.devices()[0].device_kind)
     for causal in (False, True):
         compare(sweep, "block", lambda q, k, v, c=causal: ring_jax.block_attention(q, k, v, c, D ** -0.5),

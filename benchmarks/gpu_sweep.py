@@ -14,13 +14,11 @@ Sections (each skipped once ``--budget-s`` is spent):
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import time
 
 import numpy as np
 
-from benchmarks.timing import first_call_ms, time_ms
+from benchmarks.timing import Sweep, first_call_ms, time_ms
 
 W, R = (2048, 4096, 8192, 16384), (1, 2, 4, 8)  # the anchors' LongNet-like pattern
 H, D = 8, 64
@@ -32,20 +30,8 @@ def rel(a, b) -> float:
     return float(np.linalg.norm(a[fin] - b[fin]) / np.linalg.norm(b[fin]))
 
 
-class Sweep:
-    def __init__(self, out, budget_s):
-        self.out, self.deadline = out, time.time() + budget_s
-        self.data = dict(meta=dict(python=platform.python_version(), pattern=dict(w=W, r=R, heads=H, head_dim=D)),
-                         rows=[])
-
-    def left(self) -> bool:
-        return time.time() < self.deadline
-
-    def add(self, **row):
-        self.data["rows"].append(row)
-        print(json.dumps(row), flush=True)
-        with open(self.out, "w") as f:
-            json.dump(self.data, f, indent=1)
+def new_sweep(out, budget_s) -> Sweep:
+    return Sweep(out, budget_s, dict(python=platform.python_version(), pattern=dict(w=W, r=R, heads=H, head_dim=D)))
 
 
 def jax_sections(sweep: Sweep, n_ring: int, n_scaling):
@@ -167,7 +153,7 @@ def main():
     ap.add_argument("--sections", default="jax,torch")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (a CPU check of the script)")
     args = ap.parse_args()
-    sweep = Sweep(args.out, args.budget_s)
+    sweep = new_sweep(args.out, args.budget_s)
     if args.smoke:
         global W
         W = (64, 128, 256, 512)

@@ -21,30 +21,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import platform
-import time
 
-from benchmarks.timing import time_ms
+from benchmarks.timing import Sweep, time_ms
 
 W, R = (2048, 4096, 8192, 16384), (1, 2, 4, 8)
 H, D = 8, 64
 K = 1024
-
-
-class Rows:
-    def __init__(self, out, budget_s, meta):
-        self.out, self.deadline = out, time.time() + budget_s
-        self.data = dict(meta=meta, rows=[])
-
-    def left(self) -> bool:
-        return time.time() < self.deadline
-
-    def add(self, **row):
-        self.data["rows"].append(row)
-        print(json.dumps(row), flush=True)
-        with open(self.out, "w") as f:
-            json.dump(self.data, f, indent=1)
 
 
 def programs(module, mix, chunk):
@@ -188,7 +171,7 @@ def main():
     global W
     meta = dict(python=platform.python_version(), jax=jax.__version__, device=jax.devices()[0].device_kind,
                 pattern=dict(w=W, r=R, heads=H, head_dim=D, dtype="bfloat16", causal=True, batch=1))
-    rows = Rows(args.out, args.budget_s, meta)
+    rows = Sweep(args.out, args.budget_s, meta)
     modules = {"ring_jax": importlib.import_module("ring_jax")}
     if args.baseline:
         modules[args.baseline] = importlib.import_module(args.baseline)

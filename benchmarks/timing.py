@@ -1,9 +1,29 @@
-"""The one timing helper: warm-up, device sync, median of repeats (milliseconds)."""
+"""The one timing helper: warm-up, device sync, median of repeats (milliseconds); and the row
+writer every sweep uses (each finished row flushed to its JSON file at once, for short leases)."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
+
+
+class Sweep:
+    """Rows of one benchmark run in ``{"meta": ..., "rows": [...]}``, rewritten to ``out`` after
+    every row; ``left()`` is False once ``budget_s`` seconds have passed."""
+
+    def __init__(self, out: str, budget_s: float, meta: dict | None = None):
+        self.out, self.deadline = out, time.time() + budget_s
+        self.data = {"meta": dict(meta or {}), "rows": []}
+
+    def left(self) -> bool:
+        return time.time() < self.deadline
+
+    def add(self, **row):
+        self.data["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        with open(self.out, "w") as f:
+            json.dump(self.data, f, indent=1)
 
 
 def _sync(result):
