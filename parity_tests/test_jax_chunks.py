@@ -106,3 +106,23 @@ def test_segment_longer_than_sequence_cannot_be_chunked():
     out = ring_jax.dilated_attention(q, k, v, segment_lengths=(16, 256), dilation_rates=(1, 4), chunk_size=64)
     np.testing.assert_allclose(out, ring_jax.dilated_attention(q, k, v, segment_lengths=(16, 256),
                                                                dilation_rates=(1, 4)), atol=1e-12)
+
+
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_backward_gets_no_lse_cotangent_unless_the_lse_is_returned(return_lse, monkeypatch):
+    # With out only, every unit's block backward is called with dlse=None, which lets the cuDNN
+    # kernel run at head_dim (no extra LSE column); a returned LSE brings its cotangent along.
+    import ring_jax._dilated as dilated
+
+    seen = []
+    real = dilated.block_attention_bwd
+    monkeypatch.setattr(dilated, "block_attention_bwd", lambda *a, **k: seen.append(a[6] is None) or real(*a, **k))
+    q, k, v = _qkv(n=64)
+
+    def loss(q):
+        res = ring_jax.dilated_attention(q, k, v, segment_lengths=(16, 32), dilation_rates=(1, 2), mix="longnet",
+                                         return_lse=return_lse)
+        return jnp.sum(res[0] + res[1][..., None]) if return_lse else jnp.sum(res)
+
+    jax.grad(loss)(q)
+    assert seen and all(s == (not return_lse) for s in seen)
