@@ -89,13 +89,10 @@ def section_ab(rows, modules, lengths, chunks):
         for mix in ("head_groups", "longnet"):
             flops = ring_jax.get_plan(ring_jax.DilatedConfig(W, R, mix, True), n, H, H).flops(1, D)
             for name, module in modules.items():
-                for chunk in (chunks if name == "ring_jax" else (None,)):
-                    chunk = chunk_for(n, chunk)
+                # chunks >= n are one pass: each distinct setting once
+                for chunk in dict.fromkeys(chunk_for(n, c) for c in (chunks if name == "ring_jax" else (None,))):
                     if not rows.left():
                         return
-                    if chunk is None and any(r.get("chunk") is None and r.get("impl") == name and r.get("mix") == mix
-                                             and r["n"] == n for r in rows.data["rows"]):
-                        continue  # the one-pass row of this n is there already
                     fwd, both = programs(module, mix, chunk)
                     row = dict(section="ab", impl=name, mix=mix, n=n, chunk=chunk, flops=flops)
                     try:
@@ -113,7 +110,7 @@ def section_memory(rows, lengths, chunk):
 
     for n in lengths:
         for mix in ("head_groups", "longnet"):
-            for c in (None, chunk_for(n, chunk)):
+            for c in dict.fromkeys((None, chunk_for(n, chunk))):
                 if not rows.left():
                     return
                 if c is None and n > 4 * 2 ** 20:
@@ -124,8 +121,6 @@ def section_memory(rows, lengths, chunk):
                 except Exception as e:  # noqa: BLE001
                     row["error"] = type(e).__name__ + ": " + str(e)[:300]
                 rows.add(**row)
-                if c is None and chunk_for(n, chunk) is None:
-                    break
 
 
 def section_max_n(rows, lengths, chunk, mixes):

@@ -10,11 +10,10 @@ The last pattern (w = 2^20 >= n) spans every device, so every length exercises t
 from __future__ import annotations
 
 import argparse
-import json
 
 import numpy as np
 
-from benchmarks.timing import time_ms
+from benchmarks.timing import emit, time_ms
 
 W, R = (2048, 4096, 8192, 16384, 1 << 20), (1, 2, 4, 8, 16)
 H, D = 10, 64  # two heads per pattern
@@ -23,11 +22,6 @@ H, D = 10, 64  # two heads per pattern
 def rel(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-def dump(rows, out):
-    with open(out, "w") as f:
-        json.dump(rows, f, indent=1)
 
 
 def run_jax(out):
@@ -50,8 +44,7 @@ def run_jax(out):
             rows.append(dict(n=n, mix=mix, rel_err_vs_single=rel(ring(q).astype(jnp.float32), single(q).astype(jnp.float32)),
                              single_fwd_ms=time_ms(single, q, repeats=5), ring_fwd_ms=time_ms(ring, q, repeats=5),
                              ring_fwdbwd_ms=time_ms(grad, q, repeats=5)))
-            print(json.dumps(rows[-1]), flush=True)
-            dump(rows, out)
+            emit(rows[-1], rows, out)
 
 
 def run_torch(out):
@@ -84,8 +77,7 @@ def run_torch(out):
                     row[f"{comm}_fwd_ms"] = time_ms(fwd, shard, repeats=5)
             if rank == 0:
                 rows.append(row)
-                print(json.dumps(row), flush=True)
-                dump(rows, out)
+                emit(row, rows, out)
     dist.destroy_process_group()
 
 

@@ -18,9 +18,8 @@ time(1) / (P * time(P)) (strong).
 from __future__ import annotations
 
 import argparse
-import json
 
-from benchmarks.timing import time_ms
+from benchmarks.timing import emit, time_ms
 
 K = 1024
 H, D = 10, 64
@@ -38,11 +37,6 @@ def cases(P_max: int, local: int, total: int):
         if total % P == 0:
             yield "strong", P, total
         P *= 2
-
-
-def dump(rows, out):
-    with open(out, "w") as f:
-        json.dump(rows, f, indent=1)
 
 
 def run_jax(args):
@@ -68,8 +62,7 @@ def run_jax(args):
         except Exception as e:  # noqa: BLE001 -- out of memory is a result
             row["error"] = type(e).__name__ + ": " + str(e)[:300]
         rows.append(row)
-        print(json.dumps(row), flush=True)
-        dump(rows, args.out)
+        emit(row, rows, args.out)
 
 
 def run_torch(args):
@@ -105,8 +98,7 @@ def run_torch(args):
                 row[name.replace("ms", "error")] = str(e)[:200]
         if rank == 0:
             rows.append(row)
-            print(json.dumps(row), flush=True)
-            dump(rows, args.out)
+            emit(row, rows, args.out)
     dist.destroy_process_group()
 
 

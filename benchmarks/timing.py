@@ -8,6 +8,13 @@ import statistics
 import time
 
 
+def emit(row: dict, data, out: str) -> None:
+    """Prints ``row`` as one JSON line and rewrites ``out`` with ``data`` (which holds it)."""
+    print(json.dumps(row), flush=True)
+    with open(out, "w") as f:
+        json.dump(data, f, indent=1)
+
+
 class Sweep:
     """Rows of one benchmark run in ``{"meta": ..., "rows": [...]}``, rewritten to ``out`` after
     every row; ``left()`` is False once ``budget_s`` seconds have passed."""
@@ -21,9 +28,7 @@ class Sweep:
 
     def add(self, **row):
         self.data["rows"].append(row)
-        print(json.dumps(row), flush=True)
-        with open(self.out, "w") as f:
-            json.dump(self.data, f, indent=1)
+        emit(row, self.data, self.out)
 
 
 def _sync(result):

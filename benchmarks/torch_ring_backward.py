@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 
 from benchmarks.ring_scaling import pattern
-from benchmarks.timing import time_ms
+from benchmarks.timing import emit, time_ms
 
 H, D = 10, 64
 
@@ -55,9 +54,7 @@ def main():
                 row = dict(impl=name, n=n, mix=mix, max_rel_err_vs_single=err,
                            ring_fwdbwd_ms=time_ms(lambda m=module: fwd_bwd(m, args.ring_size), repeats=5))
                 rows.append(row)
-                print(json.dumps(row), flush=True)
-                with open(args.out, "w") as f:
-                    json.dump(rows, f, indent=1)
+                emit(row, rows, args.out)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from ring_jax._config import DilatedConfig
-from ring_jax._dilated import dilated_attention
+from ring_jax._dilated import check_chunk_type, dilated_attention
 from ring_jax._ring import sharded_dilated_attention
 
 __all__ = ["make_attention_fn", "seed_from_key", "attend", "check_placement"]
@@ -28,12 +28,10 @@ def check_placement(mesh, ring_size, chunk_size=None) -> None:
     if mesh is not None and ring_size is not None and ring_size > 1:
         raise ValueError(f"{ring_size=} simulates a ring on one device; with a mesh the ring is "
                          f"the mesh axis: pass one of them")
-    if chunk_size is not None:
-        if isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1:
-            raise ValueError(f"{chunk_size=} must be a positive int or None")
-        if mesh is not None or (ring_size is not None and ring_size > 1):
-            raise ValueError(f"{chunk_size=} runs one device's sequence in chunks; it does not combine "
-                             f"with a mesh or ring_size={ring_size}: pass one of them")
+    check_chunk_type(chunk_size)
+    if chunk_size is not None and (mesh is not None or (ring_size is not None and ring_size > 1)):
+        raise ValueError(f"{chunk_size=} runs one device's sequence in chunks; it does not combine "
+                         f"with a mesh or ring_size={ring_size}: pass one of them")
 
 
 def check_dropout_rate(rate) -> float:

@@ -207,12 +207,18 @@ def _attention_bwd(plan, scale, rate, with_lse, residuals, cotangents):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def check_chunk_type(chunk_size) -> None:
+    """``ValueError`` unless ``chunk_size`` is None or a positive int (what needs no shapes)."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer))
+                                   or chunk_size <= 0):
+        raise ValueError(f"{chunk_size=} must be a positive int or None")
+
+
 def check_chunk_size(chunk_size: int | None, seq_len: int, config: DilatedConfig) -> int:
     """``chunk_size`` (``seq_len`` when None) if every segment of every pattern lies inside one chunk."""
+    check_chunk_type(chunk_size)
     if chunk_size is None:
         return seq_len
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size <= 0:
-        raise ValueError(f"{chunk_size=} must be a positive int or None")
     if seq_len % chunk_size:
         raise ValueError(f"{seq_len=} is not a multiple of {chunk_size=}")
     for w in config.segment_lengths:

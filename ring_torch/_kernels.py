@@ -184,8 +184,14 @@ class _AtenCUDA:
 
 def _rng_state(kernel, q):
     """The (unused without dropout) RNG seed/offset tensors the kernel's backward takes, as its
-    own forward makes them for dropout 0: from one tiny forward call."""
-    tiny = q.new_zeros(1, 1, 1, q.shape[-1])
+    own forward makes them for dropout 0: from one tiny forward call, once per kernel, device,
+    dtype and head_dim (a ring backward asks for them at every hop)."""
+    return _rng_state_for(kernel, q.device, q.dtype, q.shape[-1])
+
+
+@functools.cache
+def _rng_state_for(kernel, device, dtype, head_dim):
+    tiny = torch.zeros(1, 1, 1, head_dim, device=device, dtype=dtype)
     return kernel.forward(tiny, tiny, tiny, 1.0, False)[2][1:]
 
 

@@ -383,21 +383,24 @@ def _block_grads(q, k, v, lse, dout, D, dlse, pair_index, num_pairs, scale, caus
         dq[:, c0:c1] = torch.einsum("bhij,bjhd->bihd", ds, kc) * scale
         dk_h[:, :kend] += torch.einsum("bhij,bihd->bjhd", ds, qc) * scale
         dv_h[:, :kend] += torch.einsum("bhij,bihd->bjhd", pv, dc)
+    return (dq, *_sum_into_pairs(dk_h, dv_h, pair_index, num_pairs))
+
+
+def _sum_into_pairs(dk_h, dv_h, pair_index, num_pairs):
+    """Per-query-head ``dk``/``dv [B, m, H, d]`` summed into their (kv head, offset) pairs
+    ``[B, m, num_pairs, d]`` (the transpose of ``index_select(2, pair_index)``)."""
+    B, m, _, d = dk_h.shape
     dk = torch.zeros(B, m, num_pairs, d, dtype=dk_h.dtype, device=dk_h.device)
-    dv = torch.zeros_like(dk)
-    return dq, dk.index_add_(2, pair_index, dk_h), dv.index_add_(2, pair_index, dv_h)
+    return dk.index_add_(2, pair_index, dk_h), torch.zeros_like(dk).index_add_(2, pair_index, dv_h)
 
 
 def _fused_grads(q, k, v, out, lse, dout, dlse, pair_index, num_pairs, scale, causal):
     """``_block_grads`` by the fused backward kernel of ``backend="torch"`` (no dropout; ``dlse``
-    None: zero). Same shapes; float32+ results."""
-    compute = lse.dtype
+    None: zero); operands in the input dtype. Same shapes; float32+ results."""
     grads = fused_block_grads(dout, q, k.index_select(2, pair_index), v.index_select(2, pair_index), out, lse,
                               dlse, scale=scale, is_causal=causal, backend="torch")
-    dq, dk_h, dv_h = (x.to(compute) for x in grads)
-    B, m, _, d = dq.shape
-    dk = torch.zeros(B, m, num_pairs, d, dtype=compute, device=dq.device)
-    return dq, dk.index_add_(2, pair_index, dk_h), torch.zeros_like(dk).index_add_(2, pair_index, dv_h)
+    dq, dk_h, dv_h = (x.to(lse.dtype) for x in grads)
+    return (dq, *_sum_into_pairs(dk_h, dv_h, pair_index, num_pairs))
 
 
 @dataclass(frozen=True, eq=False)
@@ -480,7 +483,9 @@ class _RingUnitFunction(torch.autograd.Function):
         # Without dropout, each block's gradient is the fused kernel's backward run with the
         # global (out, lse) (exact: the module docstring's formula); else the float32 formula.
         fused = drop is None and ctx.backend == "torch"
-        dout = torch.zeros_like(out) if dout is None else dout.to(compute)
+        # The fused kernels take operands in the input dtype; the float32 formula in `compute`.
+        operand = q.dtype if fused else compute
+        dout = torch.zeros(out.shape, dtype=operand, device=out.device) if dout is None else dout.to(operand)
         if dlse is not None or not fused:
             dlse = torch.zeros_like(lse) if dlse is None else dlse.to(compute)
             dlse = torch.where(torch.isfinite(lse), dlse, torch.zeros_like(dlse))
@@ -491,8 +496,9 @@ class _RingUnitFunction(torch.autograd.Function):
             qc = q.to(compute)
         dq = torch.zeros(q.shape, dtype=compute, device=q.device)
 
-        def block(kvc, t):
+        def block(kv, t):
             """Adds to dq in place; returns the ``[2, G, gl, b, m, Np, d]`` dK/dV of the block."""
+            kvc = kv.to(operand)
             dkv = torch.zeros(2, G, gl, b, m, Np, d, dtype=compute, device=q.device)
             lo = _first_active(comm.js, t, causal)
             if lo < gl:
@@ -517,11 +523,11 @@ class _RingUnitFunction(torch.autograd.Function):
             blocks = comm.gather(kv, "backward_kv")
             j = comm.js[0]
             # Indexed by hop t (the block of j - t), then by source rank for the all-reduce.
-            dkv_all = torch.stack([block(blocks[(j - t) % g].to(compute), t) for t in range(g)])
+            dkv_all = torch.stack([block(blocks[(j - t) % g], t) for t in range(g)])
             order = [(j - src) % g for src in range(g)]  # hop of each source rank
             dkv = comm.all_reduce(dkv_all[order], "backward_grad")[j]
         else:
-            dkv = block(kv.to(compute), 0)  # own block (the only masked one)
+            dkv = block(kv, 0)  # own block (the only masked one)
             acc = None  # dK/dV of the block in hand, from hop 1 on
             for t in range(1, g):
                 # One batched hop: the K/V of the block in hand and, from hop 2 on, its dK/dV.
@@ -529,7 +535,7 @@ class _RingUnitFunction(torch.autograd.Function):
                     (kv,) = comm.shift([kv], ["backward_kv"]).wait()
                 else:
                     kv, acc = comm.shift([kv, acc], ["backward_kv", "backward_grad"]).wait()
-                contrib = block(kv.to(compute), t)
+                contrib = block(kv, t)
                 acc = contrib if acc is None else acc + contrib
             if acc is not None:
                 (acc,) = comm.shift([acc], ["backward_grad"]).wait()  # home to the owner
