@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 
+from benchmarks.gpu_sweep import rel
 from benchmarks.timing import emit, time_ms
 
 W, R = (2048, 4096, 8192, 16384, 1 << 20), (1, 2, 4, 8, 16)
 H, D = 10, 64  # two heads per pattern
 
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def run_jax(out):
