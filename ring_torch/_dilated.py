@@ -8,33 +8,37 @@ strided slice, so they are gathered by a reshape and all segments folded into th
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ring_torch._config import DilatedConfig
 from ring_torch._dropout import Dropout, keep_mask, make_dropout
-from ring_torch._kernels import block_attention, check_backend, select_backend, xformers_available
+from ring_torch._kernels import (block_attention, check_backend, fused_block_grads, select_backend,
+                                xformers_available)
 from ring_torch._plan import DilatedPlan, Unit, build_plan, index_tensor
 
 __all__ = ["dilated_attention", "resolve_backend"]
 
 
 def _gather_rows(x: torch.Tensor, unit: Unit) -> torch.Tensor:
-    """``x [b, n, H, d]`` -> the rows ``unit`` selects, ``[b * S, m, H, d]``."""
-    b, n, H, d = x.shape
+    """``x [b, n, H, ...]`` -> the rows ``unit`` selects, ``[b * S, m, H, ...]``: a strided view
+    (no copy) of a contiguous ``x``, so writing into it writes into ``x``."""
+    b, n = x.shape[:2]
     S, m = n // unit.segment, unit.rows
     # Position p = s*w' + i*r + o: segment s, selected row i, offset o.
-    x = x.reshape(b, S, m, unit.rate, H, d)[:, :, :, unit.offset]  # [b, S, m, H, d]
-    return x.reshape(b * S, m, H, d)  # [b*S, m, H, d]
+    x = x.reshape(b, S, m, unit.rate, *x.shape[2:])[:, :, :, unit.offset]  # [b, S, m, H, ...]
+    return x.reshape(b * S, m, *x.shape[3:])  # [b*S, m, H, ...]
 
 
-def _scatter_rows(out: torch.Tensor, lse: torch.Tensor, unit: Unit, b: int, n: int):
-    """Inverse of :func:`_gather_rows`: unselected rows get ``out = 0``, ``lse = -inf``."""
-    _, m, H, d = out.shape
-    S, r, o = n // unit.segment, unit.rate, unit.offset
-    if r > 1:  # pad the rate axis: the selected rows sit at offset o of each group of r
-        out = F.pad(out.reshape(b, S, m, 1, H, d), (0, 0, 0, 0, o, r - 1 - o))  # [b, S, m, r, H, d]
-        lse = F.pad(lse.reshape(b, S, m, 1, H), (0, 0, o, r - 1 - o), value=float("-inf"))
-    return out.reshape(b, n, H, d), lse.reshape(b, n, H)  # [b, n, H, d], [b, n, H]
+def _q_rows(x: torch.Tensor, unit: Unit) -> torch.Tensor:
+    """The unit's query heads and rows of ``x [b, n, h, ...]`` (q, out, lse and their grads)."""
+    return _gather_rows(x[:, :, slice(*unit.q_heads)], unit)
+
+
+def _kv_rows(x: torch.Tensor, unit: Unit) -> torch.Tensor:
+    """The unit's kv rows of ``x [b, n, h_kv, d]``: its kv heads (a view), or with ``kv_index``
+    one kv head per query head (a copy of the selected rows only)."""
+    if unit.kv_index is None:
+        return _gather_rows(x[:, :, slice(*unit.kv_heads)], unit)
+    return _gather_rows(x, unit).index_select(2, index_tensor(unit.kv_index, x.device))
 
 
 def _unit_keep(unit: Unit, dropout: Dropout, b: int, n: int, device) -> torch.Tensor:
@@ -48,28 +52,41 @@ def _unit_keep(unit: Unit, dropout: Dropout, b: int, n: int, device) -> torch.Te
     return keep_mask(dropout.seed, unit.pattern, batch, heads, pos, pos, dropout.p)
 
 
-def _run_unit(unit: Unit, q, k, v, scale, is_causal, backend, dropout: Dropout | None = None):
+def _attend_rows(unit: Unit, q, k, v, scale, is_causal, backend, dropout: Dropout | None = None):
+    """``(out [b*S, m, H, d], lse [b*S, m, H])`` of the unit's selected rows."""
     b, n = q.shape[:2]
-    qs = _gather_rows(q[:, :, slice(*unit.q_heads)], unit)
-    if unit.kv_index is None:
-        heads = slice(*unit.kv_heads)
-        ks, vs = _gather_rows(k[:, :, heads], unit), _gather_rows(v[:, :, heads], unit)
-    else:  # gather rows first so the head copy only touches selected rows
-        index = index_tensor(unit.kv_index, q.device)
-        ks = _gather_rows(k, unit).index_select(2, index)
-        vs = _gather_rows(v, unit).index_select(2, index)
     keep = None if dropout is None else _unit_keep(unit, dropout, b, n, q.device)
-    out, lse = block_attention(qs, ks, vs, scale=scale, is_causal=is_causal, backend=backend,
-                               keep=keep, dropout_p=0.0 if dropout is None else dropout.p)
-    return _scatter_rows(out, lse, unit, b, n)
+    return block_attention(_q_rows(q, unit), _kv_rows(k, unit), _kv_rows(v, unit), scale=scale,
+                           is_causal=is_causal, backend=backend, keep=keep,
+                           dropout_p=0.0 if dropout is None else dropout.p)
+
+
+def _run_unit(unit: Unit, q, k, v, scale, is_causal, backend, dropout: Dropout | None = None):
+    """One unit as ``(out [b, n, H, d], lse [b, n, H])`` over its own heads (the ring's local
+    units); rows it does not select get ``out = 0``, ``lse = -inf``."""
+    b, n, _, d = q.shape
+    H = unit.num_heads
+    out = q.new_zeros(b, n, H, d)
+    lse = torch.full((b, n, H), float("-inf"), dtype=torch.promote_types(q.dtype, torch.float32),
+                     device=q.device)
+    o, l = _attend_rows(unit, q, k, v, scale, is_causal, backend, dropout)
+    _gather_rows(out, unit).copy_(o)  # out holds only the unit's heads
+    _gather_rows(lse, unit).copy_(l)
+    return out, lse
 
 
 def _run_heads(units, q, k, v, scale, is_causal, backend, dropout=None):
-    """Runs ``units`` and concatenates their heads in unit order."""
-    results = [_run_unit(u, q, k, v, scale, is_causal, backend, dropout) for u in units]
-    if len(results) == 1:
-        return results[0]
-    return torch.cat([o for o, _ in results], dim=2), torch.cat([l for _, l in results], dim=2)
+    """``units`` covering every query head once (all of ``head_groups``, or one ``longnet``
+    pattern), each written in place into its heads and rows of one ``(out, lse)``."""
+    b, n, h, d = q.shape
+    out = q.new_zeros(b, n, h, d)
+    lse = torch.full((b, n, h), float("-inf"), dtype=torch.promote_types(q.dtype, torch.float32),
+                     device=q.device)
+    for u in units:
+        o, l = _attend_rows(u, q, k, v, scale, is_causal, backend, dropout)
+        _q_rows(out, u).copy_(o)
+        _q_rows(lse, u).copy_(l)
+    return out, lse
 
 
 def _lse_merge(outs, lses):
@@ -92,16 +109,8 @@ def _lse_merge(outs, lses):
 
 
 def _run_pattern(plan: DilatedPlan, i: int, q, k, v, scale, backend, dropout=None):
-    """``mix="longnet"``: all heads under pattern ``i``, head j at position j."""
-    out, lse = _run_heads(plan.pattern_units(i), q, k, v, scale, plan.is_causal, backend,
-                          dropout)
-    order = plan.head_order(i)
-    if order != tuple(range(plan.num_heads)):
-        # Units produce heads grouped by offset class; put head j back at position j.
-        inverse = tuple(sorted(range(len(order)), key=order.__getitem__))
-        index = index_tensor(inverse, q.device)
-        out, lse = out.index_select(2, index), lse.index_select(2, index)
-    return out, lse
+    """``mix="longnet"``: all heads under pattern ``i`` (head j at position j)."""
+    return _run_heads(plan.pattern_units(i), q, k, v, scale, plan.is_causal, backend, dropout)
 
 
 def _forward(plan: DilatedPlan, q, k, v, scale, backend, dropout=None):
@@ -110,6 +119,77 @@ def _forward(plan: DilatedPlan, q, k, v, scale, backend, dropout=None):
     outs, lses = zip(*(_run_pattern(plan, i, q, k, v, scale, backend, dropout)
                        for i in range(len(plan.segment_lengths))))
     return _lse_merge(list(outs), list(lses))
+
+
+def _overlaps(head_lists) -> bool:
+    """True when a head is listed twice, in one unit or two (its gradients are then summed)."""
+    seen: set[int] = set()
+    for heads in head_lists:
+        if len(set(heads)) < len(heads) or seen & set(heads):
+            return True
+        seen |= set(heads)
+    return False
+
+
+def grad_dtypes(plan: DilatedPlan, dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+    """Dtypes the backward accumulates ``dq`` and ``dk``/``dv`` in: float32 (or wider) where
+    gradients of several query heads or units add into the same head, else ``dtype`` (each
+    element is written once, so nothing is lost: ``head_groups`` without shared kv heads).
+    Repeated kv heads of a unit (``kv_repeat``) are summed in float32 before they are added."""
+    acc = torch.promote_types(dtype, torch.float32)
+    q_lists = [list(range(*u.q_heads)) for u in plan.units]
+    kv_lists = [list(u.kv_index) if u.kv_index is not None else list(range(*u.kv_heads)) for u in plan.units]
+    return (acc if _overlaps(q_lists) else dtype), (acc if _overlaps(kv_lists) else dtype)
+
+
+def _backward(plan: DilatedPlan, q, k, v, out, lse, dout, dlse, scale):
+    """``(dq, dk, dv)`` from the *merged* ``(out, lse)``: each unit's block gradient is the fused
+    kernel's backward fed the global ``out``/``lse`` rows (the ring's formula), added in place
+    into its strided rows. A gradient several units touch is summed in float32; one that each
+    element gets from one unit at most is written in the input dtype."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    q_dtype, kv_dtype = grad_dtypes(plan, q.dtype)
+    dq = torch.zeros(q.shape, dtype=q_dtype, device=q.device)
+    dk, dv = (torch.zeros(k.shape, dtype=kv_dtype, device=k.device) for _ in range(2))
+    for u in plan.units:
+        ks, vs = _kv_rows(k, u), _kv_rows(v, u)
+        if u.kv_repeat > 1:  # the fused backward wants one kv head per query head
+            ks, vs = ks.repeat_interleave(u.kv_repeat, dim=2), vs.repeat_interleave(u.kv_repeat, dim=2)
+        gq, gk, gv = fused_block_grads(_q_rows(dout, u), _q_rows(q, u), ks, vs, _q_rows(out, u), _q_rows(lse, u),
+                                       None if dlse is None else _q_rows(dlse, u), scale=scale,
+                                       is_causal=plan.is_causal, backend="torch")
+        _q_rows(dq, u).add_(gq)
+        for full, g in ((dk, gk), (dv, gv)):
+            if u.kv_index is None:
+                B, m, _, d = g.shape
+                g = g.to(acc).view(B, m, -1, u.kv_repeat, d).sum(3)  # repeats summed per kv head
+                _gather_rows(full[:, :, slice(*u.kv_heads)], u).add_(g)
+            else:
+                _gather_rows(full, u).index_add_(2, index_tensor(u.kv_index, g.device), g.to(full.dtype))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _FusedDilated(torch.autograd.Function):
+    """``backend="torch"`` without dropout: the forward keeps only ``q, k, v, out, lse`` and the
+    backward is :func:`_backward` (no per-unit copies or full-size per-unit gradients)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan, scale):
+        out, lse = _forward(plan, q, k, v, scale, "torch")
+        out = out.to(q.dtype)  # longnet merges in float32; the fused backward reads q's dtype
+        ctx.plan, ctx.scale = plan, scale
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        return (*_backward(ctx.plan, q, k, v, out, lse, dout.to(q.dtype), dlse, ctx.scale),
+                None, None)
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype):
@@ -156,7 +236,10 @@ def dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
     dropout = make_dropout(dropout_p, dropout_seed)
     q, k, v = (x.to(compute) for x in (query, key, value))
-    out, lse = _forward(plan, q, k, v, scale, backend, dropout)
+    if backend == "torch" and dropout is None:
+        out, lse = _FusedDilated.apply(q, k, v, plan, scale)
+    else:
+        out, lse = _forward(plan, q, k, v, scale, backend, dropout)
     out = out.to(dtype)
     if not return_lse:
         return out

@@ -146,7 +146,8 @@ class _AtenCPU:
 
     @staticmethod
     def saved_from_lse(lse, q):
-        return (lse.transpose(1, 2).float().contiguous(),)  # [B, H, m]
+        acc = torch.promote_types(q.dtype, torch.float32)  # the kernel's own LSE dtype
+        return (lse.transpose(1, 2).to(acc).contiguous(),)  # [B, H, m]
 
 
 class _AtenCUDA:
@@ -210,7 +211,11 @@ class _AtenFlashCUDA:
     @staticmethod
     def backward(dout, q, k, v, out, saved, scale, is_causal):
         lse, seed, offset = saved
-        dout, q, k, v, out = (x.contiguous().transpose(1, 2) for x in (dout, q, k, v, out))  # [B, H, m, d]
+        # The kernel reads strided q, k, v (rows gathered as views stay views); it makes dout and
+        # out contiguous itself, so doing it here costs nothing extra.
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        dout, out = dout.contiguous(), out.contiguous()
+        dout, q, k, v, out = (x.transpose(1, 2) for x in (dout, q, k, v, out))  # [B, H, m, d]
         grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
             dout, q, k, v, out, lse, None, None, q.shape[2], k.shape[2], 0.0, is_causal, seed, offset, scale=scale)
         return tuple(g.transpose(1, 2) for g in grads)

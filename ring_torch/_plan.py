@@ -124,9 +124,9 @@ def _unit(pattern, segment, rate, offset, q_heads, group) -> Unit:
 class DilatedPlan:
     """All kernel calls of one dilated attention, in the order the layer assembles them.
 
-    ``head_groups``: one unit per pattern, heads contiguous, concatenated in unit order.
-    ``longnet``: per pattern, one unit per offset class ``j % r_i``; heads come back in
-    ``head_order[i]`` order and are permuted back before the LSE merge.
+    ``head_groups``: one unit per pattern, heads contiguous. ``longnet``: per pattern, one unit
+    per offset class ``j % r_i`` (the strided heads ``o::r_i``). Every unit writes its heads and
+    rows in place, so no permutation or concatenation follows.
     """
 
     seq_len: int
@@ -140,10 +140,6 @@ class DilatedPlan:
 
     def pattern_units(self, pattern: int) -> tuple[Unit, ...]:
         return tuple(u for u in self.units if u.pattern == pattern)
-
-    def head_order(self, pattern: int) -> tuple[int, ...]:
-        """Query heads in the order the units of ``pattern`` produce them."""
-        return tuple(j for u in self.pattern_units(pattern) for j in range(*u.q_heads))
 
     def flops(self, batch: int, head_dim: int) -> int:
         """Analytic matmul FLOPs of the kernels (QK^T and PV; causal blocks counted in full)."""
