@@ -45,7 +45,7 @@ def main():
             dout = torch.randn(1, n, H, D, device=dev, dtype=torch.bfloat16, generator=gen)
 
             def fwd_bwd(module, dtype=torch.bfloat16, qkv=qkv, dout=dout, kw=kw):
-                xs = [x.to(dtype).requires_grad_() for x in qkv]
+                xs = [x.detach().to(dtype).requires_grad_() for x in qkv]  # fresh leaves: no grad accumulation
                 module.dilated_attention(*xs, **kw).backward(dout.to(dtype))
                 return [x.grad for x in xs]
 

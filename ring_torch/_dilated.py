@@ -131,23 +131,28 @@ def _overlaps(head_lists) -> bool:
     return False
 
 
-def grad_dtypes(plan: DilatedPlan, dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
-    """Dtypes the backward accumulates ``dq`` and ``dk``/``dv`` in: float32 (or wider) where
-    gradients of several query heads or units add into the same head, else ``dtype`` (each
-    element is written once, so nothing is lost: ``head_groups`` without shared kv heads).
-    Repeated kv heads of a unit (``kv_repeat``) are summed in float32 before they are added."""
-    acc = torch.promote_types(dtype, torch.float32)
+def _sums(plan: DilatedPlan) -> tuple[bool, bool]:
+    """Whether gradients of several query heads or units add into one query head, and into one
+    kv head (``kv_repeat`` repeats are summed inside a unit and do not count)."""
     q_lists = [list(range(*u.q_heads)) for u in plan.units]
     kv_lists = [list(u.kv_index) if u.kv_index is not None else list(range(*u.kv_heads)) for u in plan.units]
-    return (acc if _overlaps(q_lists) else dtype), (acc if _overlaps(kv_lists) else dtype)
+    return _overlaps(q_lists), _overlaps(kv_lists)
+
+
+def grad_dtypes(plan: DilatedPlan, dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+    """Dtypes the backward accumulates ``dq`` and ``dk``/``dv`` in: float32 (or wider) where
+    gradients add up (:func:`_sums`), else ``dtype``: each element is written once, so nothing
+    is lost (``head_groups`` without shared kv heads)."""
+    acc = torch.promote_types(dtype, torch.float32)
+    return tuple(acc if summed else dtype for summed in _sums(plan))
 
 
 def _backward(plan: DilatedPlan, q, k, v, out, lse, dout, dlse, scale):
     """``(dq, dk, dv)`` from the *merged* ``(out, lse)``: each unit's block gradient is the fused
-    kernel's backward fed the global ``out``/``lse`` rows (the ring's formula), added in place
-    into its strided rows. A gradient several units touch is summed in float32; one that each
-    element gets from one unit at most is written in the input dtype."""
+    kernel's backward fed the global ``out``/``lse`` rows (the ring's formula), written in place
+    into its strided rows: copied where each element has one writer, else added in float32."""
     acc = torch.promote_types(q.dtype, torch.float32)
+    q_sums, kv_sums = _sums(plan)
     q_dtype, kv_dtype = grad_dtypes(plan, q.dtype)
     dq = torch.zeros(q.shape, dtype=q_dtype, device=q.device)
     dk, dv = (torch.zeros(k.shape, dtype=kv_dtype, device=k.device) for _ in range(2))
@@ -158,14 +163,17 @@ def _backward(plan: DilatedPlan, q, k, v, out, lse, dout, dlse, scale):
         gq, gk, gv = fused_block_grads(_q_rows(dout, u), _q_rows(q, u), ks, vs, _q_rows(out, u), _q_rows(lse, u),
                                        None if dlse is None else _q_rows(dlse, u), scale=scale,
                                        is_causal=plan.is_causal, backend="torch")
-        _q_rows(dq, u).add_(gq)
+        rows = _q_rows(dq, u)
+        (rows.add_ if q_sums else rows.copy_)(gq)
         for full, g in ((dk, gk), (dv, gv)):
-            if u.kv_index is None:
-                B, m, _, d = g.shape
-                g = g.to(acc).view(B, m, -1, u.kv_repeat, d).sum(3)  # repeats summed per kv head
-                _gather_rows(full[:, :, slice(*u.kv_heads)], u).add_(g)
-            else:
+            if u.kv_index is not None:
                 _gather_rows(full, u).index_add_(2, index_tensor(u.kv_index, g.device), g.to(full.dtype))
+                continue
+            if u.kv_repeat > 1:  # repeats summed per kv head, in float32
+                B, m, _, d = g.shape
+                g = g.view(B, m, -1, u.kv_repeat, d).sum(3, dtype=acc)
+            rows = _gather_rows(full[:, :, slice(*u.kv_heads)], u)
+            (rows.add_ if kv_sums else rows.copy_)(g)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
