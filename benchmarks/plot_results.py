@@ -36,7 +36,8 @@ def timing_series(results):
     """``{label: [(n, fwd_ms or None, fwdbwd_ms or None)]}`` for ours and for the anchors."""
     ab = [r for r in read(results, f"h100_backward_ab_{DATE}.json")["rows"] if r["impl"] == "ring_jax"]
     lc = read(results, f"h100_long_context_{DATE}.json")["rows"]
-    torch = [r for r in read(results, f"h100_torch_kernels_{DATE}.json")["rows"] if r["kernel"] == "flash"]
+    torch = [r for r in read(results, f"h100_torch_single_{DATE}.json")["rows"]
+             if r["impl"] == "ring_torch" and "fwdbwd_ms" in r]
     anchors = read(results, f"anchors_h100_{DATE}.json")["rows"]
 
     def ours(mix):
@@ -54,7 +55,8 @@ def timing_series(results):
         "JAX, head groups, chunk_size=64K": chunked("head_groups"),
         "JAX, longnet mix": ours("longnet"),
         "JAX, longnet mix, chunk_size=64K": chunked("longnet"),
-        "torch (flash kernel), head groups": [(r["n"], r["fwd_ms"], r["fwdbwd_ms"]) for r in torch],
+        "torch, head groups": [(r["n"], r["fwd_ms"], r["fwdbwd_ms"]) for r in torch if r["mix"] == "head_groups"],
+        "torch, longnet mix": [(r["n"], r["fwd_ms"], r["fwdbwd_ms"]) for r in torch if r["mix"] == "longnet"],
     }
     refs = {
         "anchor: bare segment kernels (floor)": [(r["n"], r["floor_fwd_ms"], r["floor_fwdbwd_ms"]) for r in anchors],

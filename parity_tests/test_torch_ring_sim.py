@@ -294,3 +294,30 @@ def test_ring_backward_by_the_fused_kernel(config, mix, dtype, tol, monkeypatch)
     assert calls and not any(calls)  # the LSE cotangent went in
     for a, b in zip(ring[2:], ref[2:]):
         assert _rel(a, b) <= tol
+
+
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[4]], ids=lambda c: c[0])
+@pytest.mark.parametrize("mix", ["head_groups", "longnet"])
+def test_ring_local_units_run_as_one_fused_call(config, mix, monkeypatch):
+    """``backend="torch"`` without dropout: each rank's local units (segments within its shard)
+    run as one ``FusedDilated`` sub-plan with its own backward; ``math`` runs
+    them unit by unit through autograd. Both match the float64 reference, LSE cotangent included."""
+    import ring_torch._ring as ring_module
+
+    _, n, h, h_kv, d, w, r, _ = config
+    kw = dict(segment_lengths=w, dilation_rates=r, mix=mix, is_causal=True)
+    q, k, v, dout, dlse = _inputs(n, h, h_kv, d, seed=7)
+    calls = []
+    real = ring_module.FusedDilated.apply
+    monkeypatch.setattr(ring_module.FusedDilated, "apply", lambda *a: calls.append(a[3]) or real(*a))
+    ref = _run(lambda *x: reference_attention(*x, **kw), q, k, v, dout, dlse, torch.float64)
+    for backend in ("torch", "math"):
+        calls.clear()
+        got = _run(lambda *x, b=backend: ring_torch.ring_dilated_attention(
+            *x, return_lse=True, ring_size=4, backend=b, **kw), q, k, v, dout, dlse, torch.float64)
+        local = [u for u in ring_torch.build_plan(ring_torch.DilatedConfig(w, r, mix, True), n, h, h_kv).units
+                 if u.segment <= n // 4]
+        assert len(calls) == (1 if backend == "torch" else 0)  # the simulation batches its ranks
+        assert all(c.units == tuple(local) and c.seq_len == n // 4 for c in calls)
+        for a, b in zip(got, ref):
+            assert _max_abs(a, b) <= 1e-9

@@ -76,8 +76,9 @@ def _run_unit(unit: Unit, q, k, v, scale, is_causal, backend, dropout: Dropout |
 
 
 def _run_heads(units, q, k, v, scale, is_causal, backend, dropout=None):
-    """``units`` covering every query head once (all of ``head_groups``, or one ``longnet``
-    pattern), each written in place into its heads and rows of one ``(out, lse)``."""
+    """``units`` covering each query head at most once (``head_groups``, or one ``longnet``
+    pattern), each written in place into its heads and rows of one ``(out, lse)``; heads no
+    unit covers (a ring's local sub-plan) stay ``out = 0``, ``lse = -inf``."""
     b, n, h, d = q.shape
     out = q.new_zeros(b, n, h, d)
     lse = torch.full((b, n, h), float("-inf"), dtype=torch.promote_types(q.dtype, torch.float32),
@@ -113,12 +114,30 @@ def _run_pattern(plan: DilatedPlan, i: int, q, k, v, scale, backend, dropout=Non
     return _run_heads(plan.pattern_units(i), q, k, v, scale, plan.is_causal, backend, dropout)
 
 
+def _merge_rows(acc, acc_lse, o, lse):
+    """In place: ``acc [B, m, H, d]``, ``acc_lse [B, m, H]`` (float32+ views) become the softmax
+    merge of themselves and one unit's ``o``, ``lse`` rows (a unit's rows are never empty, so
+    ``lse`` is finite and an empty ``acc_lse = -inf`` just takes the unit's values)."""
+    new = torch.logaddexp(acc_lse, lse)
+    acc.mul_(torch.exp(acc_lse - new).unsqueeze(-1)).addcmul_(o, torch.exp(lse - new).unsqueeze(-1))
+    acc_lse.copy_(new)
+
+
 def _forward(plan: DilatedPlan, q, k, v, scale, backend, dropout=None):
     if plan.mix == "head_groups":
         return _run_heads(plan.units, q, k, v, scale, plan.is_causal, backend, dropout)
-    outs, lses = zip(*(_run_pattern(plan, i, q, k, v, scale, backend, dropout)
-                       for i in range(len(plan.segment_lengths))))
-    return _lse_merge(list(outs), list(lses))
+    if not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))):
+        # No autograd graph (inference, FusedDilated): merge each unit into one float32 output
+        # in place, no per-pattern full-size outputs.
+        acc = torch.zeros(q.shape, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
+        acc_lse = torch.full(q.shape[:3], float("-inf"), dtype=acc.dtype, device=q.device)
+        for u in plan.units:
+            o, l = _attend_rows(u, q, k, v, scale, plan.is_causal, backend, dropout)
+            _merge_rows(_q_rows(acc, u), _q_rows(acc_lse, u), o, l)
+        return acc, acc_lse
+    patterns = sorted({u.pattern for u in plan.units})  # a ring's local sub-plan may hold a few
+    outs, lses = zip(*(_run_pattern(plan, i, q, k, v, scale, backend, dropout) for i in patterns))
+    return (outs[0], lses[0]) if len(outs) == 1 else _lse_merge(list(outs), list(lses))
 
 
 def _overlaps(head_lists) -> bool:
@@ -177,16 +196,17 @@ def _backward(plan: DilatedPlan, q, k, v, out, lse, dout, dlse, scale):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-class _FusedDilated(torch.autograd.Function):
-    """``backend="torch"`` without dropout: the forward keeps only ``q, k, v, out, lse`` and the
-    backward is :func:`_backward` (no per-unit copies or full-size per-unit gradients)."""
+class FusedDilated(torch.autograd.Function):
+    """``(out, lse)`` of ``plan``'s units for ``backend="torch"`` without dropout: the forward
+    keeps only ``q, k, v, out, lse`` and the backward is :func:`_backward` (no per-unit copies
+    or full-size per-unit gradients). Also runs a ring's local units as one sub-plan."""
 
     @staticmethod
     def forward(ctx, q, k, v, plan, scale):
         out, lse = _forward(plan, q, k, v, scale, "torch")
-        out = out.to(q.dtype)  # longnet merges in float32; the fused backward reads q's dtype
         ctx.plan, ctx.scale = plan, scale
-        ctx.save_for_backward(q, k, v, out, lse)
+        # longnet merges in float32 (returned as is); the fused backward reads q's dtype
+        ctx.save_for_backward(q, k, v, out.to(q.dtype), lse)
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -245,7 +265,7 @@ def dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     dropout = make_dropout(dropout_p, dropout_seed)
     q, k, v = (x.to(compute) for x in (query, key, value))
     if backend == "torch" and dropout is None:
-        out, lse = _FusedDilated.apply(q, k, v, plan, scale)
+        out, lse = FusedDilated.apply(q, k, v, plan, scale)
     else:
         out, lse = _forward(plan, q, k, v, scale, backend, dropout)
     out = out.to(dtype)

@@ -45,12 +45,12 @@ from __future__ import annotations
 
 import zlib
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ring_torch._config import DilatedConfig, check_shapes
-from ring_torch._dilated import _lse_merge, _run_pattern, _run_unit, resolve_backend
+from ring_torch._dilated import FusedDilated, _lse_merge, _run_pattern, _run_unit, resolve_backend
 from ring_torch._dropout import Dropout, keep_mask, make_dropout
 from ring_torch._kernels import block_attention, fused_block_grads
 from ring_torch._plan import PATTERN_CACHE, DilatedPlan, Unit, build_plan, causal_mask, index_tensor
@@ -591,14 +591,25 @@ def _run_ring_unit(ru, rplan, q, k, v, scale, backend, make_comm, dropout):
 
 
 def _ring_forward(rplan: RingPlan, q, k, v, scale, backend, make_comm, dropout=None):
-    results = [_run_ring_unit(ru, rplan, q, k, v, scale, backend, make_comm, dropout)
-               for ru in rplan.units]
-    if rplan.plan.mix == "head_groups":
-        if len(results) == 1:
-            return results[0]
-        return (torch.cat([o for o, _ in results], dim=2),
-                torch.cat([l for _, l in results], dim=2))
-    return _lse_merge([o for o, _ in results], [l for _, l in results])
+    plan = rplan.plan
+    # backend "torch" without dropout: every local unit in one fused call (its own backward)
+    fused = backend == "torch" and dropout is None and any(ru.group == 1 for ru in rplan.units)
+    parts = [_run_ring_unit(ru, rplan, q, k, v, scale, backend, make_comm, dropout)
+             for ru in rplan.units if not (fused and ru.group == 1)]
+    if fused:
+        units = tuple(u for ru in rplan.units if ru.group == 1 for u in ru.local_units)
+        local_plan = replace(plan, seq_len=rplan.local_len, units=units)
+        local = FusedDilated.apply(q, k, v, local_plan, scale)  # [b, nl, h, d]: 0 / -inf off its heads
+    if plan.mix == "head_groups":
+        if not fused:  # units in head order
+            return parts[0] if len(parts) == 1 else tuple(torch.cat(x, dim=2) for x in zip(*parts))
+        if not parts:
+            return local
+        heads = index_tensor(tuple(j for ru in rplan.units if ru.group > 1 for j in ru.heads), q.device)
+        return tuple(full.index_copy(2, heads, torch.cat(x, dim=2)) for full, x in zip(local, zip(*parts)))
+    if fused:
+        parts.append(local)
+    return _lse_merge([o for o, _ in parts], [l for _, l in parts])
 
 
 _DTYPE_CODES = {torch.float64: 1, torch.float32: 2, torch.float16: 3, torch.bfloat16: 4}
