@@ -11,7 +11,7 @@ pattern spans all P devices and every P pays its ring hops; ideal weak scaling i
 ideal strong scaling is time ~ 1/P. Efficiency = time(1) / time(P) (weak) or
 time(1) / (P * time(P)) (strong).
 
-    python -m benchmarks.ring_scaling jax --out jax.json [--local 262144] [--total 1048576]
+    python -m benchmarks.ring_scaling jax --out jax.json [--local 262144] [--total 1048576] [--repeats 5]
     torchrun --nproc_per_node=P -m benchmarks.ring_scaling torch --out torch_P.json
 """
 
@@ -58,7 +58,7 @@ def run_jax(args):
         both = jax.jit(jax.grad(lambda *x, f=attend: f(*x).astype(jnp.float32).sum(), argnums=(0, 1, 2)))
         row = dict(kind=kind, P=P, n=n, L=n // P, pattern=kw)
         try:
-            row.update(fwd_ms=time_ms(fwd, *qkv, repeats=5), fwdbwd_ms=time_ms(both, *qkv, repeats=5))
+            row.update(fwd_ms=time_ms(fwd, *qkv, repeats=args.repeats), fwdbwd_ms=time_ms(both, *qkv, repeats=args.repeats))
         except Exception as e:  # noqa: BLE001 -- out of memory is a result
             row["error"] = type(e).__name__ + ": " + str(e)[:300]
         rows.append(row)
@@ -93,7 +93,7 @@ def run_torch(args):
         row = dict(kind=kind, P=P, n=n, L=L, pattern=kw)
         for name, fn in (("fwd_ms", fwd), ("fwdbwd_ms", both)):
             try:
-                row[name] = time_ms(fn, *qkv, repeats=5)
+                row[name] = time_ms(fn, *qkv, repeats=args.repeats)
             except torch.OutOfMemoryError as e:
                 row[name.replace("ms", "error")] = str(e)[:200]
         if rank == 0:
@@ -108,5 +108,6 @@ if __name__ == "__main__":
     ap.add_argument("--out", required=True)
     ap.add_argument("--local", type=int, default=256 * K, help="tokens per GPU (weak scaling)")
     ap.add_argument("--total", type=int, default=1024 * K, help="total tokens (strong scaling)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed calls per row (median reported)")
     args = ap.parse_args()
     (run_jax if args.framework == "jax" else run_torch)(args)

@@ -594,12 +594,12 @@ def _ring_forward(rplan: RingPlan, q, k, v, scale, backend, make_comm, dropout=N
     plan = rplan.plan
     # backend "torch" without dropout: every local unit in one fused call (its own backward)
     fused = backend == "torch" and dropout is None and any(ru.group == 1 for ru in rplan.units)
-    parts = [_run_ring_unit(ru, rplan, q, k, v, scale, backend, make_comm, dropout)
-             for ru in rplan.units if not (fused and ru.group == 1)]
-    if fused:
+    if fused:  # local compute first, as the unit-by-unit path does, then the ring hops
         units = tuple(u for ru in rplan.units if ru.group == 1 for u in ru.local_units)
         local_plan = replace(plan, seq_len=rplan.local_len, units=units)
         local = FusedDilated.apply(q, k, v, local_plan, scale)  # [b, nl, h, d]: 0 / -inf off its heads
+    parts = [_run_ring_unit(ru, rplan, q, k, v, scale, backend, make_comm, dropout)
+             for ru in rplan.units if not (fused and ru.group == 1)]
     if plan.mix == "head_groups":
         if not fused:  # units in head order
             return parts[0] if len(parts) == 1 else tuple(torch.cat(x, dim=2) for x in zip(*parts))
