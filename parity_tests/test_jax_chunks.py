@@ -126,3 +126,43 @@ def test_backward_gets_no_lse_cotangent_unless_the_lse_is_returned(return_lse, m
 
     jax.grad(loss)(q)
     assert seen and all(s == (not return_lse) for s in seen)
+
+
+def test_keeps_rows_only_for_one_pass_one_layer_when_not_larger():
+    from ring_jax._dilated import keeps_rows
+    from ring_jax._plan import get_plan
+
+    def plan(mix, h=8, h_kv=8, n=128, w=(8, 16, 32, 64), r=(1, 2, 4, 8)):
+        return get_plan(ring_jax.DilatedConfig(w, r, mix, True), n, h, h_kv)
+
+    assert keeps_rows(plan("head_groups"), 128)
+    assert not keeps_rows(plan("head_groups"), 256)  # the plan of one chunk: chunked path
+    assert not keeps_rows(plan("longnet"), 128)  # merged rows differ from each unit's
+    assert keeps_rows(plan("head_groups", h_kv=1), 128)  # kv rows repeated, still smaller
+    assert not keeps_rows(plan("head_groups", h_kv=1, r=(1, 1, 1, 1)), 128)  # repeats outweigh
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_kept_rows_give_the_gathered_backward_and_skip_its_gathers(dropout, monkeypatch):
+    """head_groups one pass: the backward reuses the forward's rows (one gather per unit for the
+    cotangent, one more for the LSE cotangent) and equals the backward that gathers again."""
+    import ring_jax._dilated as dilated
+
+    q, k, v = _qkv()
+    kw = dict(segment_lengths=W, dilation_rates=R, mix="head_groups", is_causal=True,
+              dropout_rate=dropout, dropout_seed=3)
+    calls = []
+    real = dilated.gather_rows
+    monkeypatch.setattr(dilated, "gather_rows", lambda *a: calls.append(1) or real(*a))
+    kept = _values_and_grads(q, k, v, **kw)
+    kept_calls = len(calls)
+    monkeypatch.setattr(dilated, "keeps_rows", lambda plan, n: False)
+    calls.clear()
+    gathered = _values_and_grads(q, k, v, **kw)
+    units = len(W)
+    # per unit: forward q, k, v (traced twice: the values call and the grad call); backward dout,
+    # dlse, and the three traced for the transposes that scatter dq, dk, dv back
+    assert kept_calls == units * (3 + 3 + 2 + 3)
+    assert len(calls) == units * (3 + 3 + 5 + 2 + 3)  # backward also re-gathers q, k, v, out, lse
+    for a, b in zip(kept, gathered):
+        assert max_abs_err(a, b) <= 1e-12

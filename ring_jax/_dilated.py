@@ -82,8 +82,9 @@ def merge_by_lse(outs, lses):
     return out.astype(outs[0].dtype), lse
 
 
-def attend_unit(query, key, value, u: Unit, causal: bool, scale: float, dropout: Dropout | None = None):
-    """One unit on the whole (local) sequence: ``(out [b, n, H, d], lse [b, n, H])`` for its heads."""
+def unit_rows(query, key, value, u: Unit, causal: bool, scale: float, dropout: Dropout | None = None):
+    """One unit's gathered ``q, k, v`` rows ``[b*S, m, H, d]`` and its kernel's ``o`` (same shape)
+    and ``lse [b*S, m, H]``."""
     b, n = query.shape[:2]
     q = gather_rows(query, u, u.heads)  # [b*S, m, H, d]
     k = gather_rows(key, u, u.kv_heads)
@@ -93,6 +94,13 @@ def attend_unit(query, key, value, u: Unit, causal: bool, scale: float, dropout:
     else:
         drop = dropout.block_args(b, n // u.w, u.w, u.r, u.heads, u.offsets)
         o, lse = block_attention(q, k, v, causal, scale, dropout.rate, u.pattern, drop)
+    return q, k, v, o, lse
+
+
+def attend_unit(query, key, value, u: Unit, causal: bool, scale: float, dropout: Dropout | None = None):
+    """One unit on the whole (local) sequence: ``(out [b, n, H, d], lse [b, n, H])`` for its heads."""
+    *_, o, lse = unit_rows(query, key, value, u, causal, scale, dropout)
+    n = query.shape[1]
     return scatter_rows(o, u, n, 0.0), scatter_rows(lse, u, n, -jnp.inf)  # [b, n, H, d], [b, n, H]
 
 
@@ -129,21 +137,40 @@ def _backward(query, key, value, out, lse, dout, dlse, plan: Plan, scale: float,
     taken against the global LSE, each unit's block gradient is exact on its own (the same
     formula as the ring backward), so no per-pattern output or LSE is kept for the backward and a
     zero ``dlse`` (``None``) lets the fast kernel skip the LSE column. Sums in float32."""
+    rows = [(gather_rows(query, u, u.heads), gather_rows(key, u, u.kv_heads), gather_rows(value, u, u.kv_heads),
+             gather_rows(out, u, u.heads), gather_rows(lse[..., None], u, u.heads)[..., 0]) for u in plan.units]
+    shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (query, key, value))
+    return _backward_rows(rows, shapes, dout, dlse, plan, scale, dropout)
+
+
+def _backward_rows(rows, shapes, dout, dlse, plan: Plan, scale: float, dropout: Dropout | None):
+    """:func:`_backward` from each unit's ``(q, k, v, out, lse)`` rows (gathered, or kept from the
+    forward); ``shapes``: those of ``query, key, value``."""
     causal = plan.config.is_causal
-    b, n = query.shape[:2]
+    b, n = shapes[0].shape[:2]
     grads = [None, None, None]
-    for u in plan.units:
+    for u, (q_u, k_u, v_u, o_u, lse_u) in zip(plan.units, rows):
         drop = None if dropout is None else dropout.block_args(b, n // u.w, u.w, u.r, u.heads, u.offsets)
-        q_rows = [gather_rows(x, u, u.heads) for x in (query, out, dout)]  # [b*S, m, H, d] each
-        lse_u, dlse_u = (None if x is None else gather_rows(x[..., None], u, u.heads)[..., 0] for x in (lse, dlse))
-        g = block_attention_bwd(q_rows[0], gather_rows(key, u, u.kv_heads), gather_rows(value, u, u.kv_heads),
-                                q_rows[1], lse_u, q_rows[2], dlse_u, causal=causal, scale=scale,
+        do_u = gather_rows(dout, u, u.heads)  # [b*S, m, H, d]
+        dlse_u = None if dlse is None else gather_rows(dlse[..., None], u, u.heads)[..., 0]
+        g = block_attention_bwd(q_u, k_u, v_u, o_u, lse_u, do_u, dlse_u, causal=causal, scale=scale,
                                 keep_acc_dtype=True, rate=0.0 if dropout is None else dropout.rate,
                                 pattern=u.pattern, drop=drop)
-        for i, (x, heads) in enumerate(((query, u.heads), (key, u.kv_heads), (value, u.kv_heads))):
-            full = _scatter_add_rows(g[i], x.shape, u, heads)
+        for i, (shape, heads) in enumerate(zip(shapes, (u.heads, u.kv_heads, u.kv_heads))):
+            full = _scatter_add_rows(g[i], shape.shape, u, heads)
             grads[i] = full if grads[i] is None else grads[i] + full
-    return tuple(gr.astype(x.dtype) for gr, x in zip(grads, (query, key, value)))
+    return tuple(gr.astype(shape.dtype) for gr, shape in zip(grads, shapes))
+
+
+def keeps_rows(plan: Plan, n: int) -> bool:
+    """Whether the one-pass backward keeps each unit's gathered rows and kernel output from the
+    forward (no second gather) instead of ``q, k, v, out``: with one layer (``head_groups``) each
+    output row comes from one unit, so the kernel's ``o``/``lse`` rows *are* the merged ones; only
+    when those rows take no more memory than the tensors they replace (GQA repeats kv rows)."""
+    if plan.seq_len != n or len(plan.layers) != 1:
+        return False
+    rows = sum(len(u.heads) * n // u.r for u in plan.units)  # selected (row, head) pairs
+    return 4 * rows <= 2 * n * (plan.num_heads + plan.num_kv_heads)
 
 
 def _by_chunks(fn, chunk: int, inputs, outputs):
@@ -180,6 +207,12 @@ def _attention(plan: Plan, scale: float, rate: float, with_lse: bool, query, key
 
 def _attention_fwd(plan, scale, rate, with_lse, query, key, value, drop_state):
     b, n, h = query.shape[:3]
+    if keeps_rows(plan, n):
+        dropout = _dropout_at(rate, drop_state, 0)
+        rows = [unit_rows(query, key, value, u, plan.config.is_causal, scale, dropout) for u in plan.units]
+        out = jnp.concatenate([scatter_rows(o, u, n, 0.0) for u, (*_, o, _) in zip(plan.units, rows)], axis=2)
+        lse = jnp.concatenate([scatter_rows(x, u, n, -jnp.inf) for u, (*_, x) in zip(plan.units, rows)], axis=2)
+        return ((out, lse) if with_lse else out), (tuple(rows), None, None, None, None, None, drop_state)
     outputs = (jax.ShapeDtypeStruct(query.shape, query.dtype),
                jax.ShapeDtypeStruct((b, n, h), jnp.promote_types(query.dtype, jnp.float32)))
     out, lse = _by_chunks(lambda s, q, k, v: _forward(q, k, v, plan, scale, _dropout_at(rate, drop_state, s)),
@@ -187,12 +220,19 @@ def _attention_fwd(plan, scale, rate, with_lse, query, key, value, drop_state):
     # Chunked (the memory-bound case): keep only q, k, v and recompute each chunk's out/lse in the
     # backward, so out and its cotangent are never both alive at full length.
     saved = (out, lse) if plan.seq_len == n else (None, None)
-    return ((out, lse) if with_lse else out), (query, key, value, *saved, drop_state)
+    return ((out, lse) if with_lse else out), (None, query, key, value, *saved, drop_state)
 
 
 def _attention_bwd(plan, scale, rate, with_lse, residuals, cotangents):
-    query, key, value, out, lse, drop_state = residuals
+    rows, query, key, value, out, lse, drop_state = residuals
     dout, dlse = cotangents if with_lse else (cotangents, None)
+    if rows is not None:  # one pass, one layer: the forward's rows (keeps_rows)
+        q_u, k_u, v_u = rows[0][:3]
+        b, d, n = q_u.shape[0] // (plan.seq_len // plan.units[0].w), q_u.shape[-1], plan.seq_len
+        shapes = (jax.ShapeDtypeStruct((b, n, plan.num_heads, d), q_u.dtype),
+                  jax.ShapeDtypeStruct((b, n, plan.num_kv_heads, d), k_u.dtype),
+                  jax.ShapeDtypeStruct((b, n, plan.num_kv_heads, d), v_u.dtype))
+        return (*_backward_rows(rows, shapes, dout, dlse, plan, scale, _dropout_at(rate, drop_state, 0)), None)
     outputs = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (query, key, value))
 
     def chunk_grads(start, q, k, v, o, lse, do, dlse):

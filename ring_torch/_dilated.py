@@ -1,8 +1,11 @@
-"""Dilated attention (LongNet): gather the rows of each (pattern, offset) pair, attend per
-segment, scatter back, and for ``mix="longnet"`` merge the patterns by their log-sum-exp.
+"""Dilated attention (LongNet) on one device: each (pattern, offset) pair's rows, attended per
+segment, written back in place; ``mix="longnet"`` merges the patterns by their log-sum-exp.
 
 No ``n x n`` or ``n x w`` mask is ever built: the rows a pattern selects in a segment are a
-strided slice, so they are gathered by a reshape and all segments folded into the batch.
+strided slice, so with all segments folded into the batch they are a *view* of the input (the
+kernels read strided rows) and of the output and gradient buffers (written in place).
+``backend="torch"`` without dropout runs :class:`FusedDilated` (its own backward, fed the merged
+``out``/``lse``); ``math``, ``xformers`` and dropout differentiate through autograd.
 """
 
 from __future__ import annotations
