@@ -166,3 +166,26 @@ def test_kept_rows_give_the_gathered_backward_and_skip_its_gathers(dropout, monk
     assert len(calls) == units * (3 + 3 + 5 + 2 + 3)  # backward also re-gathers q, k, v, out, lse
     for a, b in zip(kept, gathered):
         assert max_abs_err(a, b) <= 1e-12
+
+
+def test_tiled_heads_assemble_gradients_like_the_output(monkeypatch):
+    """head_groups without shared kv heads: gradients concatenated per unit in the input dtype,
+    equal to the float32 scatter-add sums (the general path)."""
+    import ring_jax._dilated as dilated
+    from ring_jax._plan import get_plan
+
+    def plan(mix, h=6, h_kv=6):
+        return get_plan(ring_jax.DilatedConfig(W, R, mix, True), 128, h, h_kv)
+
+    assert dilated.tiles_heads(plan("head_groups"))
+    assert not dilated.tiles_heads(plan("head_groups", h_kv=3))  # kv heads repeated within a unit
+    assert not dilated.tiles_heads(plan("longnet"))
+    q, k, v = _qkv(h=6, h_kv=6)
+    for chunk in (None, 64):
+        kw = dict(segment_lengths=W, dilation_rates=R, mix="head_groups", is_causal=True, chunk_size=chunk)
+        tiled = _values_and_grads(q, k, v, **kw)
+        with monkeypatch.context() as m:
+            m.setattr(dilated, "tiles_heads", lambda plan: False)
+            summed = _values_and_grads(q, k, v, **kw)
+        for a, b in zip(tiled, summed):
+            assert max_abs_err(a, b) <= 1e-12

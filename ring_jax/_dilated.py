@@ -148,7 +148,8 @@ def _backward_rows(rows, shapes, dout, dlse, plan: Plan, scale: float, dropout: 
     forward); ``shapes``: those of ``query, key, value``."""
     causal = plan.config.is_causal
     b, n = shapes[0].shape[:2]
-    grads = [None, None, None]
+    tiled = tiles_heads(plan)
+    grads, parts = [None, None, None], ([], [], [])
     for u, (q_u, k_u, v_u, o_u, lse_u) in zip(plan.units, rows):
         drop = None if dropout is None else dropout.block_args(b, n // u.w, u.w, u.r, u.heads, u.offsets)
         do_u = gather_rows(dout, u, u.heads)  # [b*S, m, H, d]
@@ -157,9 +158,25 @@ def _backward_rows(rows, shapes, dout, dlse, plan: Plan, scale: float, dropout: 
                                 keep_acc_dtype=True, rate=0.0 if dropout is None else dropout.rate,
                                 pattern=u.pattern, drop=drop)
         for i, (shape, heads) in enumerate(zip(shapes, (u.heads, u.kv_heads, u.kv_heads))):
+            if tiled:  # each element has one writer: no float32 full-size sums
+                parts[i].append(scatter_rows(g[i].astype(shape.dtype), u, n, 0.0))
+                continue
             full = _scatter_add_rows(g[i], shape.shape, u, heads)
             grads[i] = full if grads[i] is None else grads[i] + full
+    if tiled:
+        return tuple(jnp.concatenate(p, axis=2) for p in parts)  # [b, n, h or h_kv, d]
     return tuple(gr.astype(shape.dtype) for gr, shape in zip(grads, shapes))
+
+
+def tiles_heads(plan: Plan) -> bool:
+    """One layer whose units' query heads, and kv heads, each run through all heads once in order
+    (``head_groups`` without GQA sharing): every gradient element comes from one unit, so the
+    gradients are assembled like the output, in the input dtype."""
+    if len(plan.layers) != 1:
+        return False
+    heads = [j for u in plan.units for j in u.heads]
+    kv = [j for u in plan.units for j in u.kv_heads]
+    return heads == list(range(plan.num_heads)) and kv == list(range(plan.num_kv_heads))
 
 
 def keeps_rows(plan: Plan, n: int) -> bool:
