@@ -136,7 +136,8 @@ def _backward(query, key, value, out, lse, dout, dlse, plan: Plan, scale: float,
     """``(dq, dk, dv)`` of one stretch from the *merged* ``out``/``lse``: with ``P = exp(S - lse)``
     taken against the global LSE, each unit's block gradient is exact on its own (the same
     formula as the ring backward), so no per-pattern output or LSE is kept for the backward and a
-    zero ``dlse`` (``None``) lets the fast kernel skip the LSE column. Sums in float32."""
+    zero ``dlse`` (``None``) lets the fast kernel skip the LSE column. Gradients several units
+    add into are summed in float32 (:func:`tiles_heads` says when none are)."""
     rows = [(gather_rows(query, u, u.heads), gather_rows(key, u, u.kv_heads), gather_rows(value, u, u.kv_heads),
              gather_rows(out, u, u.heads), gather_rows(lse[..., None], u, u.heads)[..., 0]) for u in plan.units]
     shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (query, key, value))

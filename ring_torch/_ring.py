@@ -5,7 +5,8 @@ query heads, each head at its offset; ``w`` the effective segment length ``min(w
 is the one of ``ring_jax._ring`` (same units, same pairs, same hops):
 
 * ``w <= L`` (``L % w == 0``): every segment lies on one rank; the single-device unit runs on the
-  local shard, no communication.
+  local shard, no communication (``backend="torch"`` without dropout: all of a rank's local
+  units as one ``FusedDilated`` call, with the single-device layer's own backward).
 * ``w > L`` (``w % L == 0``, ``L % r == 0``): a segment spans ``g = w / L`` consecutive ranks
   (sub-ring ``s`` = ranks ``[s*g, (s+1)*g)``). Each rank gathers its selected rows
   ``x_local.view(b, L//r, r, H, d)[:, :, o]`` (``L % r == 0``, so local offset = global offset)
