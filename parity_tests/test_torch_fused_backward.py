@@ -100,3 +100,15 @@ def test_noncontiguous_inputs_and_dropout_fallback():
     out = dilated_attention(*[x.requires_grad_() for x in strided], backend="torch", dropout_p=0.1,
                             dropout_seed=3, **kw)
     assert "FusedDilated" not in type(out.grad_fn).__name__  # dropout runs the autograd math path
+
+
+@pytest.mark.parametrize("mix", ["head_groups", "longnet"])
+def test_returned_output_is_the_tensor_kept_for_the_backward(mix):
+    """bf16: the layer returns the very ``out`` its backward keeps (longnet's float32 merge is
+    rounded once), so no second full-size copy stays alive."""
+    kw = dict(segment_lengths=(8, 16), dilation_rates=(1, 2), mix=mix, is_causal=True)
+    q, k, v = (x.bfloat16().requires_grad_() for x in _inputs(32, 4, 4, 16))
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.data_ptr()) or t, lambda t: t):
+        out = dilated_attention(q, k, v, backend="torch", **kw)
+    assert out.dtype == torch.bfloat16 and out.data_ptr() in kept

@@ -202,16 +202,19 @@ def _backward(plan: DilatedPlan, q, k, v, out, lse, dout, dlse, scale):
 class FusedDilated(torch.autograd.Function):
     """``(out, lse)`` of ``plan``'s units for ``backend="torch"`` without dropout: the forward
     keeps only ``q, k, v, out, lse`` and the backward is :func:`_backward` (no per-unit copies
-    or full-size per-unit gradients). Also runs a ring's local units as one sub-plan."""
+    or full-size per-unit gradients). Also runs a ring's local units as one sub-plan.
+
+    ``out`` comes back in ``q``'s dtype, the very tensor kept for the backward (no second copy);
+    with ``merged_out=True`` a float32 longnet merge comes back unrounded, for a ring to merge on."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan, scale):
+    def forward(ctx, q, k, v, plan, scale, merged_out=False):
         out, lse = _forward(plan, q, k, v, scale, "torch")
         ctx.plan, ctx.scale = plan, scale
-        # longnet merges in float32 (returned as is); the fused backward reads q's dtype
-        ctx.save_for_backward(q, k, v, out.to(q.dtype), lse)
+        rounded = out.to(q.dtype)  # the fused backward reads q's dtype
+        ctx.save_for_backward(q, k, v, rounded, lse)
         ctx.set_materialize_grads(False)
-        return out, lse
+        return (out if merged_out else rounded), lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -220,7 +223,7 @@ class FusedDilated(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         return (*_backward(ctx.plan, q, k, v, out, lse, dout.to(q.dtype), dlse, ctx.scale),
-                None, None)
+                None, None, None)
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype):

@@ -598,7 +598,7 @@ def _ring_forward(rplan: RingPlan, q, k, v, scale, backend, make_comm, dropout=N
     if fused:  # local compute first, as the unit-by-unit path does, then the ring hops
         units = tuple(u for ru in rplan.units if ru.group == 1 for u in ru.local_units)
         local_plan = replace(plan, seq_len=rplan.local_len, units=units)
-        local = FusedDilated.apply(q, k, v, local_plan, scale)  # [b, nl, h, d]: 0 / -inf off its heads
+        local = FusedDilated.apply(q, k, v, local_plan, scale, True)  # [b, nl, h, d]: 0 / -inf off its heads
     parts = [_run_ring_unit(ru, rplan, q, k, v, scale, backend, make_comm, dropout)
              for ru in rplan.units if not (fused and ru.group == 1)]
     if plan.mix == "head_groups":
