@@ -23,10 +23,9 @@ import argparse
 import importlib
 import platform
 
+from benchmarks.gpu_sweep import D, H, R, W  # the anchors' pattern
 from benchmarks.timing import Sweep, time_ms
 
-W, R = (2048, 4096, 8192, 16384), (1, 2, 4, 8)
-H, D = 8, 64
 K = 1024
 
 

@@ -60,6 +60,12 @@ def scatter_rows(y, u: Unit, seq_len: int, fill: float):
     return y.reshape(y.shape[0], seq_len, *y.shape[4:])
 
 
+def concat_heads(units, rows, seq_len: int, fill: float):
+    """Each unit's ``rows [b * S, m, H, ...]`` scattered back (``fill`` elsewhere) and the units
+    concatenated along heads, in unit order: ``[b, n, sum H, ...]``."""
+    return jnp.concatenate([scatter_rows(x, u, seq_len, fill) for u, x in zip(units, rows)], axis=2)
+
+
 def merge_by_lse(outs, lses):
     """Exact softmax merge of partial attentions over disjoint key sets (float32 or wider).
 
@@ -160,12 +166,12 @@ def _backward_rows(rows, shapes, dout, dlse, plan: Plan, scale: float, dropout: 
                                 pattern=u.pattern, drop=drop)
         for i, (shape, heads) in enumerate(zip(shapes, (u.heads, u.kv_heads, u.kv_heads))):
             if tiled:  # each element has one writer: no float32 full-size sums
-                parts[i].append(scatter_rows(g[i].astype(shape.dtype), u, n, 0.0))
+                parts[i].append(g[i].astype(shape.dtype))
                 continue
             full = _scatter_add_rows(g[i], shape.shape, u, heads)
             grads[i] = full if grads[i] is None else grads[i] + full
     if tiled:
-        return tuple(jnp.concatenate(p, axis=2) for p in parts)  # [b, n, h or h_kv, d]
+        return tuple(concat_heads(plan.units, p, n, 0.0) for p in parts)  # [b, n, h or h_kv, d]
     return tuple(gr.astype(shape.dtype) for gr, shape in zip(grads, shapes))
 
 
@@ -228,8 +234,8 @@ def _attention_fwd(plan, scale, rate, with_lse, query, key, value, drop_state):
     if keeps_rows(plan, n):
         dropout = _dropout_at(rate, drop_state, 0)
         rows = [unit_rows(query, key, value, u, plan.config.is_causal, scale, dropout) for u in plan.units]
-        out = jnp.concatenate([scatter_rows(o, u, n, 0.0) for u, (*_, o, _) in zip(plan.units, rows)], axis=2)
-        lse = jnp.concatenate([scatter_rows(x, u, n, -jnp.inf) for u, (*_, x) in zip(plan.units, rows)], axis=2)
+        out = concat_heads(plan.units, [r[3] for r in rows], n, 0.0)
+        lse = concat_heads(plan.units, [r[4] for r in rows], n, -jnp.inf)
         return ((out, lse) if with_lse else out), (tuple(rows), None, None, None, None, None, drop_state)
     outputs = (jax.ShapeDtypeStruct(query.shape, query.dtype),
                jax.ShapeDtypeStruct((b, n, h), jnp.promote_types(query.dtype, jnp.float32)))

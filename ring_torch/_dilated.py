@@ -55,6 +55,16 @@ def _unit_keep(unit: Unit, dropout: Dropout, b: int, n: int, device) -> torch.Te
     return keep_mask(dropout.seed, unit.pattern, batch, heads, pos, pos, dropout.p)
 
 
+def _blank(q: torch.Tensor, heads: int, out_dtype: torch.dtype | None = None):
+    """``out = 0 [b, n, heads, d]`` (``q``'s dtype unless ``out_dtype``) and ``lse = -inf
+    [b, n, heads]`` (float32 or wider): what rows no unit writes hold."""
+    b, n, _, d = q.shape
+    out = torch.zeros(b, n, heads, d, dtype=out_dtype or q.dtype, device=q.device)
+    lse = torch.full((b, n, heads), float("-inf"), dtype=torch.promote_types(q.dtype, torch.float32),
+                     device=q.device)
+    return out, lse
+
+
 def _attend_rows(unit: Unit, q, k, v, scale, is_causal, backend, dropout: Dropout | None = None):
     """``(out [b*S, m, H, d], lse [b*S, m, H])`` of the unit's selected rows."""
     b, n = q.shape[:2]
@@ -67,11 +77,7 @@ def _attend_rows(unit: Unit, q, k, v, scale, is_causal, backend, dropout: Dropou
 def _run_unit(unit: Unit, q, k, v, scale, is_causal, backend, dropout: Dropout | None = None):
     """One unit as ``(out [b, n, H, d], lse [b, n, H])`` over its own heads (the ring's local
     units); rows it does not select get ``out = 0``, ``lse = -inf``."""
-    b, n, _, d = q.shape
-    H = unit.num_heads
-    out = q.new_zeros(b, n, H, d)
-    lse = torch.full((b, n, H), float("-inf"), dtype=torch.promote_types(q.dtype, torch.float32),
-                     device=q.device)
+    out, lse = _blank(q, unit.num_heads)
     o, l = _attend_rows(unit, q, k, v, scale, is_causal, backend, dropout)
     _gather_rows(out, unit).copy_(o)  # out holds only the unit's heads
     _gather_rows(lse, unit).copy_(l)
@@ -82,10 +88,7 @@ def _run_heads(units, q, k, v, scale, is_causal, backend, dropout=None):
     """``units`` covering each query head at most once (``head_groups``, or one ``longnet``
     pattern), each written in place into its heads and rows of one ``(out, lse)``; heads no
     unit covers (a ring's local sub-plan) stay ``out = 0``, ``lse = -inf``."""
-    b, n, h, d = q.shape
-    out = q.new_zeros(b, n, h, d)
-    lse = torch.full((b, n, h), float("-inf"), dtype=torch.promote_types(q.dtype, torch.float32),
-                     device=q.device)
+    out, lse = _blank(q, q.shape[2])
     for u in units:
         o, l = _attend_rows(u, q, k, v, scale, is_causal, backend, dropout)
         _q_rows(out, u).copy_(o)
@@ -132,8 +135,7 @@ def _forward(plan: DilatedPlan, q, k, v, scale, backend, dropout=None):
     if not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))):
         # No autograd graph (inference, FusedDilated): merge each unit into one float32 output
         # in place, no per-pattern full-size outputs.
-        acc = torch.zeros(q.shape, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
-        acc_lse = torch.full(q.shape[:3], float("-inf"), dtype=acc.dtype, device=q.device)
+        acc, acc_lse = _blank(q, q.shape[2], out_dtype=torch.promote_types(q.dtype, torch.float32))
         for u in plan.units:
             o, l = _attend_rows(u, q, k, v, scale, plan.is_causal, backend, dropout)
             _merge_rows(_q_rows(acc, u), _q_rows(acc_lse, u), o, l)
