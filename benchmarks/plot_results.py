@@ -4,7 +4,9 @@ seed system):
 * ``h100_scaling_<date>.png``: time vs n, log-log with each curve's slope from 32K on;
 * ``h100_memory_<date>.png``: device bytes per token vs n, one pass and chunked, next to the bytes
   of q, k, v, o and the gradients;
-* ``2xh100_ring_scaling_<date>.png``: weak and strong scaling of both rings.
+* ``2xh100_ring_scaling_<date>.png``: weak and strong scaling of both rings;
+* ``h200_bench_2026-11-30.png``: the README's Performance plot: time and time / floor vs n, both
+  frameworks and both mixes, from ``h200_bench_2026-11-30.json`` (one process, one H200).
 
     python -m benchmarks.plot_results [--results benchmarks/results]
 """
@@ -151,6 +153,40 @@ def plot_rings(plt, results):
     return fig, f"2xh100_ring_scaling_{DATE}.png"
 
 
+H200 = "h200_bench_2026-11-30"
+
+
+def plot_h200(plt, results):
+    """Time (top) and time over the floor (bottom) vs n, forward and forward+backward."""
+    data = read(results, f"{H200}.json")
+    rows = sorted((r for r in data["rows"] if "section" not in r), key=lambda r: r["n"])
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
+    style = {"jax_hg": ("C0", "o-", "JAX, head groups"), "torch_hg": ("C1", "o-", "torch, head groups"),
+             "jax_ln": ("C0", "s:", "JAX, longnet mix"), "torch_ln": ("C1", "s:", "torch, longnet mix")}
+    floors = {"floor_hg": ("k", "--", "floor, head groups (faster of torch SDPA / JAX cuDNN)"),
+              "floor_torch_ln": ("gray", "--", "floor, longnet mix (torch SDPA)")}
+    for col, (what, title) in enumerate((("fwd", "forward"), ("fwdbwd", "forward + backward"))):
+        top, bottom = axes[0][col], axes[1][col]
+        for key, (color, fmt, label) in {**floors, **style}.items():
+            pts = [(r["n"], r[f"{key}_{what}"]) for r in rows if f"{key}_{what}" in r]
+            top.loglog(*zip(*pts), fmt, color=color, label=label, alpha=0.7 if key in floors else 1.0)
+            if key in style:
+                ratio = [(r["n"], r[f"{key}_{what}_x_floor"]) for r in rows if f"{key}_{what}_x_floor" in r]
+                bottom.semilogx(*zip(*ratio), fmt, color=color, label=label)
+        top.set(ylabel="time [ms]", title=f"{title}: time")
+        bottom.axhline(1.1, color="green", ls="--", lw=1, label="target: 1.1x the floor")
+        bottom.set(xlabel="sequence length n (tokens)", ylabel="time / floor", yscale="log",
+                   title=f"{title}: time over the floor of its mix")
+        for ax in (top, bottom):
+            ax.grid(True, which="both", alpha=0.2)
+            ax.legend(fontsize=7)
+    c = data["config"]
+    fig.suptitle(f"One {data['card']}, 2026-11-30, jax {data['jax']}, torch {data['torch']}: {c['dtype']}, "
+                 f"b={c['B']}, h={c['H']}, d={c['D']}, causal, w={tuple(c['W'])}, r={tuple(c['R'])}, "
+                 "separate q, k, v, one process", fontsize=9)
+    return fig, f"{H200}.png"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -160,7 +196,7 @@ def main():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for plot in (plot_timing, plot_memory, plot_rings):
+    for plot in (plot_timing, plot_memory, plot_rings, plot_h200):
         fig, name = plot(plt, args.results)
         fig.tight_layout()
         out = os.path.join(args.results, name)
