@@ -48,13 +48,15 @@ def test_select_backend_needs_capability_on_cuda():
 @pytest.mark.parametrize("dtype,expected", [(f64, "math"), (f32, "torch"), (bf16, "torch")])
 def test_auto_uses_the_table_on_cpu(dtype, expected, monkeypatch):
     seen = []
-    real = dilated_module.block_attention
 
-    def spy(*args, backend, **kwargs):
-        seen.append((backend, args[0].dtype))
-        return real(*args, backend=backend, **kwargs)
+    def spy(real):
+        def forward(self, q, *args):
+            seen.append((self.name, q.dtype))
+            return real(self, q, *args)
+        return forward
 
-    monkeypatch.setattr(dilated_module, "block_attention", spy)
+    for kernel in kernels.KERNELS.values():  # the backend of every kernel call
+        monkeypatch.setattr(kernel, "forward", spy(kernel.forward))
     q = torch.randn(1, 16, 2, 8, dtype=dtype)
     dilated_attention(q, q, q, segment_lengths=(8, 16), dilation_rates=(1, 2))
     assert seen and all(s == (expected, dtype) for s in seen)

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-import ring_torch._dilated as dilated_module
+import ring_torch._kernels as kernels
 from ring_torch import DilatedConfig, dilated_attention
 
 
@@ -60,7 +60,8 @@ def test_error_message(inputs, overrides, message, monkeypatch):
     def no_compute(*args, **kwargs):
         raise AssertionError("validation must happen before any compute")
 
-    monkeypatch.setattr(dilated_module, "block_attention", no_compute)
+    for kernel in kernels.KERNELS.values():  # every kernel's forward
+        monkeypatch.setattr(kernel, "forward", no_compute)
     with pytest.raises(ValueError, match=message):
         dilated_attention(*inputs, **{**GOOD, **overrides})
 

@@ -148,22 +148,22 @@ def test_simulated_bytes_per_rank_match_formula(mix, dtype):
 def test_simulated_ring_peak_block_is_per_shard():
     """A hop's score block is ``[R * b, h, L/r, L/r]``; check the forward never asks the kernel
     for more than ``L/r`` key rows per query row (bounded by the shard, not the segment)."""
-    import ring_torch._ring as ring_mod
+    import ring_torch._kernels as kernels
 
     seen = []
-    original = ring_mod.block_attention
+    original = kernels.MathKernel.forward
 
-    def spy(q, k, v, **kw):
+    def spy(self, q, k, v, *args):
         seen.append(k.shape[1])
-        return original(q, k, v, **kw)
+        return original(self, q, k, v, *args)
 
     q, k, v, *_ = _inputs(64, 2, 2, 8)
-    ring_mod.block_attention = spy
+    kernels.MathKernel.forward = spy
     try:
         ring_torch.ring_dilated_attention(q, k, v, segment_lengths=(64,), dilation_rates=(2,),
                                           ring_size=4)
     finally:
-        ring_mod.block_attention = original
+        kernels.MathKernel.forward = original
     assert seen and set(seen) == {64 // 4 // 2} and len(seen) == 4  # g = 4 hops of L/r rows
 
 
@@ -190,7 +190,7 @@ def test_simulated_ring_errors(kwargs, match):
 def test_chunked_block_backward_equals_unchunked(monkeypatch, mix, causal, dropout_p):
     """The ring backward processes query rows in chunks (bounded score memory); tiny chunks
     (one row, then five) give the same gradients as one chunk per block."""
-    import ring_torch._ring as ring_mod
+    import ring_torch._kernels as kernels
 
     _, n, h, h_kv, d, w, r, _ = CONFIGS[0]
     kw = dict(segment_lengths=w, dilation_rates=r, mix=mix, is_causal=causal,
@@ -201,7 +201,7 @@ def test_chunked_block_backward_equals_unchunked(monkeypatch, mix, causal, dropo
         return ring_torch.ring_dilated_attention(*x, return_lse=True, ring_size=4, **kw)
     whole = _run(fn, q, k, v, dout, dlse, torch.float64)
     for elements in (1, 5 * 2 * h * (n // 4)):
-        monkeypatch.setattr(ring_mod, "GRAD_CHUNK_ELEMENTS", elements)
+        monkeypatch.setattr(kernels, "GRAD_CHUNK_ELEMENTS", elements)
         chunked = _run(fn, q, k, v, dout, dlse, torch.float64)
         for a, b in zip(chunked, whole):
             assert _max_abs(a, b) <= 1e-13
@@ -266,15 +266,15 @@ def test_ring_backward_by_the_fused_kernel(config, mix, dtype, tol, monkeypatch)
     """No dropout, ``backend="torch"``: every ring block's gradient comes from the fused backward
     kernel fed the global (out, lse), with and without an LSE cotangent (longnet merges its
     patterns' LSEs, so there it always has one); it matches the float64 reference."""
-    import ring_torch._ring as ring_module
+    import ring_torch._kernels as kernels
 
     _, n, h, h_kv, d, w, r, sizes = config
     kw = dict(segment_lengths=w, dilation_rates=r, mix=mix, is_causal=True)
     q, k, v, dout, dlse = _inputs(n, h, h_kv, d, seed=5)
     q, k, v = (x.to(dtype).double() for x in (q, k, v))  # exactly representable
     calls = []
-    real = ring_module.fused_block_grads
-    monkeypatch.setattr(ring_module, "fused_block_grads", lambda *a, **k: calls.append(a[6] is None) or real(*a, **k))
+    real = kernels.fused_block_grads
+    monkeypatch.setattr(kernels, "fused_block_grads", lambda *a, **k: calls.append(a[6] is None) or real(*a, **k))
 
     def grads(fn, dtype):
         xs = [x.detach().to(dtype, copy=True).requires_grad_() for x in (q, k, v)]
@@ -302,14 +302,14 @@ def test_ring_local_units_run_as_one_fused_call(config, mix, monkeypatch):
     """``backend="torch"`` without dropout: each rank's local units (segments within its shard)
     run as one ``FusedDilated`` sub-plan with its own backward; ``math`` runs
     them unit by unit through autograd. Both match the float64 reference, LSE cotangent included."""
-    import ring_torch._ring as ring_module
+    import ring_torch._dilated as dilated_module
 
     _, n, h, h_kv, d, w, r, _ = config
     kw = dict(segment_lengths=w, dilation_rates=r, mix=mix, is_causal=True)
     q, k, v, dout, dlse = _inputs(n, h, h_kv, d, seed=7)
     calls = []
-    real = ring_module.FusedDilated.apply
-    monkeypatch.setattr(ring_module.FusedDilated, "apply", lambda *a: calls.append(a[3]) or real(*a))
+    real = dilated_module.FusedDilated.apply
+    monkeypatch.setattr(dilated_module.FusedDilated, "apply", lambda *a: calls.append(a[3]) or real(*a))
     ref = _run(lambda *x: reference_attention(*x, **kw), q, k, v, dout, dlse, torch.float64)
     for backend in ("torch", "math"):
         calls.clear()

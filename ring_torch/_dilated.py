@@ -4,8 +4,12 @@ segment, written back in place; ``mix="longnet"`` merges the patterns by their l
 No ``n x n`` or ``n x w`` mask is ever built: the rows a pattern selects in a segment are a
 strided slice, so with all segments folded into the batch they are a *view* of the input (the
 kernels read strided rows) and of the output and gradient buffers (written in place).
-``backend="torch"`` without dropout runs :class:`FusedDilated` (its own backward, fed the merged
-``out``/``lse``); ``math``, ``xformers`` and dropout differentiate through autograd.
+
+One executor per call runs the units (:func:`make_executor`): :class:`FusedExecutor` for a
+kernel with a fused backward (``backend="torch"`` without dropout: :class:`FusedDilated`, its own
+backward fed the merged ``out``/``lse``), :class:`AutogradExecutor` for the rest (``math``,
+``xformers``, dropout: autograd through every kernel call). The ring runs its local units with
+the same executor.
 """
 
 from __future__ import annotations
@@ -13,136 +17,52 @@ from __future__ import annotations
 import torch
 
 from ring_torch._config import DilatedConfig
-from ring_torch._dropout import Dropout, keep_mask, make_dropout
-from ring_torch._kernels import (block_attention, check_backend, fused_block_grads, select_backend,
+from ring_torch._coords import MaskSpec, unit_coords
+from ring_torch._dropout import Dropout, make_dropout
+from ring_torch._kernels import (GradInputs, Kernel, check_backend, kernel_for, select_backend,
                                 xformers_available)
 from ring_torch._plan import DilatedPlan, Unit, build_plan, index_tensor
+from ring_torch._rows import blank, gather_rows, kv_rows, lse_merge, merge_rows, q_rows
 
-__all__ = ["dilated_attention", "resolve_backend"]
-
-
-def _gather_rows(x: torch.Tensor, unit: Unit) -> torch.Tensor:
-    """``x [b, n, H, ...]`` -> the rows ``unit`` selects, ``[b * S, m, H, ...]``: a strided view
-    (no copy) of a contiguous ``x``, so writing into it writes into ``x``."""
-    b, n = x.shape[:2]
-    S, m = n // unit.segment, unit.rows
-    # Position p = s*w' + i*r + o: segment s, selected row i, offset o.
-    x = x.reshape(b, S, m, unit.rate, *x.shape[2:])[:, :, :, unit.offset]  # [b, S, m, H, ...]
-    return x.reshape(b * S, m, *x.shape[3:])  # [b*S, m, H, ...]
+__all__ = ["dilated_attention", "resolve_backend", "make_executor", "AutogradExecutor",
+           "FusedExecutor", "FusedDilated", "grad_dtypes"]
 
 
-def _q_rows(x: torch.Tensor, unit: Unit) -> torch.Tensor:
-    """The unit's query heads and rows of ``x [b, n, h, ...]`` (q, out, lse and their grads)."""
-    return _gather_rows(x[:, :, slice(*unit.q_heads)], unit)
-
-
-def _kv_rows(x: torch.Tensor, unit: Unit) -> torch.Tensor:
-    """The unit's kv rows of ``x [b, n, h_kv, d]``: its kv heads (a view), or with ``kv_index``
-    one kv head per query head (a copy of the selected rows only)."""
-    if unit.kv_index is None:
-        return _gather_rows(x[:, :, slice(*unit.kv_heads)], unit)
-    return _gather_rows(x, unit).index_select(2, index_tensor(unit.kv_index, x.device))
-
-
-def _unit_keep(unit: Unit, dropout: Dropout, b: int, n: int, device) -> torch.Tensor:
-    """The dropout mask of a unit's folded blocks ``[b * S, H, m, m]`` (global positions)."""
-    S, m = n // unit.segment, unit.rows
-    pos = (dropout.base + torch.arange(S, device=device)[:, None] * unit.segment
-           + torch.arange(m, device=device)[None, :] * unit.rate + unit.offset)  # [S, m]
-    heads = torch.arange(*unit.q_heads, device=device)
-    pos = pos.repeat(b, 1)[:, None, :].expand(b * S, len(heads), m)
-    batch = dropout.batch_base + torch.arange(b, device=device).repeat_interleave(S)
-    return keep_mask(dropout.seed, unit.pattern, batch, heads, pos, pos, dropout.p)
-
-
-def _blank(q: torch.Tensor, heads: int, out_dtype: torch.dtype | None = None):
-    """``out = 0 [b, n, heads, d]`` (``q``'s dtype unless ``out_dtype``) and ``lse = -inf
-    [b, n, heads]`` (float32 or wider): what rows no unit writes hold."""
-    b, n, _, d = q.shape
-    out = torch.zeros(b, n, heads, d, dtype=out_dtype or q.dtype, device=q.device)
-    lse = torch.full((b, n, heads), float("-inf"), dtype=torch.promote_types(q.dtype, torch.float32),
-                     device=q.device)
-    return out, lse
-
-
-def _attend_rows(unit: Unit, q, k, v, scale, is_causal, backend, dropout: Dropout | None = None):
+def _attend_rows(unit: Unit, q, k, v, scale, kernel: Kernel, spec: MaskSpec):
     """``(out [b*S, m, H, d], lse [b*S, m, H])`` of the unit's selected rows."""
-    b, n = q.shape[:2]
-    keep = None if dropout is None else _unit_keep(unit, dropout, b, n, q.device)
-    return block_attention(_q_rows(q, unit), _kv_rows(k, unit), _kv_rows(v, unit), scale=scale,
-                           is_causal=is_causal, backend=backend, keep=keep,
-                           dropout_p=0.0 if dropout is None else dropout.p)
+    coords = unit_coords(unit, spec, q.shape[0], q.shape[1])
+    return kernel.forward(q_rows(q, unit), kv_rows(k, unit), kv_rows(v, unit), scale, coords)
 
 
-def _run_unit(unit: Unit, q, k, v, scale, is_causal, backend, dropout: Dropout | None = None):
-    """One unit as ``(out [b, n, H, d], lse [b, n, H])`` over its own heads (the ring's local
-    units); rows it does not select get ``out = 0``, ``lse = -inf``."""
-    out, lse = _blank(q, unit.num_heads)
-    o, l = _attend_rows(unit, q, k, v, scale, is_causal, backend, dropout)
-    _gather_rows(out, unit).copy_(o)  # out holds only the unit's heads
-    _gather_rows(lse, unit).copy_(l)
-    return out, lse
-
-
-def _run_heads(units, q, k, v, scale, is_causal, backend, dropout=None):
+def _run_heads(units, q, k, v, scale, kernel, spec):
     """``units`` covering each query head at most once (``head_groups``, or one ``longnet``
     pattern), each written in place into its heads and rows of one ``(out, lse)``; heads no
     unit covers (a ring's local sub-plan) stay ``out = 0``, ``lse = -inf``."""
-    out, lse = _blank(q, q.shape[2])
+    out, lse = blank(q, q.shape[2])
     for u in units:
-        o, l = _attend_rows(u, q, k, v, scale, is_causal, backend, dropout)
-        _q_rows(out, u).copy_(o)
-        _q_rows(lse, u).copy_(l)
+        o, l = _attend_rows(u, q, k, v, scale, kernel, spec)
+        q_rows(out, u).copy_(o)
+        q_rows(lse, u).copy_(l)
     return out, lse
 
 
-def _lse_merge(outs, lses):
-    """Merges per-pattern ``(out [b, n, h, d], lse [b, n, h])`` as attention over the union of
-    their keys, in float32 or better; rows empty in every pattern give ``out = 0``,
-    ``lse = -inf`` with finite gradients."""
-    dtype = torch.promote_types(outs[0].dtype, torch.float32)
-    L = torch.stack([l.to(dtype) for l in lses])  # [K, b, n, h]
-    # The shift cancels in value and gradient, so it is detached; 0 where all are -inf.
-    shift = L.amax(0).detach()
-    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    e = torch.exp(L - shift)  # [K, b, n, h]
-    z = e.sum(0)
-    nonempty = z > 0
-    z_safe = torch.where(nonempty, z, torch.ones_like(z))
-    lse = torch.where(nonempty, shift + torch.log(z_safe), torch.full_like(z, float("-inf")))
-    weights = (e / z_safe).unsqueeze(-1)  # [K, b, n, h, 1]
-    out = sum(weights[i] * o.to(dtype) for i, o in enumerate(outs))
-    return out, lse
-
-
-def _run_pattern(plan: DilatedPlan, i: int, q, k, v, scale, backend, dropout=None):
-    """``mix="longnet"``: all heads under pattern ``i`` (head j at position j)."""
-    return _run_heads(plan.pattern_units(i), q, k, v, scale, plan.is_causal, backend, dropout)
-
-
-def _merge_rows(acc, acc_lse, o, lse):
-    """In place: ``acc [B, m, H, d]``, ``acc_lse [B, m, H]`` (float32+ views) become the softmax
-    merge of themselves and one unit's ``o``, ``lse`` rows (a unit's rows are never empty, so
-    ``lse`` is finite and an empty ``acc_lse = -inf`` just takes the unit's values)."""
-    new = torch.logaddexp(acc_lse, lse)
-    acc.mul_(torch.exp(acc_lse - new).unsqueeze(-1)).addcmul_(o, torch.exp(lse - new).unsqueeze(-1))
-    acc_lse.copy_(new)
-
-
-def _forward(plan: DilatedPlan, q, k, v, scale, backend, dropout=None):
-    if plan.mix == "head_groups":
-        return _run_heads(plan.units, q, k, v, scale, plan.is_causal, backend, dropout)
+def _forward(plan: DilatedPlan, q, k, v, scale, kernel, spec):
+    """``(out [b, n, h, d], lse [b, n, h])`` of every unit of ``plan``: ``out`` in ``q``'s dtype
+    when heads are not merged, else the float32+ merge."""
+    if not plan.merged:
+        return _run_heads(plan.units, q, k, v, scale, kernel, spec)
     if not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))):
         # No autograd graph (inference, FusedDilated): merge each unit into one float32 output
         # in place, no per-pattern full-size outputs.
-        acc, acc_lse = _blank(q, q.shape[2], out_dtype=torch.promote_types(q.dtype, torch.float32))
+        acc, acc_lse = blank(q, q.shape[2], out_dtype=torch.promote_types(q.dtype, torch.float32))
         for u in plan.units:
-            o, l = _attend_rows(u, q, k, v, scale, plan.is_causal, backend, dropout)
-            _merge_rows(_q_rows(acc, u), _q_rows(acc_lse, u), o, l)
+            o, l = _attend_rows(u, q, k, v, scale, kernel, spec)
+            merge_rows(q_rows(acc, u), q_rows(acc_lse, u), o, l)
         return acc, acc_lse
     patterns = sorted({u.pattern for u in plan.units})  # a ring's local sub-plan may hold a few
-    outs, lses = zip(*(_run_pattern(plan, i, q, k, v, scale, backend, dropout) for i in patterns))
-    return (outs[0], lses[0]) if len(outs) == 1 else _lse_merge(list(outs), list(lses))
+    outs, lses = zip(*(_run_heads(plan.pattern_units(i), q, k, v, scale, kernel, spec)
+                       for i in patterns))
+    return (outs[0], lses[0]) if len(outs) == 1 else lse_merge(list(outs), list(lses))
 
 
 def _overlaps(head_lists) -> bool:
@@ -171,7 +91,7 @@ def grad_dtypes(plan: DilatedPlan, dtype: torch.dtype) -> tuple[torch.dtype, tor
     return tuple(acc if summed else dtype for summed in _sums(plan))
 
 
-def _backward(plan: DilatedPlan, q, k, v, out, lse, dout, dlse, scale):
+def _backward(plan: DilatedPlan, q, k, v, out, lse, dout, dlse, scale, kernel, spec):
     """``(dq, dk, dv)`` from the *merged* ``(out, lse)``: each unit's block gradient is the fused
     kernel's backward fed the global ``out``/``lse`` rows (the ring's formula), written in place
     into its strided rows: copied where each element has one writer, else added in float32."""
@@ -181,38 +101,38 @@ def _backward(plan: DilatedPlan, q, k, v, out, lse, dout, dlse, scale):
     dq = torch.zeros(q.shape, dtype=q_dtype, device=q.device)
     dk, dv = (torch.zeros(k.shape, dtype=kv_dtype, device=k.device) for _ in range(2))
     for u in plan.units:
-        ks, vs = _kv_rows(k, u), _kv_rows(v, u)
+        ks, vs = kv_rows(k, u), kv_rows(v, u)
         if u.kv_repeat > 1:  # the fused backward wants one kv head per query head
             ks, vs = ks.repeat_interleave(u.kv_repeat, dim=2), vs.repeat_interleave(u.kv_repeat, dim=2)
-        gq, gk, gv = fused_block_grads(_q_rows(dout, u), _q_rows(q, u), ks, vs, _q_rows(out, u), _q_rows(lse, u),
-                                       None if dlse is None else _q_rows(dlse, u), scale=scale,
-                                       is_causal=plan.is_causal, backend="torch")
-        rows = _q_rows(dq, u)
+        rows = GradInputs(q_rows(q, u), q_rows(out, u), q_rows(lse, u), q_rows(dout, u),
+                          None if dlse is None else q_rows(dlse, u), None)
+        gq, gk, gv = kernel.backward(rows, ks, vs, scale, unit_coords(u, spec, q.shape[0], q.shape[1]))
+        rows = q_rows(dq, u)
         (rows.add_ if q_sums else rows.copy_)(gq)
         for full, g in ((dk, gk), (dv, gv)):
             if u.kv_index is not None:
-                _gather_rows(full, u).index_add_(2, index_tensor(u.kv_index, g.device), g.to(full.dtype))
+                gather_rows(full, u).index_add_(2, index_tensor(u.kv_index, g.device), g.to(full.dtype))
                 continue
             if u.kv_repeat > 1:  # repeats summed per kv head, in float32
                 B, m, _, d = g.shape
                 g = g.view(B, m, -1, u.kv_repeat, d).sum(3, dtype=acc)
-            rows = _gather_rows(full[:, :, slice(*u.kv_heads)], u)
+            rows = gather_rows(full[:, :, slice(*u.kv_heads)], u)
             (rows.add_ if kv_sums else rows.copy_)(g)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 class FusedDilated(torch.autograd.Function):
-    """``(out, lse)`` of ``plan``'s units for ``backend="torch"`` without dropout: the forward
-    keeps only ``q, k, v, out, lse`` and the backward is :func:`_backward` (no per-unit copies
-    or full-size per-unit gradients). Also runs a ring's local units as one sub-plan.
+    """``(out, lse)`` of ``plan``'s units by a kernel with a fused backward: the forward keeps
+    only ``q, k, v, out, lse`` and the backward is :func:`_backward` (no per-unit copies or
+    full-size per-unit gradients). Also runs a ring's local units as one sub-plan.
 
     ``out`` comes back in ``q``'s dtype, the very tensor kept for the backward (no second copy);
     with ``merged_out=True`` a float32 longnet merge comes back unrounded, for a ring to merge on."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan, scale, merged_out=False):
-        out, lse = _forward(plan, q, k, v, scale, "torch")
-        ctx.plan, ctx.scale = plan, scale
+    def forward(ctx, q, k, v, plan, scale, kernel, spec, merged_out=False):
+        out, lse = _forward(plan, q, k, v, scale, kernel, spec)
+        ctx.args = (plan, scale, kernel, spec)
         rounded = out.to(q.dtype)  # the fused backward reads q's dtype
         ctx.save_for_backward(q, k, v, rounded, lse)
         ctx.set_materialize_grads(False)
@@ -222,10 +142,44 @@ class FusedDilated(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        return (*_backward(ctx.plan, q, k, v, out, lse, dout.to(q.dtype), dlse, ctx.scale),
-                None, None, None)
+        plan, scale, kernel, spec = ctx.args
+        dout = torch.zeros_like(out) if dout is None else dout.to(q.dtype)
+        return (*_backward(plan, q, k, v, out, lse, dout, dlse, scale, kernel, spec),
+                None, None, None, None, None)
+
+
+class AutogradExecutor:
+    """Runs a plan's units through autograd, kernel by kernel (``math``, ``xformers``, and any
+    backend with dropout)."""
+
+    def __init__(self, kernel: Kernel):
+        self.kernel = kernel
+
+    def run(self, plan: DilatedPlan, q, k, v, scale: float, spec: MaskSpec, merged_out: bool = False):
+        """``(out [b, n, h, d], lse [b, n, h])`` of ``plan``'s units (``merged_out``: a longnet
+        merge is float32+ either way)."""
+        return _forward(plan, q, k, v, scale, self.kernel, spec)
+
+
+class FusedExecutor:
+    """Runs a plan's units as one :class:`FusedDilated` call (a kernel with a fused backward:
+    ``backend="torch"`` without dropout)."""
+
+    def __init__(self, kernel: Kernel):
+        self.kernel = kernel
+
+    def run(self, plan: DilatedPlan, q, k, v, scale: float, spec: MaskSpec, merged_out: bool = False):
+        """``(out [b, n, h, d], lse [b, n, h])``; ``out`` in ``q``'s dtype unless ``merged_out``
+        (a longnet merge stays float32)."""
+        return FusedDilated.apply(q, k, v, plan, scale, self.kernel, spec, merged_out)
+
+
+def make_executor(backend: str, device: torch.device, compute: torch.dtype, head_dim: int,
+                  dropout: Dropout | None) -> AutogradExecutor | FusedExecutor:
+    """The kernel and executor of one call, chosen once: ``backend`` resolved, ``compute`` the
+    dtype the kernels see."""
+    kernel = kernel_for(backend, device, compute, head_dim, needs_dropout=dropout is not None)
+    return (FusedExecutor if kernel.fused_backward else AutogradExecutor)(kernel)
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype):
@@ -271,11 +225,9 @@ def dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     plan = build_plan(config, n, h, h_kv)
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
     dropout = make_dropout(dropout_p, dropout_seed)
+    executor = make_executor(backend, query.device, compute, d, dropout)
     q, k, v = (x.to(compute) for x in (query, key, value))
-    if backend == "torch" and dropout is None:
-        out, lse = FusedDilated.apply(q, k, v, plan, scale)
-    else:
-        out, lse = _forward(plan, q, k, v, scale, backend, dropout)
+    out, lse = executor.run(plan, q, k, v, scale, MaskSpec(config.is_causal, dropout))
     out = out.to(dtype)
     if not return_lse:
         return out

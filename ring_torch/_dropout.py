@@ -52,13 +52,11 @@ def draw_seed(generator: torch.Generator | None = None) -> int:
 
 @dataclass(frozen=True)
 class Dropout:
-    """Dropout of one call: probability ``p``, ``seed``, and the global position / batch index
-    of local row 0 / batch entry 0 (a ring shard starts at ``rank * L``)."""
+    """Dropout of one call: probability ``p`` and ``seed`` (where the rows sit globally is the
+    business of :class:`ring_torch._coords.MaskSpec`)."""
 
     p: float
     seed: int
-    base: int = 0
-    batch_base: int = 0
 
 
 def make_dropout(p: float, seed: int | None) -> Dropout | None:

@@ -1,39 +1,44 @@
-"""Block attention kernels returning the log-sum-exp, and the backend dispatch.
+"""Block attention kernels returning the log-sum-exp, behind one small protocol, and the backend
+dispatch.
 
 Every kernel maps ``q [B, m, H, d]``, ``k``/``v [B, m, H_kv, d]`` (``H % H_kv == 0``; query head
 ``j`` reads kv head ``j // (H // H_kv)``) to ``out [B, m, H, d]`` in ``q``'s dtype and
 ``lse [B, m, H]`` in float32 (float64 for float64 inputs). Rows are never empty here: the layer
-only sends selected rows, and causal rows always see their own key.
+only sends selected rows, and causal rows always see their own key. The block's masks come from
+its :class:`ring_torch._coords.BlockCoords`.
 
-Backends:
+Kernels (:data:`KERNELS`, one per backend; :func:`kernel_for` picks one per call):
 
-* ``math``: plain matmuls in float32 or better, any dtype; autograd differentiates it exactly.
-* ``torch``: torch's fused kernels (CPU: ``aten._scaled_dot_product_flash_attention_for_cpu``;
-  CUDA: ``aten._scaled_dot_product_flash_attention`` for fp16/bf16 on sm80+ with
-  ``head_dim % 8 == 0`` and ``<= 256``, else ``aten._scaled_dot_product_efficient_attention``;
-  :func:`cuda_kernel` decides).
-* ``xformers``: CUDA only, ``memory_efficient_attention_forward_requires_grad`` / ``..._backward``.
-
-The fused backwards ignore the gradient of the LSE. :class:`_ExactLSE` makes them exact: with
-``dS = P * (dP - D + dlse)``, ``dP = dO V^T`` and ``D = rowsum(dO * O)``, appending a column of ones
-to ``V``, the column ``dlse`` to ``dO`` and a zero column to ``O`` (zero columns to ``Q``, ``K``)
-turns the kernel's own ``dP - D`` into ``dP + dlse - D``; the appended columns are dropped.
+* :class:`MathKernel` (``math``): plain matmuls in float32 or better, any dtype, any mask;
+  autograd differentiates it exactly. Its :meth:`~MathKernel.backward` is the float32 formula
+  from the rows' global ``(out, lse)``.
+* :class:`TorchKernel` (``torch``): torch's fused kernels (:mod:`ring_torch._aten`; CPU:
+  ``aten._scaled_dot_product_flash_attention_for_cpu``; CUDA: the flash kernel for fp16/bf16 on
+  sm80+ with ``head_dim % 8 == 0`` and ``<= 256``, else the memory-efficient one;
+  :func:`cuda_kernel` decides). No dropout. Its backward is the fused kernel's, fed the global
+  ``(out, lse)``, in the input dtype (:attr:`~TorchKernel.fused_backward`).
+* :class:`XFormersKernel` (``xformers``): CUDA only, xformers' forward; no dropout; the backward
+  from a global LSE is the math formula.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple, Protocol
 
 import torch
-import torch.nn.functional as F
 
-from ring_torch._plan import causal_mask
+from ring_torch._aten import _AtenCPU, _AtenCUDA, _AtenFlashCUDA, _XFormers, ExactLSE, exact_backward
+from ring_torch._coords import BlockCoords, block_masks
 
-__all__ = ["BACKENDS", "block_attention", "check_backend", "cuda_kernel", "fused_block_grads",
+__all__ = ["BACKENDS", "KERNELS", "GradInputs", "Kernel", "MathKernel", "TorchKernel",
+           "XFormersKernel", "check_backend", "cuda_kernel", "fused_block_grads", "kernel_for",
            "select_backend", "xformers_available"]
 
 BACKENDS = ("auto", "math", "torch", "xformers")
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Score elements (B * H * rows * keys) one chunk of the math backward materialises at most.
+GRAD_CHUNK_ELEMENTS = 1 << 24
 
 
 @functools.cache
@@ -101,12 +106,44 @@ def check_backend(backend: str, device_type: str, dtype: torch.dtype):
             raise ValueError("backend='xformers' but no xformers build matching this torch imports")
 
 
-def _pad_last(x, pad):
-    """Zero columns appended to the head dim (no copy when none are needed)."""
-    return F.pad(x, (0, pad)) if pad else x
 
 
-def _math_attention(q, k, v, scale, is_causal, keep=None, dropout_p=0.0):
+class GradInputs(NamedTuple):
+    """One block's backward operands, in the dtypes its kernel wants: ``q``, ``out``, ``dout``
+    ``[B, m, H, d]``, ``lse``, ``dlse``, ``delta = rowsum(dout * out)`` ``[B, m, H]``; None where
+    the kernel needs none (``dlse`` None: zero)."""
+
+    q: torch.Tensor
+    out: torch.Tensor | None
+    lse: torch.Tensor
+    dout: torch.Tensor
+    dlse: torch.Tensor | None
+    delta: torch.Tensor | None
+
+    def fold(self, lo: int) -> GradInputs:
+        """``[G, gl, b, m, ...]`` operands -> the group-ranks ``[lo:]`` folded into the batch."""
+        return GradInputs(*(None if x is None else x[:, lo:].reshape(-1, *x.shape[3:]) for x in self))
+
+
+class Kernel(Protocol):
+    """What the layers ask of a kernel (one instance per call, for its device, dtype, head_dim)."""
+
+    name: str
+    fused_backward: bool  # its backward takes the global (out, lse) in the input dtype
+
+    @classmethod
+    def supports(cls, dtype: torch.dtype, device_type: str, head_dim: int, needs_dropout: bool) -> bool: ...
+
+    def forward(self, q, k, v, scale: float, coords: BlockCoords) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def grad_inputs(self, q, out, lse, dout, dlse) -> GradInputs: ...
+
+    def backward(self, g: GradInputs, k, v, scale: float, coords: BlockCoords): ...
+
+
+def _math_attention(q, k, v, scale, hide=None, keep=None, dropout_p=0.0):
+    """``(out, lse)`` by plain matmuls in float32 or better; ``hide`` (``[m, m]`` or
+    ``[B, H, m, m]``) masks scores, ``keep [B, H, m, m]`` scales probabilities by ``1 / (1 - p)``."""
     B, m, H, d = q.shape
     H_kv = k.shape[2]
     compute = torch.promote_types(q.dtype, torch.float32)
@@ -114,8 +151,8 @@ def _math_attention(q, k, v, scale, is_causal, keep=None, dropout_p=0.0):
     kh = k.to(compute).permute(0, 2, 1, 3).unsqueeze(2)  # [B, H_kv, 1, m, d]
     vh = v.to(compute).permute(0, 2, 1, 3).unsqueeze(2)  # [B, H_kv, 1, m, d]
     s = torch.matmul(qh, kh.transpose(-1, -2)) * scale  # [B, H_kv, g, m, m]
-    if is_causal:
-        s = s.masked_fill(causal_mask(m, s.device), float("-inf"))
+    if hide is not None:
+        s = s.masked_fill(hide if hide.dim() == 2 else hide.reshape(s.shape), float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # [B, H_kv, g, m]
     probs = torch.exp(s - lse.unsqueeze(-1))
     if keep is not None:  # dropout on the probabilities; [B, H, m, m] -> [B, H_kv, g, m, m]
@@ -125,207 +162,156 @@ def _math_attention(q, k, v, scale, is_causal, keep=None, dropout_p=0.0):
     return out, lse.reshape(B, H, m).transpose(1, 2)  # [B, m, H]
 
 
-class _AtenCPU:
-    """``aten._scaled_dot_product_flash_attention_for_cpu`` (takes [B, H, m, d], native GQA)."""
+def _math_grads(g: GradInputs, k, v, scale, coords: BlockCoords):
+    """Gradients of one block from the rows' *global* ``(out, lse)``, all in float32+.
 
-    pad_multiple = 1
-
-    @staticmethod
-    def forward(q, k, v, scale, is_causal):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, is_causal, scale=scale)
-        return out.transpose(1, 2), lse.transpose(1, 2), (lse,)  # [B, m, H, d], [B, m, H]
-
-    @staticmethod
-    def backward(dout, q, k, v, out, saved, scale, is_causal):
-        (lse,) = saved
-        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            out.transpose(1, 2), lse, 0.0, is_causal, scale=scale)
-        return tuple(g.transpose(1, 2) for g in grads)
-
-    @staticmethod
-    def saved_from_lse(lse, q):
-        acc = torch.promote_types(q.dtype, torch.float32)  # the kernel's own LSE dtype
-        return (lse.transpose(1, 2).to(acc).contiguous(),)  # [B, H, m]
-
-
-class _AtenCUDA:
-    """``aten._scaled_dot_product_efficient_attention``: fp32/fp16/bf16 on sm50+; no GQA, so
-    the caller repeats kv heads; head_dim padded to a multiple of 8 for alignment."""
-
-    pad_multiple = 8
-
-    @staticmethod
-    def forward(q, k, v, scale, is_causal):
-        m, d = q.shape[1], q.shape[-1]
-        q, k, v = (_pad_last(x, -d % 8).transpose(1, 2) for x in (q, k, v))  # [B, H, m, d8]
-        out, lse, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, k, v, None, True, 0.0, is_causal, scale=scale)
-        # The kernel pads lse's row axis to a multiple of 32; its backward wants it so.
-        return (out[..., :d].transpose(1, 2), lse[..., :m].transpose(1, 2),
-                (lse, seed, offset))
-
-    @staticmethod
-    def backward(dout, q, k, v, out, saved, scale, is_causal):
-        lse, seed, offset = saved
-        d = q.shape[-1]
-        dout, q, k, v, out = (_pad_last(x, -d % 8).transpose(1, 2) for x in (dout, q, k, v, out))
-        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-            dout.contiguous(), q, k, v, None, out, lse, seed, offset, 0.0,
-            [True, True, True, False], is_causal, scale=scale)
-        return tuple(g[..., :d].transpose(1, 2) for g in (dq, dk, dv))
-
-    @staticmethod
-    def saved_from_lse(lse, q):
-        m = lse.shape[1]
-        lse = F.pad(lse.transpose(1, 2).float(), (0, -m % 32)).contiguous()  # [B, H, m padded to 32]
-        return (lse, *_rng_state(_AtenCUDA, q))
+    ``g.q``/``g.dout [B, m, H, d]``, ``k``/``v [B, m, H, d]`` (one kv row per query head),
+    ``g.lse``/``g.delta``/``g.dlse [B, m, H]``. Returns ``dq``, ``dk``, ``dv [B, m, H, d]``. With
+    dropout (``M = keep / (1 - p)``): ``dV = (P M)^T dO``, ``dS = P (M dP - D + dlse)`` (``D`` of
+    the dropped output). Query rows go in chunks of at most :data:`GRAD_CHUNK_ELEMENTS` scores,
+    so no ``m x m`` block is held for long shards; causal chunks stop at their last row's key."""
+    q, dout, lse = g.q, g.dout, g.lse
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    B, m, H, d = q.shape
+    hide, keep = block_masks(coords, q.device)
+    p_drop = coords.spec.dropout_p
+    rows = max(1, GRAD_CHUNK_ELEMENTS // max(1, B * H * m))
+    dq = torch.empty_like(q)
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    row_terms = (g.delta - g.dlse).transpose(1, 2).unsqueeze(-1)  # [B, H, m, 1]
+    lse_t = lse.transpose(1, 2).unsqueeze(-1)
+    for c0 in range(0, m, rows):
+        c1 = min(m, c0 + rows)
+        kend = c1 if coords.is_causal else m  # causal: keys after the chunk's last row are masked
+        qc, dc = q[:, c0:c1], dout[:, c0:c1]
+        kc, vc = k[:, :kend], v[:, :kend]
+        s = torch.einsum("bihd,bjhd->bhij", qc, kc) * scale  # [B, H, c, kend]
+        if hide is not None:
+            s = s.masked_fill(hide[..., c0:c1, :kend], float("-inf"))
+        p = torch.exp(s - lse_t[:, :, c0:c1])
+        dp = torch.einsum("bihd,bjhd->bhij", dc, vc)
+        pv = p
+        if keep is not None:
+            scaled = keep[:, :, c0:c1, :kend].to(p.dtype) / (1.0 - p_drop)
+            dp, pv = dp * scaled, p * scaled
+        ds = p * (dp - row_terms[:, :, c0:c1])
+        dq[:, c0:c1] = torch.einsum("bhij,bjhd->bihd", ds, kc) * scale
+        dk[:, :kend] += torch.einsum("bhij,bihd->bjhd", ds, qc) * scale
+        dv[:, :kend] += torch.einsum("bhij,bihd->bjhd", pv, dc)
+    return dq, dk, dv
 
 
-def _rng_state(kernel, q):
-    """The (unused without dropout) RNG seed/offset tensors the kernel's backward takes, as its
-    own forward makes them for dropout 0: from one tiny forward call, once per kernel, device,
-    dtype and head_dim (a ring backward asks for them at every hop)."""
-    return _rng_state_for(kernel, q.device, q.dtype, q.shape[-1])
+class MathKernel:
+    """``math``: any dtype, device and mask; the reference every other kernel falls back to."""
+
+    name = "math"
+    fused_backward = False
+
+    @classmethod
+    def supports(cls, dtype, device_type, head_dim, needs_dropout) -> bool:
+        return True
+
+    @classmethod
+    def create(cls, device: torch.device, dtype: torch.dtype, head_dim: int) -> MathKernel:
+        return cls()
+
+    def forward(self, q, k, v, scale, coords):
+        """``(out [B, m, H, d], lse [B, m, H])`` with every mask of ``coords``."""
+        hide, keep = block_masks(coords, q.device)
+        return _math_attention(q, k, v, scale, hide, keep, coords.spec.dropout_p)
+
+    def grad_inputs(self, q, out, lse, dout, dlse) -> GradInputs:
+        """Operands in float32+ (``lse``'s dtype); ``dout``/``dlse`` None: zero; ``dlse`` is
+        zeroed where ``lse`` is not finite."""
+        compute = lse.dtype
+        dout = torch.zeros(out.shape, dtype=compute, device=out.device) if dout is None else dout.to(compute)
+        dlse = torch.zeros_like(lse) if dlse is None else dlse.to(compute)
+        dlse = torch.where(torch.isfinite(lse), dlse, torch.zeros_like(dlse))
+        return GradInputs(q.to(compute), None, lse, dout, dlse, (dout * out).sum(-1))
+
+    def backward(self, g, k, v, scale, coords):
+        """``(dq, dk, dv)`` per query head in float32+ (:func:`_math_grads`)."""
+        return _math_grads(g, k, v, scale, coords)
 
 
-@functools.cache
-def _rng_state_for(kernel, device, dtype, head_dim):
-    tiny = torch.zeros(1, 1, 1, head_dim, device=device, dtype=dtype)
-    return kernel.forward(tiny, tiny, tiny, 1.0, False)[2][1:]
+class XFormersKernel(MathKernel):
+    """``xformers``: its fused forward (CUDA, no dropout); the backward from a global LSE is
+    :class:`MathKernel`'s formula (xformers' takes only its own LSE)."""
 
+    name = "xformers"
 
-class _AtenFlashCUDA:
-    """``aten._scaled_dot_product_flash_attention`` (FlashAttention-2): fp16/bf16, sm80+, no GQA
-    (the caller repeats kv heads). Its backward takes ``out`` and the float32 ``logsumexp``."""
+    @classmethod
+    def supports(cls, dtype, device_type, head_dim, needs_dropout) -> bool:
+        return device_type == "cuda" and dtype in _FUSED_DTYPES and not needs_dropout
 
-    pad_multiple = 8
-
-    @staticmethod
-    def forward(q, k, v, scale, is_causal):
-        out, lse, *_, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, is_causal, False, scale=scale)
-        return out.transpose(1, 2), lse.transpose(1, 2), (lse, seed, offset)  # [B, m, H, d], [B, m, H]
-
-    @staticmethod
-    def backward(dout, q, k, v, out, saved, scale, is_causal):
-        lse, seed, offset = saved
-        # The kernel reads strided q, k, v (rows gathered as views stay views); it makes dout and
-        # out contiguous itself, so doing it here costs nothing extra.
-        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-        dout, out = dout.contiguous(), out.contiguous()
-        dout, q, k, v, out = (x.transpose(1, 2) for x in (dout, q, k, v, out))  # [B, H, m, d]
-        grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            dout, q, k, v, out, lse, None, None, q.shape[2], k.shape[2], 0.0, is_causal, seed, offset, scale=scale)
-        return tuple(g.transpose(1, 2) for g in grads)
-
-    @staticmethod
-    def saved_from_lse(lse, q):
-        return (lse.transpose(1, 2).float().contiguous(), *_rng_state(_AtenFlashCUDA, q))
-
-
-class _XFormers:
-    """xformers' memory-efficient forward/backward in its own [B, m, H, d] layout."""
-
-    pad_multiple = 8
-
-    @staticmethod
-    def _bias(is_causal):
-        from xformers.ops import fmha
-        return fmha.attn_bias.LowerTriangularMask() if is_causal else None
-
-    @staticmethod
-    def forward(q, k, v, scale, is_causal):
-        from xformers.ops import fmha
-        m = q.shape[1]
-        out, lse = fmha.memory_efficient_attention_forward_requires_grad(
-            q, k, v, attn_bias=_XFormers._bias(is_causal), scale=scale)
-        return out, lse[..., :m].transpose(1, 2), (lse,)
-
-    @staticmethod
-    def backward(dout, q, k, v, out, saved, scale, is_causal):
-        from xformers.ops import fmha
-        (lse,) = saved
-        return fmha.memory_efficient_attention_backward(
-            dout.contiguous(), out, lse, q, k, v, attn_bias=_XFormers._bias(is_causal), scale=scale)
-
-
-def _kernel_backward(kernel, dout, dlse, q, k, v, out, saved, scale, is_causal):
-    """``kernel.backward`` made exact in ``dlse`` (None: zero) by the extra column of the module
-    docstring; every operand padded to the kernel's head-dim multiple."""
-    d = q.shape[-1]
-    if dlse is None:
-        pad = -d % kernel.pad_multiple
-        dout, q, k, v, out = (_pad_last(x, pad) for x in (dout, q, k, v, out))
-    else:
-        pad = -(d + 1) % kernel.pad_multiple  # zero columns beyond the one we need
-        ones = torch.ones_like(v[..., :1])
-        q, k, out = (F.pad(x, (0, 1 + pad)) for x in (q, k, out))
-        v = F.pad(torch.cat([v, ones], dim=-1), (0, pad))
-        dout = F.pad(torch.cat([dout, dlse.unsqueeze(-1).to(dout.dtype)], dim=-1), (0, pad))
-    return tuple(g[..., :d] for g in kernel.backward(dout, q, k, v, out, saved, scale, is_causal))
-
-
-class _ExactLSE(torch.autograd.Function):
-    """A fused kernel whose backward is exact in both ``dout`` and ``dlse`` (module docstring)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, kernel, scale, is_causal):
-        out, lse, saved = kernel.forward(q, k, v, scale, is_causal)
-        ctx.kernel, ctx.scale, ctx.is_causal, ctx.num_saved = kernel, scale, is_causal, len(saved)
-        ctx.save_for_backward(q, k, v, out, *saved)
-        ctx.set_materialize_grads(False)
-        return out, lse
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout, dlse):
-        q, k, v, out, *saved = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dq, dk, dv = _kernel_backward(ctx.kernel, dout, dlse, q, k, v, out, saved, ctx.scale, ctx.is_causal)
-        return dq, dk, dv, None, None, None
-
-
-def _fused_kernel(q, backend: str):
-    """The fused kernel ``backend`` runs on ``q``'s device and dtype, or None (math)."""
-    if backend == "math":
-        return None
-    if backend == "torch" and q.device.type == "cpu":
-        return _AtenCPU
-    if backend == "torch":
-        flash = cuda_kernel(q.dtype, q.shape[-1], torch.cuda.get_device_capability(q.device)) == "flash"
-        return _AtenFlashCUDA if flash else _AtenCUDA
-    return _XFormers
-
-
-def fused_block_grads(dout, q, k, v, out, lse, dlse=None, *, scale: float, is_causal: bool, backend: str):
-    """``(dq, dk, dv)`` of one block by the fused backward kernel, given the rows' *global*
-    ``out [B, m, H, d]``, ``lse [B, m, H]`` and cotangents ``dout``, ``dlse`` (None: zero): a
-    ring block's share of a merged attention, since the kernel's ``P = exp(S - lse)`` and
-    ``D = rowsum(dO * O)`` are then the global ones. ``k``/``v`` have ``H`` heads. Only for
-    ``backend="torch"``, whose kernels take an outside LSE."""
-    if backend != "torch":
-        raise ValueError(f"fused_block_grads runs backend='torch' kernels, not {backend=}")
-    kernel = _fused_kernel(q, backend)
-    dout, k, v, out = (x.to(q.dtype) for x in (dout, k, v, out))
-    return _kernel_backward(kernel, dout, dlse, q, k, v, out, kernel.saved_from_lse(lse, q), scale, is_causal)
-
-
-def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
-                    is_causal: bool, backend: str, keep: torch.Tensor | None = None,
-                    dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense attention per block: ``q [B, m, H, d]``, ``k``/``v [B, m, H_kv, d]`` ->
-    ``(out [B, m, H, d], lse [B, m, H])``; causal is plain lower-triangular over the m rows.
-
-    ``keep [B, H, m, m]`` (dropout): the probabilities are multiplied by ``keep / (1 - p)``
-    (the LSE is not); this always runs the math path."""
-    kernel = _fused_kernel(q, backend)
-    if kernel is None or keep is not None:
-        return _math_attention(q, k, v, scale, is_causal, keep, dropout_p)
-    if kernel is not _AtenCPU:
+    def forward(self, q, k, v, scale, coords):
         group = q.shape[2] // k.shape[2]
-        if group > 1:  # these kernels want equal head counts; autograd sums the repeats back
+        if group > 1:  # equal head counts; autograd sums the repeats back
             k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
-    return _ExactLSE.apply(q, k, v, kernel, scale, is_causal)
+        return ExactLSE.apply(q, k, v, _XFormers, scale, coords.is_causal)
+
+
+class TorchKernel:
+    """``torch``: the aten fused kernel for the call's device, dtype and head_dim (chosen once);
+    causal as the only mask (no dropout)."""
+
+    name = "torch"
+    fused_backward = True
+
+    def __init__(self, aten):
+        self.aten = aten
+
+    @classmethod
+    def supports(cls, dtype, device_type, head_dim, needs_dropout) -> bool:
+        dtypes = {"cpu": _FUSED_DTYPES + (torch.float64,), "cuda": _FUSED_DTYPES}.get(device_type, ())
+        return dtype in dtypes and not needs_dropout
+
+    @classmethod
+    def create(cls, device: torch.device, dtype: torch.dtype, head_dim: int) -> TorchKernel:
+        if device.type == "cpu":
+            return cls(_AtenCPU)
+        flash = cuda_kernel(dtype, head_dim, torch.cuda.get_device_capability(device)) == "flash"
+        return cls(_AtenFlashCUDA if flash else _AtenCUDA)
+
+    def forward(self, q, k, v, scale, coords):
+        if self.aten is not _AtenCPU:
+            group = q.shape[2] // k.shape[2]
+            if group > 1:  # these kernels want equal head counts; autograd sums the repeats back
+                k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+        return ExactLSE.apply(q, k, v, self.aten, scale, coords.is_causal)
+
+    def grad_inputs(self, q, out, lse, dout, dlse) -> GradInputs:
+        """Operands in ``q``'s dtype (``lse`` stays float32+); ``dout`` None: zero; ``dlse``
+        None stays None (the kernel's backward as is), else zeroed where ``lse`` is not finite."""
+        dout = torch.zeros(out.shape, dtype=q.dtype, device=out.device) if dout is None else dout.to(q.dtype)
+        if dlse is not None:
+            dlse = dlse.to(lse.dtype)
+            dlse = torch.where(torch.isfinite(lse), dlse, torch.zeros_like(dlse))
+        return GradInputs(q, out.to(q.dtype), lse, dout, dlse, None)
+
+    def backward(self, g, k, v, scale, coords):
+        """``(dq, dk, dv)`` per query head in ``q``'s dtype (:func:`fused_block_grads`)."""
+        return fused_block_grads(g.dout, g.q, k, v, g.out, g.lse, g.dlse, scale=scale,
+                                 is_causal=coords.is_causal, aten=self.aten)
+
+
+KERNELS: dict[str, type] = {"math": MathKernel, "torch": TorchKernel, "xformers": XFormersKernel}
+
+
+def kernel_for(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int,
+               needs_dropout: bool) -> Kernel:
+    """The kernel of a resolved ``backend`` for one call's inputs (compute ``dtype``);
+    :class:`MathKernel` where that backend cannot take them (dropout)."""
+    cls = KERNELS[backend]
+    if not cls.supports(dtype, device.type, head_dim, needs_dropout):
+        cls = MathKernel
+    return cls.create(device, dtype, head_dim)
+
+
+def fused_block_grads(dout, q, k, v, out, lse, dlse=None, *, scale: float, is_causal: bool, aten):
+    """``(dq, dk, dv)`` of one block by the fused backward kernel ``aten``, given the rows'
+    *global* ``out [B, m, H, d]``, ``lse [B, m, H]`` and cotangents ``dout``, ``dlse`` (None:
+    zero): a ring block's share of a merged attention, since the kernel's ``P = exp(S - lse)`` and
+    ``D = rowsum(dO * O)`` are then the global ones. ``k``/``v`` have ``H`` heads."""
+    dout, k, v, out = (x.to(q.dtype) for x in (dout, k, v, out))
+    return exact_backward(aten, dout, dlse, q, k, v, out, aten.saved_from_lse(lse, q), scale, is_causal)

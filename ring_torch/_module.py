@@ -7,7 +7,8 @@ from torch import nn
 
 from ring_torch._config import DilatedConfig
 from ring_torch._kernels import BACKENDS
-from ring_torch._ring import COMMS, CommStats, ring_dilated_attention
+from ring_torch._comm import COMMS, CommStats
+from ring_torch._ring import ring_dilated_attention
 
 __all__ = ["RingDilatedAttention", "MultiheadDilatedAttention"]
 

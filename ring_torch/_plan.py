@@ -138,6 +138,12 @@ class DilatedPlan:
     is_causal: bool
     units: tuple[Unit, ...]
 
+    @property
+    def merged(self) -> bool:
+        """True when every head runs several patterns merged by their LSE (``longnet``); False
+        when each head runs one unit (``head_groups``), so units only fill in their own heads."""
+        return self.mix == "longnet"
+
     def pattern_units(self, pattern: int) -> tuple[Unit, ...]:
         return tuple(u for u in self.units if u.pattern == pattern)
 

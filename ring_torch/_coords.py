@@ -1,0 +1,116 @@
+"""Global coordinates of one kernel block, and the one place its masks are derived from.
+
+A kernel block is ``q [B, m, H, d]`` against ``k``/``v [B, m, H_kv, d]``: ``B`` folded row blocks
+(the segments of one device, or the shards a ring hop pairs) of ``m`` selected rows each. Query
+row ``i`` of folded block ``f`` under head column ``c`` sits at global position
+``q_starts[f // b] + offsets[c] + i * rate`` (batch inner) or ``q_starts[f % S] + ...`` (batch
+outer), its keys likewise at ``k_starts``. Position and batch tensors are built only when a mask
+asks for them (dropout; a padding or document mask would be added in :func:`block_masks`): the
+fused kernels read nothing but :attr:`BlockCoords.is_causal`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import torch
+
+from ring_torch._dropout import Dropout, keep_mask
+from ring_torch._plan import Unit, causal_mask
+
+__all__ = ["MaskSpec", "BlockCoords", "unit_coords", "block_masks"]
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """What one call masks by, and where its local rows sit globally.
+
+    ``is_causal``; ``dropout`` (None: off); ``base``: global position of local row 0 (a ring
+    shard starts at ``rank * L``); ``batch_base``: global batch index of local batch entry 0.
+    """
+
+    is_causal: bool
+    dropout: Dropout | None = None
+    base: int = 0
+    batch_base: int = 0
+
+    @property
+    def dropout_p(self) -> float:
+        return 0.0 if self.dropout is None else self.dropout.p
+
+
+@dataclass(frozen=True, eq=False)
+class BlockCoords:
+    """Global coordinates of one folded kernel block (see the module docstring).
+
+    ``heads``/``offsets``: global query head and offset of each head column ``[H]``;
+    ``batch``: local batch size ``b``; ``q_starts``: global start of each block's rows (one per
+    segment or shard); ``k_starts``: the key blocks' starts, None when the keys are the block's
+    own query rows; ``batch_outer``: folded order ``[b, blocks]`` (one device) or
+    ``[blocks, b]`` (a ring hop).
+    """
+
+    spec: MaskSpec
+    pattern: int
+    rate: int
+    rows: int
+    heads: tuple[int, ...]
+    offsets: tuple[int, ...]
+    batch: int
+    q_starts: Sequence[int] = ()
+    k_starts: Sequence[int] | None = None
+    batch_outer: bool = True
+
+    @property
+    def is_causal(self) -> bool:
+        """The fused kernels' flag: causal keys that are the block's own query rows give the
+        lower triangle; keys of an earlier block (a ring hop) need no mask."""
+        return self.spec.is_causal and self.k_starts is None
+
+    def at(self, q_starts: Sequence[int], k_starts: Sequence[int] | None) -> BlockCoords:
+        """The same unit's coordinates for other row blocks (a ring hop)."""
+        return replace(self, q_starts=q_starts, k_starts=k_starts)
+
+    def positions(self, starts: Sequence[int], device) -> torch.Tensor:
+        """``[B, H, m]`` int64 global positions of the rows of blocks starting at ``starts``."""
+        start = torch.tensor(list(starts), dtype=torch.int64, device=device)  # [blocks]
+        offsets = torch.tensor(self.offsets, dtype=torch.int64, device=device)  # [H]
+        rows = torch.arange(self.rows, device=device) * self.rate  # [m]
+        pos = start[:, None, None] + offsets[None, :, None] + rows  # [blocks, H, m]
+        return pos.repeat(self.batch, 1, 1) if self.batch_outer else pos.repeat_interleave(self.batch, 0)
+
+    def batch_index(self, device) -> torch.Tensor:
+        """``[B]`` global batch index of each folded block."""
+        local = torch.arange(self.batch, device=device)
+        blocks = len(self.q_starts)
+        local = local.repeat_interleave(blocks) if self.batch_outer else local.repeat(blocks)
+        return self.spec.batch_base + local
+
+
+def unit_coords(unit: Unit, spec: MaskSpec, batch: int, seq_len: int) -> BlockCoords:
+    """Coordinates of a single-device unit's rows ``[b * S, m, H, d]`` (``S = n / w'``
+    segments, keys = the segment's own rows)."""
+    heads = tuple(range(*unit.q_heads))
+    starts = range(spec.base, spec.base + seq_len, unit.segment)
+    return BlockCoords(spec, unit.pattern, unit.rate, unit.rows, heads, (unit.offset,) * len(heads),
+                       batch, starts)
+
+
+def block_masks(coords: BlockCoords, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Every mask of one block, from its coordinates: ``(hide, keep)``.
+
+    ``hide``: boolean, broadcastable to ``[B, H, m_q, m_k]``, True where a score is masked out
+    (causal: the cached upper triangle); ``keep [B, H, m_q, m_k]``: dropout's keep-mask on the
+    probabilities. None where nothing is masked.
+    """
+    hide = causal_mask(coords.rows, device) if coords.is_causal else None
+    keep = None
+    drop = coords.spec.dropout
+    if drop is not None:
+        qpos = coords.positions(coords.q_starts, device)
+        kpos = qpos if coords.k_starts is None else coords.positions(coords.k_starts, device)
+        heads = torch.tensor(coords.heads, dtype=torch.int64, device=device)
+        keep = keep_mask(drop.seed, coords.pattern, coords.batch_index(device), heads, qpos, kpos,
+                         drop.p)
+    return hide, keep

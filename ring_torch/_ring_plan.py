@@ -1,0 +1,130 @@
+"""The ring plan: how the single-device plan's units run on ``P`` ranks holding ``L`` rows each.
+
+Rank ``i`` of ``P`` holds global positions ``[i*L, (i+1)*L)``. Per ring unit (one pattern over
+some query heads, each head at its offset; ``w`` the effective segment ``min(w_i, n)``):
+``w <= L`` (``L % w == 0``) runs locally on each shard; ``w > L`` (``w % L == 0``, ``L % r == 0``)
+spans ``g = w / L`` consecutive ranks (a sub-ring), whose selected rows of each *distinct*
+``(kv head, offset)`` pair travel ``g - 1`` hops. Pure Python, cached; the same units, pairs and
+hops as ``ring_jax``'s plan.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from ring_torch._config import DilatedConfig
+from ring_torch._plan import PATTERN_CACHE, DilatedPlan, Unit, build_plan
+
+__all__ = ["RingUnit", "RingPlan", "check_sharding", "build_ring_plan"]
+
+
+@dataclass(frozen=True)
+class RingUnit:
+    """One unit as a rank sees it.
+
+    ``heads``: the unit's query heads (absolute), in output order; ``offsets``: each head's offset.
+    ``group`` (g): ranks one segment spans; 1 = local, run by the single-device ``local_units``.
+    ``pairs``: the distinct ``(kv head, offset)`` pairs on the wire (sorted, as in ring_jax);
+    ``q_to_pair``: the pair each query head reads.
+    """
+
+    pattern: int
+    segment: int  # effective w'
+    rate: int
+    heads: tuple[int, ...]
+    offsets: tuple[int, ...]
+    group: int
+    pairs: tuple[tuple[int, int], ...]
+    q_to_pair: tuple[int, ...]
+    local_units: tuple[Unit, ...]
+
+    def rows(self, local_len: int) -> int:
+        """Selected rows per rank of a spanning unit: ``L / r``."""
+        return local_len // self.rate
+
+    def hop_bytes(self, batch: int, local_len: int, head_dim: int, itemsize: int) -> int:
+        """Bytes one rank sends per forward hop: K and V, ``L / r`` rows of each distinct pair."""
+        return 2 * batch * self.rows(local_len) * len(self.pairs) * head_dim * itemsize
+
+
+@dataclass(frozen=True)
+class RingPlan:
+    """The single-device ``plan`` of the global sequence, sharded as ``world`` ranks of
+    ``local_len`` rows, and its ring units."""
+
+    plan: DilatedPlan
+    local_len: int
+    world: int
+    units: tuple[RingUnit, ...]  # head_groups: in head order; longnet: one per pattern
+
+    def forward_bytes(self, batch: int, head_dim: int, itemsize: int) -> dict[int, int]:
+        """Bytes one rank sends in the forward, per pattern: ``(g - 1)`` hops of
+        :meth:`RingUnit.hop_bytes` (0 for local patterns)."""
+        sent: dict[int, int] = defaultdict(int)
+        for ru in self.units:
+            sent[ru.pattern] += (ru.group - 1) * ru.hop_bytes(batch, self.local_len, head_dim,
+                                                              itemsize)
+        return dict(sent)
+
+    def num_permutes(self, with_backward: bool = False) -> int:
+        """Batched sub-ring exchanges per rank: ``g - 1`` forward hops per spanning unit; the
+        backward adds ``g``: ``g - 1`` hops of K/V (with the dK/dV accumulators from the second
+        on) and one that takes the accumulators home."""
+        return sum(ru.group - 1 + (ru.group if with_backward else 0)
+                   for ru in self.units if ru.group > 1)
+
+
+def check_sharding(config: DilatedConfig, local_len: int, world: int):
+    """``ValueError`` naming the pattern, ``L`` and ``P`` when the sharding cannot run the plan."""
+    L, P, n = local_len, world, local_len * world
+    for i, (w, r) in enumerate(zip(config.segment_lengths, config.dilation_rates)):
+        we = min(w, n)
+        where = f"pattern {i} (w={w}, w'={we}, r={r}) with local length L={L} on P={P} ranks"
+        if we <= L:
+            if L % we:
+                raise ValueError(f"{where}: L is not a multiple of w'")
+        else:
+            if we % L:
+                raise ValueError(f"{where}: w' is not a multiple of L")
+            if L % r:
+                raise ValueError(f"{where}: L is not a multiple of r")
+
+
+def _ring_unit(pattern, segment, rate, heads, offsets, group_size, local_len, local_units):
+    """The :class:`RingUnit` of one pattern over ``heads`` at ``offsets``."""
+    kv = [j // group_size for j in heads]
+    span = segment // local_len if segment > local_len else 1
+    if span == 1:
+        return RingUnit(pattern, segment, rate, tuple(heads), tuple(offsets), 1, (), (),
+                        tuple(local_units))
+    pairs = tuple(sorted(set(zip(kv, offsets))))
+    q_to_pair = tuple(pairs.index(p) for p in zip(kv, offsets))
+    return RingUnit(pattern, segment, rate, tuple(heads), tuple(offsets), span, pairs, q_to_pair,
+                    tuple(local_units))
+
+
+def _build_ring(plan: DilatedPlan, local_len: int, world: int) -> RingPlan:
+    """The ring units of ``plan``: per unit (``head_groups``) or per pattern (``longnet``)."""
+    group_size = plan.num_heads // plan.num_kv_heads
+    units = []
+    if not plan.merged:  # one ring unit per single-device unit, in head order
+        for u in plan.units:
+            heads = range(*u.q_heads)
+            units.append(_ring_unit(u.pattern, u.segment, u.rate, heads, [u.offset] * len(heads),
+                                    group_size, local_len, (u,)))
+    else:  # one ring unit per pattern, over all heads
+        for i, (w, r) in enumerate(zip(plan.segment_lengths, plan.dilation_rates)):
+            heads = range(plan.num_heads)
+            units.append(_ring_unit(i, w, r, heads, [j % r for j in heads], group_size, local_len,
+                                    plan.pattern_units(i)))
+    return RingPlan(plan, local_len, world, tuple(units))
+
+
+def build_ring_plan(config: DilatedConfig, local_len: int, world: int, num_heads: int,
+                    num_kv_heads: int) -> RingPlan:
+    """The (cached) ring plan; checks the global sizes, then the sharding, before anything runs."""
+    plan = build_plan(config, local_len * world, num_heads, num_kv_heads)
+    check_sharding(config, local_len, world)
+    key = ("ring", plan, local_len, world)
+    return PATTERN_CACHE.get_or_create(key, lambda: _build_ring(plan, local_len, world))

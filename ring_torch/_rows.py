@@ -1,0 +1,110 @@
+"""Row bookkeeping shared by the single-device layer and the ring: the strided rows a unit
+selects (views, so writes land in place), the selected rows a ring unit sends, blank results and
+the log-sum-exp merges.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ring_torch._plan import Unit, index_tensor
+
+__all__ = ["gather_rows", "q_rows", "kv_rows", "blank", "lse_merge", "merge_rows", "to_ring",
+           "from_ring", "assemble_heads"]
+
+
+def gather_rows(x: torch.Tensor, unit: Unit) -> torch.Tensor:
+    """``x [b, n, H, ...]`` -> the rows ``unit`` selects, ``[b * S, m, H, ...]``: a strided view
+    (no copy) of a contiguous ``x``, so writing into it writes into ``x``."""
+    b, n = x.shape[:2]
+    S, m = n // unit.segment, unit.rows
+    # Position p = s*w' + i*r + o: segment s, selected row i, offset o.
+    x = x.reshape(b, S, m, unit.rate, *x.shape[2:])[:, :, :, unit.offset]  # [b, S, m, H, ...]
+    return x.reshape(b * S, m, *x.shape[3:])  # [b*S, m, H, ...]
+
+
+def q_rows(x: torch.Tensor, unit: Unit) -> torch.Tensor:
+    """The unit's query heads and rows of ``x [b, n, h, ...]`` (q, out, lse and their grads)."""
+    return gather_rows(x[:, :, slice(*unit.q_heads)], unit)
+
+
+def kv_rows(x: torch.Tensor, unit: Unit) -> torch.Tensor:
+    """The unit's kv rows of ``x [b, n, h_kv, d]``: its kv heads (a view), or with ``kv_index``
+    one kv head per query head (a copy of the selected rows only)."""
+    if unit.kv_index is None:
+        return gather_rows(x[:, :, slice(*unit.kv_heads)], unit)
+    return gather_rows(x, unit).index_select(2, index_tensor(unit.kv_index, x.device))
+
+
+def blank(q: torch.Tensor, heads: int, out_dtype: torch.dtype | None = None):
+    """``out = 0 [b, n, heads, d]`` (``q``'s dtype unless ``out_dtype``) and ``lse = -inf
+    [b, n, heads]`` (float32 or wider): what rows no unit writes hold."""
+    b, n, _, d = q.shape
+    out = torch.zeros(b, n, heads, d, dtype=out_dtype or q.dtype, device=q.device)
+    lse = torch.full((b, n, heads), float("-inf"), dtype=torch.promote_types(q.dtype, torch.float32),
+                     device=q.device)
+    return out, lse
+
+
+def lse_merge(outs, lses):
+    """Merges per-pattern ``(out [b, n, h, d], lse [b, n, h])`` as attention over the union of
+    their keys, in float32 or better; rows empty in every pattern give ``out = 0``,
+    ``lse = -inf`` with finite gradients."""
+    dtype = torch.promote_types(outs[0].dtype, torch.float32)
+    L = torch.stack([l.to(dtype) for l in lses])  # [K, b, n, h]
+    # The shift cancels in value and gradient, so it is detached; 0 where all are -inf.
+    shift = L.amax(0).detach()
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    e = torch.exp(L - shift)  # [K, b, n, h]
+    z = e.sum(0)
+    nonempty = z > 0
+    z_safe = torch.where(nonempty, z, torch.ones_like(z))
+    lse = torch.where(nonempty, shift + torch.log(z_safe), torch.full_like(z, float("-inf")))
+    weights = (e / z_safe).unsqueeze(-1)  # [K, b, n, h, 1]
+    out = sum(weights[i] * o.to(dtype) for i, o in enumerate(outs))
+    return out, lse
+
+
+def merge_rows(acc, acc_lse, o, lse):
+    """In place: ``acc [B, m, H, d]``, ``acc_lse [B, m, H]`` (float32+ views) become the softmax
+    merge of themselves and one unit's ``o``, ``lse`` rows (a unit's rows are never empty, so
+    ``lse`` is finite and an empty ``acc_lse = -inf`` just takes the unit's values)."""
+    new = torch.logaddexp(acc_lse, lse)
+    acc.mul_(torch.exp(acc_lse - new).unsqueeze(-1)).addcmul_(o, torch.exp(lse - new).unsqueeze(-1))
+    acc_lse.copy_(new)
+
+
+def to_ring(x: torch.Tensor, idx: torch.Tensor, rate: int, local_len: int,
+            ranks_here: int) -> torch.Tensor:
+    """``x [b, nl, X, d]`` (``nl / L`` shards) -> the ring rows ``[G, gl, b, m, |idx|, d]``:
+    per shard, rows ``i * r + o`` of the columns ``idx = o * X + head`` (``m = L / r``,
+    ``gl = ranks_here`` group-ranks per sub-ring in this process)."""
+    b, nl, X, d = x.shape
+    Rl, m = nl // local_len, local_len // rate
+    rows = x.reshape(b, Rl, m, rate * X, d).index_select(3, idx)  # [b, Rl, m, |idx|, d]
+    return rows.movedim(1, 0).reshape(Rl // ranks_here, ranks_here, b, m, len(idx), d)
+
+
+def from_ring(out: torch.Tensor, lse: torch.Tensor, idx: torch.Tensor, rate: int, heads: int):
+    """Ring results ``out [G, gl, b, m, heads, d]``, ``lse [G, gl, b, m, heads]`` -> ``out
+    [b, nl, heads, d]``, ``lse [b, nl, heads]``; ``idx`` places head column ``c`` at
+    ``o * heads + c``; unselected rows get ``out = 0``, ``lse = -inf``."""
+    G, gl, b, m, _, d = out.shape
+    Rl = G * gl
+    out = out.reshape(Rl, b, m, heads, d).movedim(0, 1)  # [b, Rl, m, heads, d]
+    lse = lse.reshape(Rl, b, m, heads).movedim(0, 1)  # [b, Rl, m, heads]
+    full_out = out.new_zeros(b, Rl, m, rate * heads, d).index_copy(3, idx, out)
+    full_lse = lse.new_full((b, Rl, m, rate * heads), float("-inf")).index_copy(3, idx, lse)
+    return full_out.reshape(b, Rl * m * rate, heads, d), full_lse.reshape(b, Rl * m * rate, heads)
+
+
+def assemble_heads(full, parts, heads):
+    """``head_groups``: ``(out, lse)`` over all heads from ``full`` (all heads, its own written,
+    the rest 0 / -inf; None: ``parts`` cover every head in order) and ``parts`` (``(out, lse)``
+    over the heads ``heads[i]`` each)."""
+    if full is None:
+        return parts[0] if len(parts) == 1 else tuple(torch.cat(x, dim=2) for x in zip(*parts))
+    if not parts:
+        return full
+    idx = index_tensor(tuple(j for hs in heads for j in hs), full[0].device)
+    return tuple(f.index_copy(2, idx, torch.cat(x, dim=2)) for f, x in zip(full, zip(*parts)))
