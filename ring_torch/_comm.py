@@ -65,6 +65,8 @@ def _record(stats, pattern, tensors, phases, ranks_per_process):
 
 
 class _Pending:
+    """Receives of a started ``batch_isend_irecv``; :meth:`wait` returns them."""
+
     def __init__(self, reqs, recvs):
         self.reqs, self.recvs = reqs, recvs
 
@@ -75,6 +77,8 @@ class _Pending:
 
 
 class _Done:
+    """Receives already in hand (the simulated ring)."""
+
     def __init__(self, recvs):
         self.recvs = recvs
 

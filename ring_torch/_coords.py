@@ -1,12 +1,12 @@
 """Global coordinates of one kernel block, and the one place its masks are derived from.
 
 A kernel block is ``q [B, m, H, d]`` against ``k``/``v [B, m, H_kv, d]``: ``B`` folded row blocks
-(the segments of one device, or the shards a ring hop pairs) of ``m`` selected rows each. Query
-row ``i`` of folded block ``f`` under head column ``c`` sits at global position
-``q_starts[f // b] + offsets[c] + i * rate`` (batch inner) or ``q_starts[f % S] + ...`` (batch
-outer), its keys likewise at ``k_starts``. Position and batch tensors are built only when a mask
-asks for them (dropout; a padding or document mask would be added in :func:`block_masks`): the
-fused kernels read nothing but :attr:`BlockCoords.is_causal`.
+(one per batch entry and segment on one device, or per batch entry and shard in a ring hop) of
+``m`` selected rows each. Query row ``i`` of the block starting at ``start`` sits, under head
+column ``c``, at global position ``start + offsets[c] + i * rate``; its keys likewise from the
+key block's start. Position and batch tensors are built only when a mask asks for them
+(dropout; a padding or document mask would be added in :func:`block_masks`): the fused kernels
+read nothing but :attr:`BlockCoords.is_causal`.
 """
 
 from __future__ import annotations

@@ -134,11 +134,20 @@ class Kernel(Protocol):
     @classmethod
     def supports(cls, dtype: torch.dtype, device_type: str, head_dim: int, needs_dropout: bool) -> bool: ...
 
-    def forward(self, q, k, v, scale: float, coords: BlockCoords) -> tuple[torch.Tensor, torch.Tensor]: ...
+    @classmethod
+    def create(cls, device: torch.device, dtype: torch.dtype, head_dim: int) -> Kernel: ...
 
-    def grad_inputs(self, q, out, lse, dout, dlse) -> GradInputs: ...
+    def forward(self, q, k, v, scale: float, coords: BlockCoords) -> tuple[torch.Tensor, torch.Tensor]:
+        """``q [B, m, H, d]``, ``k``/``v [B, m, H_kv, d]`` -> ``out [B, m, H, d]`` (q's dtype),
+        ``lse [B, m, H]`` (float32+), differentiable by autograd."""
 
-    def backward(self, g: GradInputs, k, v, scale: float, coords: BlockCoords): ...
+    def grad_inputs(self, q, out, lse, dout, dlse) -> GradInputs:
+        """The backward operands of a whole unit, once: ``q``, the float32+ global ``out``,
+        ``lse`` and the cotangents ``dout``, ``dlse`` (None: zero)."""
+
+    def backward(self, g: GradInputs, k, v, scale: float, coords: BlockCoords):
+        """``(dq, dk, dv)`` of one block from its rows' global ``(out, lse)``; ``k``/``v``
+        ``[B, m, H, d]`` one row per query head, gradients likewise per query head."""
 
 
 def _math_attention(q, k, v, scale, hide=None, keep=None, dropout_p=0.0):
