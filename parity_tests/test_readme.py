@@ -97,3 +97,15 @@ def test_results_readme_files_exist(name):
     assert names
     missing = [n for n in names if not os.path.exists(os.path.join(ROOT, "benchmarks", "results", n))]
     assert not missing, missing
+
+
+def test_layout_table_matches_the_packages():
+    """The Layout table names every module of both packages, and only modules that exist."""
+    text = _text()
+    layout = text[text.index("\n## Layout"):text.index("\n## Performance")]
+    rows = [line.split("|")[1:-1] for line in layout.splitlines()
+            if line.startswith("| ") and not line.startswith(("| step", "| ---"))]
+    for col, pkg in ((1, "ring_jax"), (2, "ring_torch")):
+        named = {f for row in rows for f in re.findall(r"`(\w+\.py)`", row[col])}
+        present = {f for f in os.listdir(os.path.join(ROOT, pkg)) if f.endswith(".py") and f != "__init__.py"}
+        assert named == present, (pkg, "not in the table:", sorted(present - named), "no such file:", sorted(named - present))
