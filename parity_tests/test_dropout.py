@@ -42,19 +42,21 @@ def test_jax_dropout_equals_torch_dropout(mix, causal, impl):
 
 
 def test_kernel_dropout_backward_equals_autodiff():
-    from ring_jax._dropout import DropoutArgs
-    from ring_jax._kernels import block_attention, block_attention_fwd
+    from ring_jax._coords import Coords, Mods
+    from ring_jax._kernels import XlaKernel, block_attention
 
     B, m, H, d = 3, 8, 2, 4
     q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (B, m, H, d), jnp.float64) for i in range(3))
     pos = jnp.broadcast_to(jnp.arange(m), (B, H, m))
-    drop = DropoutArgs(jnp.uint32(7), jnp.arange(B), jnp.arange(H), pos, pos + 3)
+    coords = Coords(jnp.uint32(7), jnp.arange(B), jnp.arange(H), pos, pos)
 
     def loss(f):
         return lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)[0])) + jnp.sum(jnp.cos(f(q, k, v)[1]))
 
-    custom = jax.grad(loss(lambda q, k, v: block_attention(q, k, v, True, 0.4, 0.5, 2, drop)), argnums=(0, 1, 2))
-    plain = jax.grad(loss(lambda q, k, v: block_attention_fwd(q, k, v, True, 0.4, 0.5, 2, drop)), argnums=(0, 1, 2))
+    custom = jax.grad(loss(lambda q, k, v: block_attention(q, k, v, scale=0.4, is_causal=True, dropout_rate=0.5,
+                                                           pattern=2, coords=coords)), argnums=(0, 1, 2))
+    plain = jax.grad(loss(lambda q, k, v: XlaKernel().forward(q, k, v, 0.4, Mods(True, 0.5, 2), coords)),
+                     argnums=(0, 1, 2))
     for a, b in zip(custom(q, k, v), plain(q, k, v)):
         assert max_abs_err(a, b) <= 1e-12
 

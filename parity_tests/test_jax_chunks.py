@@ -112,11 +112,11 @@ def test_segment_longer_than_sequence_cannot_be_chunked():
 def test_backward_gets_no_lse_cotangent_unless_the_lse_is_returned(return_lse, monkeypatch):
     # With out only, every unit's block backward is called with dlse=None, which lets the cuDNN
     # kernel run at head_dim (no extra LSE column); a returned LSE brings its cotangent along.
-    import ring_jax._dilated as dilated
+    from ring_jax._kernels import BlockSpec
 
     seen = []
-    real = dilated.block_attention_bwd
-    monkeypatch.setattr(dilated, "block_attention_bwd", lambda *a, **k: seen.append(a[6] is None) or real(*a, **k))
+    real = BlockSpec.backward
+    monkeypatch.setattr(BlockSpec, "backward", lambda self, *a: seen.append(a[6] is None) or real(self, *a))
     q, k, v = _qkv(n=64)
 
     def loss(q):
@@ -129,34 +129,41 @@ def test_backward_gets_no_lse_cotangent_unless_the_lse_is_returned(return_lse, m
 
 
 def test_keeps_rows_only_for_one_pass_one_layer_when_not_larger():
-    from ring_jax._dilated import keeps_rows
+    from ring_jax._api import one_device_mode
+    from ring_jax._chunked import chunked_attention
+    from ring_jax._dilated import kept_rows_attention, keeps_rows, saved_attention
     from ring_jax._plan import get_plan
 
     def plan(mix, h=8, h_kv=8, n=128, w=(8, 16, 32, 64), r=(1, 2, 4, 8)):
         return get_plan(ring_jax.DilatedConfig(w, r, mix, True), n, h, h_kv)
 
-    assert keeps_rows(plan("head_groups"), 128)
-    assert not keeps_rows(plan("head_groups"), 256)  # the plan of one chunk: chunked path
-    assert not keeps_rows(plan("longnet"), 128)  # merged rows differ from each unit's
-    assert keeps_rows(plan("head_groups", h_kv=1), 128)  # kv rows repeated, still smaller
-    assert not keeps_rows(plan("head_groups", h_kv=1, r=(1, 1, 1, 1)), 128)  # repeats outweigh
+    assert keeps_rows(plan("head_groups"))
+    assert not keeps_rows(plan("longnet"))  # merged rows differ from each unit's
+    assert keeps_rows(plan("head_groups", h_kv=1))  # kv rows repeated, still smaller
+    assert not keeps_rows(plan("head_groups", h_kv=1, r=(1, 1, 1, 1)))  # repeats outweigh
+    assert one_device_mode(plan("head_groups"), 128) is kept_rows_attention
+    assert one_device_mode(plan("head_groups"), 256) is chunked_attention  # the plan of one chunk
+    assert one_device_mode(plan("longnet"), 128) is saved_attention
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
 def test_kept_rows_give_the_gathered_backward_and_skip_its_gathers(dropout, monkeypatch):
     """head_groups one pass: the backward reuses the forward's rows (one gather per unit for the
     cotangent, one more for the LSE cotangent) and equals the backward that gathers again."""
+    import ring_jax._api as api
     import ring_jax._dilated as dilated
+    import ring_jax._rows as rows
 
     q, k, v = _qkv()
     kw = dict(segment_lengths=W, dilation_rates=R, mix="head_groups", is_causal=True,
               dropout_rate=dropout, dropout_seed=3)
     calls = []
-    real = dilated.gather_rows
-    monkeypatch.setattr(dilated, "gather_rows", lambda *a: calls.append(1) or real(*a))
+    real = rows.gather_rows
+    for module in (rows, dilated):
+        monkeypatch.setattr(module, "gather_rows", lambda *a: calls.append(1) or real(*a))
     kept = _values_and_grads(q, k, v, **kw)
     kept_calls = len(calls)
-    monkeypatch.setattr(dilated, "keeps_rows", lambda plan, n: False)
+    monkeypatch.setattr(api, "keeps_rows", lambda plan: False)
     calls.clear()
     gathered = _values_and_grads(q, k, v, **kw)
     units = len(W)

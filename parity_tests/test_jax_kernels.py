@@ -18,7 +18,7 @@ def kernel():
 def test_auto_falls_back_to_xla_where_cudnn_cannot_run(kernel):
     q = jax.random.normal(jax.random.PRNGKey(0), (1, 64, 4, 16), jnp.bfloat16)
     kw = dict(segment_lengths=(16, 64), dilation_rates=(1, 2), is_causal=True)
-    assert not _cudnn.usable(q, 16)  # no CUDA backend in this suite
+    assert not _cudnn.usable(q.dtype, 16)  # no CUDA backend in this suite
     kernel("auto")
     auto = ring_jax.dilated_attention(q, q, q, **kw)
     kernel("xla")

@@ -63,25 +63,29 @@ def test_simulated_ring_equals_single_device(mix, ring_size):
 
 def test_custom_backward_equals_autodiff_of_the_ring():
     """The product backward against plain autodiff through the forward hops (the fallback)."""
-    from ring_jax._ring import _Hops, _ring_forward, ring_unit_attention
+    from ring_jax._coords import make_origin, unit_coords
+    from ring_jax._kernels import BlockSpec, XlaKernel
+    from ring_jax._ring import _Hops, ring_forward, ring_unit_attention
 
     mesh = mesh_of(4)
     spec = jax.sharding.PartitionSpec("sp")
-    hops = _Hops("sp", 4, ((0, 1), (1, 2), (2, 3), (3, 0)), (0, 0, 1), True, 0.3, local_len=8)
+    hops = _Hops("sp", 4, ((0, 1), (1, 2), (2, 3), (3, 0)), (0, 0, 1), BlockSpec(XlaKernel(), 0.3, causal=True),
+                 local_len=8)
     kq, kk = jax.random.split(jax.random.PRNGKey(0))
     q = jax.random.normal(kq, (4 * 2, 8, 3, 4))  # per device: [b=2, m=8, H=3, d=4]
     kv = jax.random.normal(kk, (4 * 2, 8, 2, 2, 4))  # pairs = 2
 
     def loss(f):
         def per_device(q, kv):
-            out, lse = f(q, kv, hops)
+            origin = make_origin(pos_base=jax.lax.axis_index("sp") * 8)
+            out, lse = f(q, kv, hops, unit_coords(origin, 2, 1, 8, 1, (0, 1, 2), (0, 0, 0)))
             return (jnp.sum(out * jnp.cos(out)) + jnp.sum(jnp.sin(lse)))[None]
 
         return lambda q, kv: jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec), out_specs=spec,
                                            check_vma=False)(q, kv).sum()
 
     ours = jax.grad(loss(ring_unit_attention), argnums=(0, 1))(q, kv)
-    autodiff = jax.grad(loss(_ring_forward), argnums=(0, 1))(q, kv)
+    autodiff = jax.grad(loss(ring_forward), argnums=(0, 1))(q, kv)
     for a, b in zip(ours, autodiff):
         assert max_abs_err(a, b) <= 1e-5 * float(jnp.abs(b).max())
 

@@ -1,4 +1,4 @@
-"""The torch ring plan mirrors the JAX ring plan (``ring_jax._ring``): same units, same sub-ring
+"""The torch ring plan mirrors the JAX ring plan (``ring_jax._ring_plan``): same units, same sub-ring
 sizes, same distinct (kv head, offset) pairs on the wire, same query-to-pair map, same bytes per
 hop, and the same shardings refused. Also checks the plan's structure on its own."""
 
@@ -30,7 +30,7 @@ INVALID = [
 
 
 def _jax_plan(n, P, h, h_kv, w, r, mix):
-    ring_jax_ring = pytest.importorskip("ring_jax._ring")
+    ring_jax_ring = pytest.importorskip("ring_jax._ring_plan")
     from ring_jax._config import DilatedConfig as JaxConfig
 
     return ring_jax_ring.get_ring_plan(JaxConfig(w, r, mix), n // P, P, h, h_kv)

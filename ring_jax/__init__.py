@@ -2,23 +2,28 @@
 
 Shapes everywhere: ``[batch, seq, heads, head_dim]``.
 
-Layout (one file per algorithm step):
-  ``_config``  pattern config (frozen, self-validating) and input checks
-  ``_plan``    static NumPy plan, memoised at trace time
-  ``_kernels`` block attention returning ``(out, lse)`` with an exact backward (XLA reference;
-               ``_cudnn``: cuDNN flash on CUDA, behind a version-checked adapter)
-  ``_dropout`` the counter-hash dropout mask shared with ``ring_torch``
-  ``_dilated`` one device: strided gather → block attention → scatter → LSE merge
-  ``_ring``    sharded: sub-rings of ``ppermute`` hops over the selected rows, custom backward
-  ``nnx``, ``linen``, ``_attention_fn``  Flax layers and the ``attention_fn`` adapter
+Layout (one file per step; lower layers never import higher ones):
+  ``_config``     pattern config (frozen, self-validating) and input checks
+  ``_plan``       static NumPy plan of units and layers, memoised at trace time
+  ``_dropout``    the counter hash shared with ``ring_torch``
+  ``_coords``     a block's global coordinates; causal and dropout masks derived in one place
+  ``_kernels``    block kernels behind one protocol (XLA reference; ``_cudnn``: cuDNN flash behind a
+                  version-checked adapter), chosen once per call into a ``BlockSpec``
+  ``_rows``       strided gathers and scatters, one unit through the kernel, the LSE merge
+  ``_dilated``    one device, one pass: ``custom_vjp``s with saved outputs or kept rows
+  ``_chunked``    one device in chunks: ``custom_vjp`` keeping only q, k, v
+  ``_ring_plan``  each unit as one device of a sharded sequence sees it
+  ``_ring``       the ring unit: ``ppermute`` (or simulated) hops with their own backward
+  ``_api``        the public functions: validation, mode and kernel chosen once
+  ``nnx``, ``linen``, ``_attention_fn``, ``_module_config``  Flax layers and the ``attention_fn`` adapter
 """
 
+from ring_jax._api import dilated_attention, ring_dilated_attention, sharded_dilated_attention
 from ring_jax._attention_fn import make_attention_fn
 from ring_jax._config import DilatedConfig
-from ring_jax._dilated import dilated_attention
 from ring_jax._kernels import block_attention, get_block_kernel, set_block_kernel
 from ring_jax._plan import Plan, build_count, get_plan
-from ring_jax._ring import RingPlan, get_ring_plan, ring_dilated_attention, sharded_dilated_attention
+from ring_jax._ring_plan import RingPlan, get_ring_plan
 
 __all__ = [
     "DilatedConfig",

@@ -9,9 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ring_jax._api import check_chunk_type, dilated_attention, sharded_dilated_attention
 from ring_jax._config import DilatedConfig
-from ring_jax._dilated import check_chunk_type, dilated_attention
-from ring_jax._ring import sharded_dilated_attention
 
 __all__ = ["make_attention_fn", "seed_from_key", "attend", "check_placement"]
 

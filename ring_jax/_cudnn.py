@@ -37,10 +37,10 @@ def _module():
     return fa if all(hasattr(fa, name) for name in needed) else None
 
 
-def usable(q, head_dim: int) -> bool:
+def usable(dtype, head_dim: int) -> bool:
     """cuDNN flash runs on CUDA for 16-bit inputs with ``head_dim % 8 == 0`` (<= 120, leaving room
     for the LSE column of the backward)."""
-    return (_module() is not None and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+    return (_module() is not None and jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
             and head_dim % 8 == 0 and head_dim <= 120)
 
 

@@ -9,20 +9,8 @@ pattern's normalised probabilities; the LSE is that of the undropped weights.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
-
-
-class DropoutArgs(NamedTuple):
-    """The traced part of one block's dropout (a pytree; the rate and pattern are static)."""
-
-    seed: jax.Array  # uint32 []
-    batch: jax.Array  # [B] global batch index of each folded row block
-    heads: jax.Array  # [H] global query heads
-    qpos: jax.Array  # [B, H, m] global query positions
-    kpos: jax.Array  # [B, H, m_k] global key positions
 
 
 def _mix(x):
@@ -32,14 +20,17 @@ def _mix(x):
     return (x >> 16) ^ x
 
 
-def keep_mask(args: DropoutArgs, pattern: int, rate: float):
-    """Boolean ``[B, H, m, m_k]``: True where a weight is kept (probability ``1 - rate``)."""
+def keep_mask(seed, pattern: int, rate: float, batch, heads, qpos, kpos):
+    """Boolean ``[B, H, m, m_k]``: True where a weight is kept (probability ``1 - rate``).
+
+    ``seed`` uint32 ``[]``, ``batch [B]``, ``heads [H]``, ``qpos [B, H, m]``, ``kpos [B, H, m_k]``:
+    global indices."""
     u32 = lambda x: jnp.asarray(x).astype(jnp.uint32)  # noqa: E731
-    base = _mix(_mix(u32(args.seed)) ^ jnp.uint32(pattern))
-    h = _mix(base ^ u32(args.batch))  # [B]
-    h = _mix(h[:, None] ^ u32(args.heads)[None, :])  # [B, H]
-    h = _mix(h[:, :, None] ^ u32(args.qpos))  # [B, H, m]
-    h = _mix(h[..., None] ^ u32(args.kpos)[:, :, None, :])  # [B, H, m, m_k]
+    base = _mix(_mix(u32(seed)) ^ jnp.uint32(pattern))
+    h = _mix(base ^ u32(batch))  # [B]
+    h = _mix(h[:, None] ^ u32(heads)[None, :])  # [B, H]
+    h = _mix(h[:, :, None] ^ u32(qpos))  # [B, H, m]
+    h = _mix(h[..., None] ^ u32(kpos)[:, :, None, :])  # [B, H, m, m_k]
     return h >= jnp.uint32(int(rate * 2**32))
 
 
@@ -48,30 +39,11 @@ def as_seed(seed) -> jax.Array:
     return jnp.asarray(seed).astype(jnp.uint32)
 
 
-class Dropout(NamedTuple):
-    """One call's dropout: ``rate`` (static), ``seed``, and the global batch index and sequence
-    position of local entry 0 (non-zero on a shard of a sharded batch or sequence)."""
-
-    rate: float
-    seed: jax.Array
-    batch_base: jax.Array | int = 0
-    pos_base: jax.Array | int = 0
-
-    def block_args(self, batch: int, segments: int, w: int, r: int, heads, offsets) -> DropoutArgs:
-        """``DropoutArgs`` of the folded blocks ``[batch * segments, m = w / r]`` of one unit."""
-        blocks = jnp.arange(batch * segments)
-        qpos = (self.pos_base + (blocks % segments)[:, None, None] * w
-                + jnp.arange(w // r)[None, None, :] * r + jnp.asarray(offsets)[None, :, None])  # [B, H, m]
-        return DropoutArgs(self.seed, self.batch_base + blocks // segments, jnp.asarray(heads), qpos, qpos)
-
-
-def make_dropout(rate: float, seed) -> Dropout | None:
-    """None when ``rate == 0``; ``ValueError`` outside ``[0, 1)`` or without a seed."""
+def check_dropout(rate, seed) -> float:
+    """The rate as a float; ``ValueError`` outside ``[0, 1)`` or, for a positive rate, without a seed."""
     rate = float(rate)
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"dropout_rate={rate} must be in [0, 1)")
-    if rate == 0.0:
-        return None
-    if seed is None:
+    if rate > 0.0 and seed is None:
         raise ValueError(f"dropout_rate={rate} needs a dropout_seed (an int, or uint32 drawn from a PRNG key)")
-    return Dropout(rate, as_seed(seed))
+    return rate

@@ -4,138 +4,213 @@ Shapes: ``q [B, m, H, d]``, ``k/v [B, m_k, H, d]`` (segments already folded into
 already matched to query heads) → ``out [B, m, H, d]``, ``lse [B, m, H]`` (float32, or float64 for
 float64 inputs). Scores and softmax are computed in at least float32.
 
-The backward is written out (``jax.custom_vjp``) rather than left to autodiff because
+The backward is written out rather than left to autodiff because
 
 * a ring merges blocks by LSE, so the cotangent of ``lse`` must flow: with ``P = exp(S - lse)``,
   ``dS = P * (dP - D + dlse)`` where ``D = rowsum(dO * O)`` (FlashAttention-2, Alg. 2, with the
   extra ``dlse`` term);
 * the same formula evaluated with a *global* ``(O, lse)`` gives the exact gradient of one block of a
-  merged attention, which is what the ring backward needs (``block_attention_bwd``).
+  merged attention, which is what the ring and single-device backwards need.
 
-Kernels: ``xla`` (matmuls and a softmax, any dtype and device: the reference) and ``cudnn``
-(flash attention through ``_cudnn``, CUDA and 16-bit inputs only). ``set_block_kernel`` picks one;
-``auto`` (default) takes cuDNN where it can run and no dropout is asked for. The choice is made
-when a function is traced.
+Kernels sit behind one small protocol (``name``, ``supports``, ``forward``, ``backward``):
+:class:`XlaKernel` (matmuls and a softmax, any dtype and device, every modifier: the reference)
+and :class:`CudnnKernel` (flash attention through ``_cudnn``: CUDA, 16-bit inputs, no dropout).
+``set_block_kernel`` sets the preference; :func:`select_kernel` turns it into one kernel per call,
+which :class:`BlockSpec` carries down to every block, forward and backward.
 
-Dropout (``rate > 0`` with ``DropoutArgs``) multiplies the probabilities by ``keep / (1 - rate)``;
-the LSE stays that of the undropped weights, and the backward regenerates the mask:
-``dS = P * (keep / (1 - rate) * dP - D + dlse)``.
+Dropout multiplies the probabilities by ``keep / (1 - rate)``; the LSE stays that of the undropped
+weights, and the backward regenerates the mask: ``dS = P * (keep / (1 - rate) * dP - D + dlse)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 
 from ring_jax import _cudnn
-from ring_jax._dropout import DropoutArgs, keep_mask
+from ring_jax._coords import Coords, Mods, aligned_coords, dropout_keep, score_mask
 
 KERNELS = ("auto", "xla", "cudnn")
-_kernel = "auto"
-
-
-def set_block_kernel(name: str) -> None:
-    """``"auto"`` | ``"xla"`` | ``"cudnn"`` for functions traced from now on."""
-    global _kernel
-    if name not in KERNELS:
-        raise ValueError(f"block kernel {name!r} is not one of {KERNELS}")
-    _kernel = name
-
-
-def get_block_kernel() -> str:
-    return _kernel
-
-
-def _use_cudnn(q, drop) -> bool:
-    if _kernel == "xla":
-        return False
-    usable = drop is None and _cudnn.usable(q, q.shape[-1])
-    if _kernel == "cudnn" and not usable:
-        raise ValueError(f"block kernel 'cudnn' cannot run here: needs a CUDA backend (have "
-                         f"{jax.default_backend()!r}), bf16/f16 inputs (have {q.dtype}), head_dim % 8 == 0 "
-                         f"and <= 120 (have {q.shape[-1]}), no dropout, and JAX in {_cudnn.TESTED_JAX}")
-    return usable
+_preference = "auto"
 
 
 def _acc_dtype(dtype):
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def _scores(q, k, causal: bool, scale: float):
-    """``[B, H, m, m_k]`` scaled scores in the accumulation dtype, ``-inf`` above the diagonal."""
-    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=_acc_dtype(q.dtype)) * scale
-    if causal:
-        row = jax.lax.broadcasted_iota(jnp.int32, s.shape[-2:], 0)
-        col = jax.lax.broadcasted_iota(jnp.int32, s.shape[-2:], 1)
-        s = jnp.where(row >= col, s, -jnp.inf)
-    return s
+class Kernel(Protocol):
+    name: str
+
+    def supports(self, dtype, head_dim: int, mods: Mods) -> bool: ...
+
+    def forward(self, q, k, v, scale: float, mods: Mods, coords: Coords): ...
+
+    def backward(self, q, k, v, out, lse, dout, dlse, scale: float, mods: Mods, coords: Coords): ...
 
 
-def _dropped(p, drop: DropoutArgs | None, pattern: int, rate: float):
+def _dropped(p, keep, rate: float):
     """``P * keep / (1 - rate)``, or ``P`` without dropout."""
-    if drop is None or rate == 0.0:
-        return p
-    return jnp.where(keep_mask(drop, pattern, rate), p / (1.0 - rate), 0.0)
+    return p if keep is None else jnp.where(keep, p / (1.0 - rate), 0.0)
 
 
-def block_attention_fwd(q, k, v, causal: bool, scale: float, rate: float = 0.0, pattern: int = 0,
-                        drop: DropoutArgs | None = None):
-    """The forward of `block_attention` without the custom VJP (for callers that write their own)."""
-    if _use_cudnn(q, drop):
-        return _cudnn.forward(q, k, v, causal, scale)
-    s = _scores(q, k, causal, scale)
-    lse = jax.nn.logsumexp(s, axis=-1)  # [B, H, m]; finite: every row sees at least its diagonal
-    p = _dropped(jnp.exp(s - lse[..., None]), drop, pattern, rate)
-    out = jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(p.dtype))
-    return out.astype(q.dtype), jnp.swapaxes(lse, 1, 2)  # [B, m, H, d], [B, m, H]
+@dataclasses.dataclass(frozen=True)
+class XlaKernel:
+    """Plain XLA: any dtype, any device, every modifier of ``_coords``."""
 
+    name: str = "xla"
 
-def block_attention_bwd(q, k, v, out, lse, dout, dlse, *, causal: bool, scale: float, keep_acc_dtype=False,
-                        rate: float = 0.0, pattern: int = 0, drop: DropoutArgs | None = None):
-    """Gradients ``(dq, dk, dv)`` of one block given the (possibly global) ``out`` and ``lse`` of
-    the rows and their cotangents (``dlse=None``: zero). Rows with ``lse = -inf`` contribute nothing. With
-    ``keep_acc_dtype`` the gradients stay in the accumulation dtype (for ring accumulators)."""
-    acc = _acc_dtype(q.dtype)
-    if _use_cudnn(q, drop):
-        grads = _cudnn.backward(q, k, v, out, lse, dout, dlse, causal, scale)
-        return tuple(g.astype(acc) for g in grads) if keep_acc_dtype else grads
-    s = _scores(q, k, causal, scale)
-    lse_t = jnp.swapaxes(lse, 1, 2).astype(acc)[..., None]  # [B, H, m, 1]
-    p = jnp.exp(s - jnp.where(jnp.isfinite(lse_t), lse_t, jnp.inf))
-    dout = dout.astype(acc)
-    dv = jnp.einsum("bhqk,bqhd->bkhd", _dropped(p, drop, pattern, rate), dout)
-    dp = _dropped(jnp.einsum("bqhd,bkhd->bhqk", dout, v.astype(acc)), drop, pattern, rate)
-    delta = jnp.sum(dout * out.astype(acc), axis=-1)  # [B, m, H]
-    if dlse is not None:
-        delta = delta - dlse.astype(acc)
-    ds = p * (dp - jnp.swapaxes(delta, 1, 2)[..., None])
-    dq = jnp.einsum("bhqk,bkhd->bqhd", ds, k.astype(acc)) * scale
-    dk = jnp.einsum("bhqk,bqhd->bkhd", ds, q.astype(acc)) * scale
-    if keep_acc_dtype:
+    def supports(self, dtype, head_dim: int, mods: Mods) -> bool:
+        return True
+
+    @staticmethod
+    def _scores(q, k, scale: float, mods: Mods, coords: Coords):
+        """``[B, H, m, m_k]`` scaled scores in the accumulation dtype, ``-inf`` where masked."""
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=_acc_dtype(q.dtype)) * scale
+        mask = score_mask(coords, mods)
+        return s if mask is None else jnp.where(mask, s, -jnp.inf)
+
+    def forward(self, q, k, v, scale, mods, coords):
+        s = self._scores(q, k, scale, mods, coords)
+        lse = jax.nn.logsumexp(s, axis=-1)  # [B, H, m]; finite: every row sees at least its diagonal
+        p = _dropped(jnp.exp(s - lse[..., None]), dropout_keep(coords, mods), mods.dropout_rate)
+        out = jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(p.dtype))
+        return out.astype(q.dtype), jnp.swapaxes(lse, 1, 2)  # [B, m, H, d], [B, m, H]
+
+    def backward(self, q, k, v, out, lse, dout, dlse, scale, mods, coords):
+        acc = _acc_dtype(q.dtype)
+        s = self._scores(q, k, scale, mods, coords)
+        lse_t = jnp.swapaxes(lse, 1, 2).astype(acc)[..., None]  # [B, H, m, 1]
+        p = jnp.exp(s - jnp.where(jnp.isfinite(lse_t), lse_t, jnp.inf))
+        keep, rate = dropout_keep(coords, mods), mods.dropout_rate
+        dout = dout.astype(acc)
+        dv = jnp.einsum("bhqk,bqhd->bkhd", _dropped(p, keep, rate), dout)
+        dp = _dropped(jnp.einsum("bqhd,bkhd->bhqk", dout, v.astype(acc)), keep, rate)
+        delta = jnp.sum(dout * out.astype(acc), axis=-1)  # [B, m, H]
+        if dlse is not None:
+            delta = delta - dlse.astype(acc)
+        ds = p * (dp - jnp.swapaxes(delta, 1, 2)[..., None])
+        dq = jnp.einsum("bhqk,bkhd->bqhd", ds, k.astype(acc)) * scale
+        dk = jnp.einsum("bhqk,bqhd->bkhd", ds, q.astype(acc)) * scale
         return dq, dk, dv
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def block_attention(q, k, v, causal: bool, scale: float, rate: float = 0.0, pattern: int = 0,
-                    drop: DropoutArgs | None = None):
-    """``(out [B, m, H, d], lse [B, m, H])`` of softmax attention within each of the B blocks."""
-    return block_attention_fwd(q, k, v, causal, scale, rate, pattern, drop)
+@dataclasses.dataclass(frozen=True)
+class CudnnKernel:
+    """cuDNN flash attention (``_cudnn``): CUDA, bf16/fp16, ``head_dim % 8 == 0``, no dropout."""
+
+    name: str = "cudnn"
+
+    def supports(self, dtype, head_dim: int, mods: Mods) -> bool:
+        return not mods.dropout and _cudnn.usable(dtype, head_dim)
+
+    def forward(self, q, k, v, scale, mods, coords):
+        return _cudnn.forward(q, k, v, mods.causal, scale)
+
+    def backward(self, q, k, v, out, lse, dout, dlse, scale, mods, coords):
+        acc = _acc_dtype(q.dtype)
+        return tuple(g.astype(acc) for g in _cudnn.backward(q, k, v, out, lse, dout, dlse, mods.causal, scale))
 
 
-def _block_attention_fwd(q, k, v, causal, scale, rate, pattern, drop):
-    out, lse = block_attention_fwd(q, k, v, causal, scale, rate, pattern, drop)
-    return (out, lse), (q, k, v, out, lse, drop)
+_REGISTRY = {"xla": XlaKernel(), "cudnn": CudnnKernel()}
 
 
-def _block_attention_bwd(causal, scale, rate, pattern, residuals, cotangents):
-    q, k, v, out, lse, drop = residuals
-    dout, dlse = cotangents
-    grads = block_attention_bwd(q, k, v, out, lse, dout, dlse, causal=causal, scale=scale, rate=rate,
-                                pattern=pattern, drop=drop)
-    return (*grads, None)
+def set_block_kernel(name: str) -> None:
+    """``"auto"`` | ``"xla"`` | ``"cudnn"`` for functions traced from now on."""
+    global _preference
+    if name not in KERNELS:
+        raise ValueError(f"block kernel {name!r} is not one of {KERNELS}")
+    _preference = name
 
 
-block_attention.defvjp(_block_attention_fwd, _block_attention_bwd)
+def get_block_kernel() -> str:
+    return _preference
+
+
+def select_kernel(dtype, head_dim: int, dropout: bool) -> Kernel:
+    """The kernel every block of one call runs, from the ``set_block_kernel`` preference: ``auto``
+    takes cuDNN where it supports the call, else XLA; an explicit ``cudnn`` that cannot run raises."""
+    mods = Mods(dropout_rate=0.5 if dropout else 0.0)
+    if _preference == "xla":
+        return _REGISTRY["xla"]
+    cudnn = _REGISTRY["cudnn"]
+    if cudnn.supports(dtype, head_dim, mods):
+        return cudnn
+    if _preference == "cudnn":
+        raise ValueError(f"block kernel 'cudnn' cannot run here: needs a CUDA backend (have "
+                         f"{jax.default_backend()!r}), bf16/f16 inputs (have {jnp.dtype(dtype)}), head_dim % 8 == 0 "
+                         f"and <= 120 (have {head_dim}), no dropout, and JAX in {_cudnn.TESTED_JAX}")
+    return _REGISTRY["xla"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+    """How every block of one call is computed, decided once per call (hashable, static): the
+    kernel, the softmax scale, and the call's modifiers (a unit adds its pattern index)."""
+
+    kernel: Kernel
+    scale: float
+    causal: bool = False
+    dropout_rate: float = 0.0
+
+    def mods(self, pattern: int, causal: bool | None = None) -> Mods:
+        """The modifiers of a block of ``pattern``; ``causal=False`` for a block wholly in the past."""
+        return Mods(self.causal if causal is None else causal, self.dropout_rate, pattern)
+
+    def forward(self, q, k, v, mods: Mods, coords: Coords):
+        """``(out [B, m, H, d], lse [B, m, H])``, without a custom VJP (callers own the backward)."""
+        return self.kernel.forward(q, k, v, self.scale, mods, coords)
+
+    def backward(self, q, k, v, out, lse, dout, dlse, mods: Mods, coords: Coords):
+        """``(dq, dk, dv)`` in the accumulation dtype, given the rows' (possibly global) ``out`` and
+        ``lse`` and their cotangents (``dlse=None``: zero). Rows with ``lse = -inf`` add nothing."""
+        return self.kernel.backward(q, k, v, out, lse, dout, dlse, self.scale, mods, coords)
+
+
+def make_spec(dtype, head_dim: int, scale: float, causal: bool, dropout_rate: float) -> BlockSpec:
+    return BlockSpec(select_kernel(dtype, head_dim, dropout_rate > 0.0), float(scale), bool(causal),
+                     float(dropout_rate))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _block(spec: BlockSpec, mods: Mods, q, k, v, coords):
+    return spec.forward(q, k, v, mods, coords)
+
+
+def _block_fwd(spec, mods, q, k, v, coords):
+    out, lse = spec.forward(q, k, v, mods, coords)
+    return (out, lse), (q, k, v, out, lse, coords)
+
+
+def _block_bwd(spec, mods, residuals, cotangents):
+    q, k, v, out, lse, coords = residuals
+    grads = spec.backward(q, k, v, out, lse, *cotangents, mods, coords)
+    return (*(g.astype(x.dtype) for g, x in zip(grads, (q, k, v))), None)
+
+
+_block.defvjp(_block_fwd, _block_bwd)
+
+
+def block_attention(q, k, v, *, scale: float, is_causal: bool = False, dropout_rate: float = 0.0,
+                    pattern: int = 0, coords: Coords | None = None):
+    """Softmax attention within each of ``B`` independent blocks, differentiable in ``out`` and ``lse``.
+
+    Args:
+      q: ``[B, m, H, d]``.
+      k, v: ``[B, m, H, d]`` (kv heads already matched to query heads).
+      scale: the softmax scale.
+      is_causal: mask keys after their query (the lower triangle of each block).
+      dropout_rate, pattern: dropout with the shared hash of ``pattern`` (needs ``coords``).
+      coords: the blocks' global coordinates (default: block ``i`` of batch ``i``, positions from
+        0, seed 0).
+
+    Returns:
+      ``(out [B, m, H, d], lse [B, m, H])``, the LSE float32 (float64 for float64 inputs).
+    """
+    B, m, H, d = q.shape
+    mods = Mods(bool(is_causal), float(dropout_rate), int(pattern))
+    spec = make_spec(q.dtype, d, scale, mods.causal, mods.dropout_rate)
+    return _block(spec, mods, q, k, v, aligned_coords(B, m, H) if coords is None else coords)

@@ -66,6 +66,12 @@ class Plan:
     def units(self) -> tuple[Unit, ...]:
         return tuple(u for layer in self.layers for u in layer.units)
 
+    @property
+    def one_layer(self) -> bool:
+        """All heads in one layer (``head_groups``, or one pattern): each output row comes from
+        one unit, no LSE merge."""
+        return len(self.layers) == 1
+
     def flops(self, batch: int, head_dim: int) -> int:
         """Matmul FLOPs the kernels execute: per segment and head, ``Q K^T`` and ``P V`` on an
         ``m x m`` block are ``2 * 2 * m^2 * d``. Causal blocks are computed whole and masked, so

@@ -1,0 +1,179 @@
+"""The public functions: validate once, decide the mode once (one pass, kept rows, chunks, a
+simulated ring, a sharded ring), choose the block kernel once, and call the step that runs it."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from ring_jax._chunked import chunked_attention
+from ring_jax._config import DilatedConfig, check_inputs
+from ring_jax._coords import Origin, make_origin
+from ring_jax._dilated import kept_rows_attention, keeps_rows, saved_attention
+from ring_jax._dropout import as_seed, check_dropout
+from ring_jax._kernels import BlockSpec, make_spec
+from ring_jax._plan import Plan, get_plan
+from ring_jax._ring import attend_sharded_unit, attend_simulated_unit
+from ring_jax._ring_plan import get_ring_plan
+from ring_jax._rows import run_layers
+
+
+def check_chunk_type(chunk_size) -> None:
+    """``ValueError`` unless ``chunk_size`` is None or a positive int (what needs no shapes)."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer))
+                                   or chunk_size <= 0):
+        raise ValueError(f"{chunk_size=} must be a positive int or None")
+
+
+def check_chunk_size(chunk_size: int | None, seq_len: int, config: DilatedConfig) -> int:
+    """``chunk_size`` (``seq_len`` when None) if every segment of every pattern lies inside one chunk."""
+    check_chunk_type(chunk_size)
+    if chunk_size is None:
+        return seq_len
+    if seq_len % chunk_size:
+        raise ValueError(f"{seq_len=} is not a multiple of {chunk_size=}")
+    for w in config.segment_lengths:
+        if chunk_size % min(w, seq_len):
+            raise ValueError(f"{chunk_size=} is not a multiple of the segment length w={min(w, seq_len)} "
+                             f"({seq_len=}): a segment would cross chunks")
+    return int(chunk_size)
+
+
+def one_device_mode(plan: Plan, seq_len: int):
+    """The single-device ``custom_vjp`` for ``plan`` (the plan of one chunk) on ``seq_len`` tokens."""
+    if plan.seq_len != seq_len:
+        return chunked_attention
+    return kept_rows_attention if keeps_rows(plan) else saved_attention
+
+
+def _spec(config: DilatedConfig, query, rate: float) -> BlockSpec:
+    return make_spec(query.dtype, query.shape[-1], config.scale(query.shape[-1]), config.is_causal, rate)
+
+
+def simulated_ring_attention(query, key, value, config: DilatedConfig, ring_size: int, spec: BlockSpec,
+                             origin: Origin):
+    """The ring on one device: ``(out, lse)`` with the sequence cut into ``ring_size`` blocks that
+    play the devices, K/V blocks moving by the same hops (``roll`` for ``ppermute``) with the same
+    merges; peak memory falls with ``ring_size``, since one hop's blocks are live at a time."""
+    _, n, h, h_kv, _ = check_inputs(query, key, value)
+    if n % ring_size:
+        raise ValueError(f"seq_len={n} is not a multiple of {ring_size=}")
+    plan = get_ring_plan(config, n // ring_size, ring_size, h, h_kv)
+    attend = functools.partial(attend_simulated_unit, spec=spec, origin=origin)
+    return run_layers(query, key, value, plan.layers, attend)
+
+
+def dilated_attention(query, key, value, *, segment_lengths, dilation_rates, mix="head_groups",
+                      is_causal=False, softmax_scale=None, return_lse=False, ring_size=None,
+                      dropout_rate=0.0, dropout_seed=None, chunk_size=None):
+    """Dilated attention (LongNet) on one device.
+
+    Args:
+      query: ``[batch, seq, heads, head_dim]``.
+      key, value: ``[batch, seq, kv_heads, head_dim]``, ``heads % kv_heads == 0`` (GQA).
+      segment_lengths, dilation_rates: the patterns ``(w_1..w_K)``, ``(r_1..r_K)``: static Python
+        ints (part of the compiled program, never traced).
+      mix: ``"head_groups"`` (head group i uses pattern i) or ``"longnet"`` (every head uses
+        every pattern, merged by LSE: LongNet Eq. 10).
+      is_causal: keys after the query position are excluded.
+      softmax_scale: defaults to ``head_dim ** -0.5``.
+      return_lse: also return the natural-log LSE ``[batch, seq, heads]`` (float32; float64 for
+        float64 inputs; ``-inf`` on rows with no key).
+      ring_size: if > 1, run the ring algorithm on this one device with the sequence cut into
+        ``ring_size`` blocks (same result, peak memory falling with ``ring_size``).
+      dropout_rate, dropout_seed: dropout on each pattern's attention probabilities, the mask a
+        hash of (seed, pattern, batch, head, query and key position): the same on one device, in
+        any ring and in ``ring_torch`` for the same seed. ``dropout_seed``: an int or a uint32
+        scalar (e.g. ``jax.random.bits(key, dtype=jnp.uint32)``). The LSE is not affected.
+      chunk_size: if set, compute the sequence ``chunk_size`` tokens at a time in a loop, forward
+        and backward (a multiple of every segment length, so chunks are independent). Only q, k, v
+        are kept for the backward, which recomputes each chunk's forward: peak memory is q, k, v,
+        their gradients and ``out``'s cotangent plus one chunk's temporaries, for one extra
+        forward pass. Not with ``ring_size``.
+
+    Returns:
+      ``out [batch, seq, heads, head_dim]`` in the input dtype (rows with no key are 0), or
+      ``(out, lse)``.
+    """
+    config = DilatedConfig(segment_lengths, dilation_rates, mix, is_causal, softmax_scale)
+    _, n, h, h_kv, _ = check_inputs(query, key, value)
+    rate = check_dropout(dropout_rate, dropout_seed)
+    origin = make_origin(dropout_seed if rate else None)
+    spec = _spec(config, query, rate)
+    if ring_size is not None and ring_size > 1:
+        if chunk_size is not None:
+            raise ValueError(f"{chunk_size=} and {ring_size=}: pick one way of cutting the sequence")
+        out, lse = simulated_ring_attention(query, key, value, config, ring_size, spec, origin)
+        return (out, lse) if return_lse else out
+    config.validate_shapes(n, h, h_kv)  # errors name the whole sequence, not a chunk
+    plan = get_plan(config, check_chunk_size(chunk_size, n, config), h, h_kv)  # the plan of one chunk
+    return one_device_mode(plan, n)(plan, spec, bool(return_lse), query, key, value, origin)
+
+
+def ring_dilated_attention(query, key, value, *, axis_name, segment_lengths, dilation_rates,
+                           mix="head_groups", is_causal=False, softmax_scale=None, return_lse=False,
+                           dropout_rate=0.0, dropout_seed=None, batch_axis=None):
+    """Dilated attention over a sequence sharded along ``axis_name``; call inside ``shard_map``.
+
+    Args:
+      query: the local shard ``[batch, L, heads, head_dim]``; device ``i`` of the axis holds global
+        positions ``[i*L, (i+1)*L)``.
+      key, value: local shards ``[batch, L, kv_heads, head_dim]``.
+      axis_name: the mesh axis the sequence is sharded over.
+      segment_lengths, dilation_rates, mix, is_causal, softmax_scale, return_lse, dropout_rate,
+        dropout_seed: as in :func:`dilated_attention`.
+      batch_axis: if the batch is sharded too, its mesh axis (the dropout mask then uses global
+        batch indices).
+
+    Returns:
+      The local shard of ``dilated_attention`` on the global sequence, ``[batch, L, heads,
+      head_dim]`` (and its LSE ``[batch, L, heads]`` with ``return_lse``).
+    """
+    config = DilatedConfig(segment_lengths, dilation_rates, mix, is_causal, softmax_scale)
+    b, L, h, h_kv, _ = check_inputs(query, key, value)
+    P = lax.axis_size(axis_name)
+    plan = get_ring_plan(config, L, P, h, h_kv)
+    rate = check_dropout(dropout_rate, dropout_seed)
+    origin = make_origin(dropout_seed if rate else None, 0 if batch_axis is None else lax.axis_index(batch_axis) * b,
+                         lax.axis_index(axis_name) * L)
+    attend = functools.partial(attend_sharded_unit, axis_name=axis_name, num_devices=P,
+                               spec=_spec(config, query, rate), origin=origin)
+    out, lse = run_layers(query, key, value, plan.layers, attend)
+    return (out, lse) if return_lse else out
+
+
+def sharded_dilated_attention(query, key, value, *, mesh, seq_axis="sp", batch_axis=None, return_lse=False,
+                              dropout_seed=None, **kwargs):
+    """Global arrays in, global arrays out: :func:`ring_dilated_attention` under ``jax.shard_map``.
+
+    Args:
+      query: ``[batch, seq, heads, head_dim]`` (global).
+      key, value: ``[batch, seq, kv_heads, head_dim]`` (global).
+      mesh: a ``jax.sharding.Mesh`` (``jax.make_mesh((P,), ("sp",))``; Explicit or Auto axes).
+      seq_axis: the mesh axis the sequence is sharded over (``seq % mesh.shape[seq_axis] == 0``).
+      batch_axis: optional mesh axis that shards the batch (data parallelism). Heads stay whole on
+        each device (a head's pattern depends on its index).
+      return_lse, dropout_seed, **kwargs: as in :func:`dilated_attention` (patterns, mix, causal,
+        scale, dropout rate).
+
+    Returns:
+      ``out [batch, seq, heads, head_dim]`` (and ``lse [batch, seq, heads]``), sharded like the inputs.
+    """
+    P = jax.sharding.PartitionSpec
+    spec, lse_spec = P(batch_axis, seq_axis, None, None), P(batch_axis, seq_axis, None)
+    if jax.sharding.AxisType.Explicit in tuple(mesh.axis_types):  # explicit meshes do not reshard implicitly
+        sharding = jax.sharding.NamedSharding(mesh, spec)
+        query, key, value = (jax.sharding.reshard(x, sharding) for x in (query, key, value))
+    seed = jnp.uint32(0) if dropout_seed is None else as_seed(dropout_seed)  # an explicit, replicated input
+
+    def f(q, k, v, seed):
+        return ring_dilated_attention(q, k, v, axis_name=seq_axis, batch_axis=batch_axis, return_lse=True,
+                                      dropout_seed=None if dropout_seed is None else seed, **kwargs)
+
+    out, lse = jax.shard_map(f, mesh=mesh, in_specs=(spec, spec, spec, P()), out_specs=(spec, lse_spec),
+                             check_vma=False)(query, key, value, seed)
+    return (out, lse) if return_lse else out

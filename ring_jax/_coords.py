@@ -1,0 +1,100 @@
+"""Where a block of attention rows sits in the global problem, and every score modifier from there.
+
+A kernel sees one block: query rows ``q [B, m, H, d]`` and key rows ``k, v [B, m_k, H, d]``, the
+segments of a unit folded into ``B``. :class:`Coords` carries the block's global coordinates (batch
+index, query head, query and key positions) and :class:`Mods` the static modifiers that apply
+(causal, dropout). :func:`score_mask` and :func:`dropout_keep` derive every mask from those two, so
+a new modifier (padding lengths, document ids) is a field here and a line in one of them.
+
+:class:`Origin` is what a whole call knows about its place: the dropout seed and the global batch
+index and sequence position of its local entry 0 (non-zero on a shard, or a chunk).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ring_jax._dropout import as_seed, keep_mask
+
+
+class Origin(NamedTuple):
+    """A call's place in the global problem (traced scalars; a pytree)."""
+
+    seed: jax.Array  # uint32 []: the dropout seed (0 without dropout)
+    batch_base: jax.Array  # int32 []: global batch index of local batch entry 0
+    pos_base: jax.Array  # int32 []: global position of local position 0
+
+    def at(self, start) -> Origin:
+        """The origin of the stretch that starts ``start`` positions further on."""
+        return self._replace(pos_base=self.pos_base + start)
+
+
+def make_origin(seed=None, batch_base=0, pos_base=0) -> Origin:
+    return Origin(as_seed(0 if seed is None else seed), jnp.asarray(batch_base, jnp.int32),
+                  jnp.asarray(pos_base, jnp.int32))
+
+
+class Coords(NamedTuple):
+    """Global coordinates of one block (traced; a pytree)."""
+
+    seed: jax.Array  # uint32 []
+    batch: jax.Array  # [B] global batch index of each folded row block
+    heads: jax.Array  # [H] global query heads
+    qpos: jax.Array  # [B, H, m] global query positions
+    kpos: jax.Array  # [B, H, m_k] global key positions
+
+    def keys_shifted(self, shift) -> Coords:
+        """The same query rows facing the key block ``shift`` positions away (ring hops)."""
+        return self._replace(kpos=self.qpos + shift)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mods:
+    """Static score modifiers of a block (hashable).
+
+    ``causal``: keys after their query are masked. A block is only given ``causal=True`` when its
+    keys are its own query rows (a segment on one device, or the own block of a ring), where the
+    mask is the lower triangle that fused kernels know; blocks wholly in a query's past run with
+    ``causal=False``, wholly future ones are not computed. ``dropout_rate`` with the ``pattern``
+    index of the shared hash."""
+
+    causal: bool = False
+    dropout_rate: float = 0.0
+    pattern: int = 0
+
+    @property
+    def dropout(self) -> bool:
+        return self.dropout_rate > 0.0
+
+
+def unit_coords(origin: Origin, batch: int, segments: int, w: int, r: int, heads, offsets) -> Coords:
+    """The coordinates of a unit's folded blocks ``[batch * segments, m = w / r]`` (keys = queries)."""
+    blocks = jnp.arange(batch * segments)
+    qpos = (origin.pos_base + (blocks % segments)[:, None, None] * w
+            + jnp.arange(w // r)[None, None, :] * r + jnp.asarray(offsets)[None, :, None])  # [B, H, m]
+    return Coords(origin.seed, origin.batch_base + blocks // segments, jnp.asarray(heads), qpos, qpos)
+
+
+def aligned_coords(batch: int, rows: int, heads: int, seed=None) -> Coords:
+    """Coordinates of ``batch`` independent blocks of ``rows`` consecutive positions from 0."""
+    pos = jnp.broadcast_to(jnp.arange(rows), (batch, heads, rows))
+    return Coords(as_seed(0 if seed is None else seed), jnp.arange(batch), jnp.arange(heads), pos, pos)
+
+
+def score_mask(coords: Coords, mods: Mods):
+    """Boolean ``[B, H, m, m_k]``, True where a score takes part, or None when every one does."""
+    if not mods.causal:
+        return None
+    return coords.qpos[..., :, None] >= coords.kpos[..., None, :]
+
+
+def dropout_keep(coords: Coords, mods: Mods):
+    """Boolean ``[B, H, m, m_k]``, True where a probability is kept, or None without dropout."""
+    if not mods.dropout:
+        return None
+    return keep_mask(coords.seed, mods.pattern, mods.dropout_rate, coords.batch, coords.heads, coords.qpos,
+                     coords.kpos)
