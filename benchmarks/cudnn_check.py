@@ -58,7 +58,8 @@ def main():
     sweep = new_sweep(args.out, args.budget_s)
     sweep.data["meta"].update(jax=jax.__version__, device=jax.devices()[0].device_kind)
     for causal in (False, True):
-        compare(sweep, "block", lambda q, k, v, c=causal: ring_jax.block_attention(q, k, v, c, D ** -0.5),
+        compare(sweep, "block",
+                lambda q, k, v, c=causal: ring_jax.block_attention(q, k, v, scale=D ** -0.5, is_causal=c),
                 (8, 2048, 4, D), (8, 2048, 4, D), causal=causal)
     for mix in ("head_groups", "longnet"):
         for ring_size in (1, 4):
