@@ -357,7 +357,8 @@ def run(full: bool = False, timing: bool | None = None, out_json: str = "report.
     rows = parity_rows(cases)
     flops = flop_ratios([2 ** k for k in range(5, 14)], *FLOP_PATTERN)
     times = timing_rows([2 ** k for k in range(8, 15)], *FLOP_PATTERN) if timing else None
-    timing_label = ("single-threaded CPU" if not accelerator else "accelerator") + ", float32, causal, forward"
+    timing_label = (f"single-threaded CPU (load {os.getloadavg()[0]:.1f})" if not accelerator else "accelerator") \
+        + ", float32, causal, forward"
 
     print(format_table(rows))
     print(f"\nFLOPs per doubling of n (w={FLOP_PATTERN[0]}, r={FLOP_PATTERN[1]}, from the plans): "
