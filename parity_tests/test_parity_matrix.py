@@ -1,9 +1,15 @@
 """The parity matrix: mix x causal x GQA x dtype x config, each framework against the oracle.
 
-Tolerances by dtype are those of ``parity_tests.frameworks.tolerances``.
+Tolerances by dtype are those of ``parity_tests.frameworks.tolerances``. By default every
+framework x dtype x mix x causal combination runs twice, once with MHA and once with GQA, on
+configs that rotate so that every config meets every framework, dtype and mix; ``PARITY_FULL=1``
+runs the whole product (240 cases).
 """
 
 from __future__ import annotations
+
+import itertools
+import os
 
 import numpy as np
 import pytest
@@ -21,6 +27,33 @@ CONFIGS = {
 }
 
 RUNNERS = {"jax": run_jax, "torch": run_torch}
+MIXES = ("head_groups", "longnet")
+
+
+def matrix(full: bool) -> list[tuple]:
+    """``(config, mix, causal, gqa, dtype, framework)`` rows: the whole product, or the covering subset."""
+    names = list(CONFIGS)
+    rows = []
+    combos = itertools.product(RUNNERS, DTYPES, MIXES, (False, True))
+    for i, (framework, dtype, mix, causal) in enumerate(combos):
+        for gqa in (False, True):
+            configs = names if full else [names[(i + 2 * gqa) % len(names)]]
+            rows += [(config, mix, causal, gqa, dtype, framework) for config in configs]
+    return rows
+
+
+def _id(row) -> str:
+    config, mix, causal, gqa, dtype, framework = row
+    return f"{config}-{mix}-{'causal' if causal else 'full'}-{'gqa' if gqa else 'mha'}-{dtype}-{framework}"
+
+
+def test_default_matrix_covers_every_combination():
+    rows = matrix(full=False)
+    assert {r[1:3] + r[4:] for r in rows} == set(itertools.product(MIXES, (False, True), DTYPES, RUNNERS))
+    assert {(r[0], r[1], r[5]) for r in rows} == set(itertools.product(CONFIGS, MIXES, RUNNERS))
+    assert {(r[0], r[4]) for r in rows} == set(itertools.product(CONFIGS, DTYPES))
+    assert {r[3] for r in rows} == {False, True}
+    assert len(matrix(full=True)) == 240
 
 
 def make_case(config, gqa, causal, mix, dtype) -> Case:
@@ -36,12 +69,8 @@ def check_against_reference(got, case: Case, x, ref=None) -> dict:
     return errs
 
 
-@pytest.mark.parametrize("framework", RUNNERS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("gqa", [False, True], ids=["mha", "gqa"])
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("mix", ["head_groups", "longnet"])
-@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("config, mix, causal, gqa, dtype, framework",
+                         [pytest.param(*row, id=_id(row)) for row in matrix(os.environ.get("PARITY_FULL") == "1")])
 def test_matches_oracle(config, mix, causal, gqa, dtype, framework):
     if framework == "torch":
         pytest.importorskip("ring_torch")
