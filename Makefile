@@ -8,7 +8,7 @@ PIP := $(PY) -m pip install --progress-bar off
 
 .PHONY: test report
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 report: $(VENV)/.installed
 	$(PY) -m parity_tests $(ARGS)
