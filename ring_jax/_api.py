@@ -11,7 +11,7 @@ import numpy as np
 from jax import lax
 
 from ring_jax._chunked import chunked_attention
-from ring_jax._config import DilatedConfig, check_inputs
+from ring_jax._config import DilatedConfig, check_inputs, check_ring_size
 from ring_jax._coords import Origin, make_origin
 from ring_jax._dilated import kept_rows_attention, keeps_rows, saved_attention
 from ring_jax._dropout import as_seed, check_dropout
@@ -104,6 +104,7 @@ def dilated_attention(query, key, value, *, segment_lengths, dilation_rates, mix
     rate = check_dropout(dropout_rate, dropout_seed)
     origin = make_origin(dropout_seed if rate else None)
     spec = _spec(config, query, rate)
+    ring_size = check_ring_size(ring_size)
     if ring_size is not None and ring_size > 1:
         if chunk_size is not None:
             raise ValueError(f"{chunk_size=} and {ring_size=}: pick one way of cutting the sequence")
@@ -146,6 +147,23 @@ def ring_dilated_attention(query, key, value, *, axis_name, segment_lengths, dil
     return (out, lse) if return_lse else out
 
 
+def check_mesh_axes(query, key, value, mesh, seq_axis, batch_axis) -> None:
+    """``ValueError`` unless ``seq_axis`` (and ``batch_axis``) are axes of ``mesh`` whose sizes
+    divide the sequence length (and the batch)."""
+    b, n, *_ = check_inputs(query, key, value)
+    axes = tuple(mesh.axis_names)
+    for name, axis, size, dim in (("seq_axis", seq_axis, n, "seq_len"), ("batch_axis", batch_axis, b, "batch")):
+        if axis is None and name == "batch_axis":
+            continue
+        if axis not in axes:
+            raise ValueError(f"{name}={axis!r} is not an axis of the mesh (axes: {axes})")
+        if size % mesh.shape[axis]:
+            raise ValueError(f"{dim}={size} is not a multiple of the size {mesh.shape[axis]} of mesh axis "
+                             f"{name}={axis!r}")
+    if batch_axis is not None and batch_axis == seq_axis:
+        raise ValueError(f"{batch_axis=} and {seq_axis=} must be different mesh axes")
+
+
 def sharded_dilated_attention(query, key, value, *, mesh, seq_axis="sp", batch_axis=None, return_lse=False,
                               dropout_seed=None, **kwargs):
     """Global arrays in, global arrays out: :func:`ring_dilated_attention` under ``jax.shard_map``.
@@ -163,6 +181,7 @@ def sharded_dilated_attention(query, key, value, *, mesh, seq_axis="sp", batch_a
     Returns:
       ``out [batch, seq, heads, head_dim]`` (and ``lse [batch, seq, heads]``), sharded like the inputs.
     """
+    check_mesh_axes(query, key, value, mesh, seq_axis, batch_axis)
     P = jax.sharding.PartitionSpec
     spec, lse_spec = P(batch_axis, seq_axis, None, None), P(batch_axis, seq_axis, None)
     if jax.sharding.AxisType.Explicit in tuple(mesh.axis_types):  # explicit meshes do not reshard implicitly

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from ring_jax._api import check_chunk_type, dilated_attention, sharded_dilated_attention
-from ring_jax._config import DilatedConfig
+from ring_jax._config import DilatedConfig, check_bool, check_ring_size
 
 __all__ = ["make_attention_fn", "seed_from_key", "attend", "check_placement"]
 
@@ -22,8 +22,7 @@ def seed_from_key(key) -> jax.Array:
 
 def check_placement(mesh, ring_size, chunk_size=None) -> None:
     """At most one way of cutting the sequence: a mesh ring, a simulated ring or chunks."""
-    if ring_size is not None and (int(ring_size) != ring_size or ring_size < 1):
-        raise ValueError(f"{ring_size=} must be a positive int")
+    ring_size = check_ring_size(ring_size)
     if mesh is not None and ring_size is not None and ring_size > 1:
         raise ValueError(f"{ring_size=} simulates a ring on one device; with a mesh the ring is "
                          f"the mesh axis: pass one of them")
@@ -50,7 +49,7 @@ def attend(query, key, value, *, config: DilatedConfig, is_causal: bool = False,
     ``dropout_rate > 0`` needs ``dropout_seed`` (the core checks both); the dropout arguments
     are passed to the core only when dropout is on."""
     kwargs = dict(segment_lengths=config.segment_lengths, dilation_rates=config.dilation_rates,
-                  mix=config.mix, is_causal=bool(is_causal) or config.is_causal,
+                  mix=config.mix, is_causal=check_bool("is_causal", is_causal) or config.is_causal,
                   softmax_scale=config.softmax_scale)
     if dropout_rate > 0.0:
         kwargs.update(dropout_rate=float(dropout_rate), dropout_seed=dropout_seed)
@@ -87,7 +86,7 @@ def make_attention_fn(segment_lengths, dilation_rates, *, mix="head_groups", is_
     ``chunk_size`` runs one device's sequence in independent chunks (bounded memory, see
     :func:`ring_jax.dilated_attention`).
     """
-    config = DilatedConfig(segment_lengths, dilation_rates, mix, bool(is_causal), softmax_scale)
+    config = DilatedConfig(segment_lengths, dilation_rates, mix, is_causal, softmax_scale)
     check_placement(mesh, ring_size, chunk_size)
 
     def dilated_attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True,

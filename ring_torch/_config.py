@@ -1,18 +1,123 @@
-"""Validated configuration of dilated attention and the shape checks of its inputs.
+"""Validated configuration of dilated attention and the checks of its inputs.
 
-Every check here runs before any compute, and every error is a ``ValueError`` that names the
-offending values.
+Every check here runs before any compute: ``TypeError`` for an argument of the wrong type,
+``ValueError`` for a wrong value, each naming the argument and its value. Checks of concepts
+both packages share have the same message text in ``ring_jax._config``.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-__all__ = ["MIXES", "DilatedConfig", "check_shapes"]
+__all__ = ["MIXES", "DilatedConfig", "check_shapes", "check_ring_size", "check_bool",
+           "check_softmax_scale", "check_int_tuple", "FLOAT_DTYPES"]
 
 MIXES = ("head_groups", "longnet")
+
+# --- Argument checks shared with ring_torch._config / ring_jax._config: the same message texts. ---
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _is_int(x) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
+def check_int_tuple(name: str, value) -> tuple[int, ...]:
+    """``value`` (a tuple or list of ints; NumPy integers accepted, bools and floats refused) as
+    a tuple of Python ints; ``TypeError`` naming ``name`` otherwise."""
+    if not isinstance(value, (tuple, list, range, np.ndarray)) or np.ndim(value) != 1:
+        raise TypeError(f"{name}={value!r} must be a tuple or list of ints")
+    for x in value:
+        if not _is_int(x):
+            raise TypeError(f"{name}={tuple(value)!r} must be a tuple or list of ints: {x!r} is a "
+                            f"{type(x).__name__}")
+    return tuple(int(x) for x in value)
+
+
+def check_mix(mix) -> None:
+    if not isinstance(mix, str) or mix not in MIXES:
+        raise ValueError(f"unknown mix={mix!r}; expected one of {MIXES}")
+
+
+def check_bool(name: str, value) -> bool:
+    """``value`` as a bool; ``TypeError`` unless it is a Python or NumPy bool."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}={value!r} must be a bool (True or False)")
+    return bool(value)
+
+
+def check_softmax_scale(scale) -> float | None:
+    """``None`` or a finite positive number as a float (``TypeError`` for a non-number,
+    ``ValueError`` for NaN, infinities, zero and negatives)."""
+    if scale is None:
+        return None
+    message = f"softmax_scale={scale!r} must be a finite positive number or None"
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
+        raise TypeError(message)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(message)
+    return float(scale)
+
+
+def check_ring_size(ring_size) -> int | None:
+    """``None`` or a positive int (``TypeError`` for a non-int, ``ValueError`` for ``< 1``)."""
+    if ring_size is None:
+        return None
+    message = f"ring_size={ring_size!r} must be a positive int or None"
+    if not _is_int(ring_size):
+        raise TypeError(message)
+    if ring_size < 1:
+        raise ValueError(message)
+    return int(ring_size)
+
+
+def check_sizes_positive(seq_len: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    """``ValueError`` naming the first empty dimension (no attention over zero rows or features)."""
+    for name, size in (("seq_len", seq_len), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
+                       ("head_dim", head_dim)):
+        if size <= 0:
+            raise ValueError(f"{name}={size} must be positive")
+
+
+def dtype_name(dtype) -> str:
+    """``float32`` for ``torch.float32`` and ``jnp.float32`` alike."""
+    return str(dtype).removeprefix("torch.")
+
+
+def check_float_dtype(name: str, dtype) -> None:
+    """``TypeError`` unless ``dtype`` is one of :data:`FLOAT_DTYPES`."""
+    if dtype_name(dtype) not in FLOAT_DTYPES:
+        raise TypeError(f"{name} has dtype {dtype_name(dtype)}; expected a floating dtype "
+                        f"({', '.join(FLOAT_DTYPES)})")
+
+
+def _check_patterns(segment_lengths, dilation_rates) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    w = check_int_tuple("segment_lengths", segment_lengths)
+    r = check_int_tuple("dilation_rates", dilation_rates)
+    if not w or len(w) != len(r):
+        raise ValueError(f"segment_lengths={w} and dilation_rates={r} must be non-empty and of equal length")
+    for wi in w:
+        if wi <= 0:
+            raise ValueError(f"segment length w={wi} must be positive (segment_lengths={w})")
+    for ri in r:
+        if ri <= 0:
+            raise ValueError(f"dilation rate r={ri} must be positive (dilation_rates={r})")
+    return w, r
+
+
+def _check_heads(mix: str, num_patterns: int, num_heads: int, num_kv_heads: int) -> None:
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads=} is not a multiple of {num_kv_heads=}")
+    if mix == "head_groups" and num_heads < num_patterns:
+        raise ValueError(f"mix='head_groups' needs a head per pattern: {num_heads=} < "
+                         f"num_patterns={num_patterns}")
 
 
 @dataclass(frozen=True)
@@ -30,26 +135,21 @@ class DilatedConfig:
     softmax_scale: float | None = None
 
     def __post_init__(self):
-        segment_lengths = tuple(int(w) for w in self.segment_lengths)
-        dilation_rates = tuple(int(r) for r in self.dilation_rates)
-        if not segment_lengths or len(segment_lengths) != len(dilation_rates):
-            raise ValueError(f"{segment_lengths=} and {dilation_rates=} must be non-empty and of "
-                             f"equal length")
-        for w, r in zip(segment_lengths, dilation_rates):
-            if w <= 0:
-                raise ValueError(f"segment length {w=} must be positive ({segment_lengths=})")
-            if r <= 0:
-                raise ValueError(f"dilation rate {r=} must be positive ({dilation_rates=})")
-        if self.mix not in MIXES:
-            raise ValueError(f"unknown mix={self.mix!r}; expected one of {MIXES}")
+        segment_lengths, dilation_rates = _check_patterns(self.segment_lengths, self.dilation_rates)
+        check_mix(self.mix)
         # Frozen: normalise through object.__setattr__ so lists given by callers become tuples.
         object.__setattr__(self, "segment_lengths", segment_lengths)
         object.__setattr__(self, "dilation_rates", dilation_rates)
-        object.__setattr__(self, "is_causal", bool(self.is_causal))
+        object.__setattr__(self, "is_causal", check_bool("is_causal", self.is_causal))
+        object.__setattr__(self, "softmax_scale", check_softmax_scale(self.softmax_scale))
 
     @property
     def num_patterns(self) -> int:
         return len(self.segment_lengths)
+
+    def scale(self, head_dim: int) -> float:
+        """``softmax_scale``, or ``head_dim ** -0.5`` when it is None."""
+        return head_dim ** -0.5 if self.softmax_scale is None else self.softmax_scale
 
     def effective_segments(self, seq_len: int) -> tuple[int, ...]:
         """``w_i' = min(w_i, seq_len)``; raises if a pattern does not tile ``seq_len``."""
@@ -66,11 +166,7 @@ class DilatedConfig:
 
     def validate_sizes(self, seq_len: int, num_heads: int, num_kv_heads: int) -> tuple[int, ...]:
         """Checks head counts and tiling; returns the effective segment lengths."""
-        if num_kv_heads <= 0 or num_heads % num_kv_heads != 0:
-            raise ValueError(f"{num_heads=} is not a multiple of {num_kv_heads=}")
-        if self.mix == "head_groups" and num_heads < self.num_patterns:
-            raise ValueError(f"mix='head_groups' needs a head per pattern: {num_heads=} < "
-                             f"num_patterns={self.num_patterns}")
+        _check_heads(self.mix, self.num_patterns, num_heads, num_kv_heads)
         return self.effective_segments(seq_len)
 
     def validate_inputs(self, query: torch.Tensor, key: torch.Tensor,
@@ -86,15 +182,21 @@ class DilatedConfig:
 
 def check_shapes(query: torch.Tensor, key: torch.Tensor,
                  value: torch.Tensor) -> tuple[int, int, int, int, int]:
-    """Ranks, shapes, dtypes and devices of the inputs, without the tiling checks (a ring
-    shard checks tiling against the global length).
+    """Types, ranks, dtypes, shapes, non-empty sizes and devices of the inputs, without the
+    tiling checks (a ring shard checks tiling against the global length).
 
     Returns ``(batch, seq_len, num_heads, num_kv_heads, head_dim)``.
     """
     for name, x in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got "
+                            f"{type(x).__module__}.{type(x).__qualname__}")
+    for name, x in (("query", query), ("key", key), ("value", value)):
         if x.dim() != 4:
             raise ValueError(f"{name} must be 4-D [batch, seq, heads, head_dim], got shape "
                              f"{tuple(x.shape)}")
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        check_float_dtype(name, x.dtype)
     if key.shape != value.shape:
         raise ValueError(f"key shape {tuple(key.shape)} != value shape {tuple(value.shape)}")
     b, n, h, d = query.shape
@@ -108,4 +210,5 @@ def check_shapes(query: torch.Tensor, key: torch.Tensor,
     if not (query.device == key.device == value.device):
         raise ValueError(f"devices differ: query {query.device}, key {key.device}, "
                          f"value {value.device}")
+    check_sizes_positive(n, h, h_kv, d)
     return b, n, h, h_kv, d

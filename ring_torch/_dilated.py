@@ -211,7 +211,9 @@ def dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     ``-inf`` and ``out = 0`` where a position attends to nothing).
 
     ``backend``: ``"auto"`` (see :func:`ring_torch.select_backend`), ``"math"``, ``"torch"`` or
-    ``"xformers"``. All checks raise ``ValueError`` before any compute.
+    ``"xformers"``. All checks run before any compute: ``TypeError`` for an argument of the wrong
+    type (tensors of a non-floating dtype, a non-bool ``is_causal``, patterns that are not ints),
+    ``ValueError`` for a wrong value.
 
     ``dropout_p > 0``: dropout on each pattern's attention probabilities, with the counter-based
     mask of :mod:`ring_torch._dropout` (a hash of seed, pattern, batch, head and the two
@@ -223,7 +225,7 @@ def dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     dtype = query.dtype
     backend, compute = resolve_backend(backend, query.device, dtype)
     plan = build_plan(config, n, h, h_kv)
-    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    scale = config.scale(d)
     dropout = make_dropout(dropout_p, dropout_seed)
     executor = make_executor(backend, query.device, compute, d, dropout)
     q, k, v = (x.to(compute) for x in (query, key, value))

@@ -28,7 +28,7 @@ import torch
 
 from ring_torch._comm import (COMMS, DTYPE_CODES, CommStats, check_consistent, float_bits,
                               make_communicator)
-from ring_torch._config import DilatedConfig, check_shapes
+from ring_torch._config import DilatedConfig, check_ring_size, check_shapes
 from ring_torch._coords import BlockCoords, MaskSpec
 from ring_torch._dilated import dilated_attention, make_executor, resolve_backend
 from ring_torch._dropout import Dropout, make_dropout
@@ -84,8 +84,7 @@ def _ring_world(comm: str, ring_size: int | None, process_group) -> tuple[int, b
         import torch.distributed as dist
 
         world = dist.get_world_size(process_group)
-    if ring_size is not None and ring_size < 1:
-        raise ValueError(f"{ring_size=} must be positive")
+    ring_size = check_ring_size(ring_size)
     if world > 1 and ring_size not in (None, 1):
         raise ValueError(f"ring_size={ring_size} is for a single process; a process group of "
                          f"{world} ranks is the ring")
@@ -173,7 +172,7 @@ def ring_dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
             sizes = {"batch": b, "local_len": L, "heads": h, "kv_heads": h_kv, "head_dim": d}
             dropout = _agree(process_group, config, query, sizes, backend, comm, dropout_p,
                              dropout, compare=check_consistency)
-    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    scale = config.scale(d)
     executor = make_executor(backend, query.device, compute, d, dropout)
     make_comm = make_communicator(comm, process_group, ranks if simulated else None, L, stats)
     q, k, v = (x.to(compute) for x in (query, key, value))
