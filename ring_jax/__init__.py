@@ -15,26 +15,31 @@ Layout (one file per step; lower layers never import higher ones):
   ``_ring_plan``  each unit as one device of a sharded sequence sees it
   ``_ring``       the ring unit: ``ppermute`` (or simulated) hops with their own backward
   ``_api``        the public functions: validation, mode and kernel chosen once
+  ``_decode``     cached decoding: a constant-size cache of the current segments (beside ``_api``)
   ``nnx``, ``linen``, ``_attention_fn``, ``_module_config``  Flax layers and the ``attention_fn`` adapter
 """
 
 from ring_jax._api import dilated_attention, ring_dilated_attention, sharded_dilated_attention
 from ring_jax._attention_fn import make_attention_fn
 from ring_jax._config import DilatedConfig
+from ring_jax._decode import DecodeCache, decode, init_cache
 from ring_jax._kernels import block_attention, get_block_kernel, set_block_kernel
 from ring_jax._plan import Plan, build_count, get_plan
 from ring_jax._ring_plan import RingPlan, get_ring_plan
 
 __all__ = [
+    "DecodeCache",
     "DilatedConfig",
     "Plan",
     "RingPlan",
     "block_attention",
     "build_count",
+    "decode",
     "dilated_attention",
     "get_block_kernel",
     "get_plan",
     "get_ring_plan",
+    "init_cache",
     "make_attention_fn",
     "ring_dilated_attention",
     "set_block_kernel",

@@ -11,6 +11,7 @@ importing only the ones above it:
 * ``_kernels``: the kernels (math, torch, xformers) behind one protocol, and backend dispatch.
 * ``_rows``: strided row views and gathers, blank results and the LSE merges.
 * ``_dilated``: one device: the executors (fused or autograd) and ``dilated_attention``.
+* ``_decode``: cached decoding from a constant-size cache of the current segments.
 * ``_ring_plan``: how the units run on ranks (local or spanning sub-rings).
 * ``_comm``: the communicators (point-to-point, all-gather, simulated) and their stats.
 * ``_ring_unit``: one spanning unit's forward and backward over its sub-ring.
@@ -20,6 +21,7 @@ importing only the ones above it:
 
 from ring_torch._comm import CommStats
 from ring_torch._config import DilatedConfig
+from ring_torch._decode import DecodeCache, decode, init_cache
 from ring_torch._dilated import dilated_attention
 from ring_torch._kernels import select_backend
 from ring_torch._module import MultiheadDilatedAttention, RingDilatedAttention
@@ -30,4 +32,4 @@ from ring_torch._ring_plan import RingPlan, RingUnit, build_ring_plan
 __all__ = ["dilated_attention", "DilatedConfig", "DilatedPlan", "Unit", "build_plan",
            "plan_flops", "get_stats", "select_backend", "ring_dilated_attention", "CommStats",
            "RingPlan", "RingUnit", "build_ring_plan", "RingDilatedAttention",
-           "MultiheadDilatedAttention"]
+           "MultiheadDilatedAttention", "DecodeCache", "init_cache", "decode"]
