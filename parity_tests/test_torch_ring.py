@@ -432,8 +432,9 @@ def test_errors_raise_on_every_rank_without_hanging(case):
             assert res["sent"] == {}  # raised before any message
         elif case.kind == "mismatch":
             assert "disagree" in res["error"] and "head_dim" in res["error"]
-        else:
-            assert "disagree" in res["error"] and "config" in res["error"]
+        else:  # the differing field, with its per-rank values
+            assert "disagree" in res["error"]
+            assert f"is_causal: [{case.causal}, {not case.causal}, {case.causal}, {case.causal}]" in res["error"]
 
 
 SUBGROUPS = [c for c in OTHER_CASES if c.kind == "subgroup"]

@@ -16,13 +16,15 @@ is the one small collective every distributed call makes first.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
+from datetime import timedelta
 from typing import Callable, Iterator
 
 import torch
 
 __all__ = ["COMMS", "CommStats", "make_communicator", "check_consistent", "float_bits",
-           "DTYPE_CODES"]
+           "DTYPE_CODES", "RingCheckError"]
 
 COMMS = ("ring", "all_gather")
 
@@ -185,33 +187,75 @@ class _DistRing(_DistComm, _ShiftComm):
 _SUBGROUPS: dict = {}
 
 
+def _sub_ring_groups(dist, group, g: int):
+    """The process groups of the sub-rings of size ``g`` of ``group`` (sub-ring ``s``: group ranks
+    ``[s*g, (s+1)*g)``), or None where they cannot be created safely (then the exchange runs
+    point to point).
+
+    ``g`` equal to the group's size: the group itself. A group spanning every process: all
+    sub-groups of the partition are created by every rank, in the same order and without local
+    synchronisation (``new_group`` is then a collective of all processes and its names do not
+    depend on groups a rank created before), once per ``(group, g)``. A group of only some
+    processes cannot create sub-groups without the other processes, so it gets None."""
+    size = dist.get_world_size(group)
+    if g == size:
+        return [group]
+    key = (id(group), g)
+    if key not in _SUBGROUPS:
+        if size == dist.get_world_size():
+            members = [[dist.get_global_rank(group, s * g + i) for i in range(g)] for s in range(size // g)]
+            _SUBGROUPS[key] = [dist.new_group(m) for m in members]
+        else:
+            _SUBGROUPS[key] = None
+    return _SUBGROUPS[key]
+
+
 class _DistAllGather(_DistComm, _Comm):
-    """``all_gather`` of the blocks inside each sub-ring; dK/dV by ``all_reduce``."""
+    """``all_gather`` of the blocks inside each sub-ring; dK/dV by ``all_reduce``. Inside a
+    process group of only some processes (no sub-groups, :func:`_sub_ring_groups`) the same
+    exchanges run point to point with ``batch_isend_irecv``."""
 
     def __init__(self, group, g: int, stats: CommStats | None, pattern: int, local_len: int):
         import torch.distributed as dist
 
-        self.dist = dist
+        self.dist, self.group = dist, group
         self._place(group, g, local_len, stats, pattern)
         s = self.s
-        members = tuple(dist.get_global_rank(group, s * g + i) for i in range(g))
-        key = (id(group), members)
-        if key not in _SUBGROUPS:
-            # Only the members create (and synchronise on) their sub-group.
-            _SUBGROUPS[key] = dist.new_group(list(members), use_local_synchronization=True)
-        self.subgroup = _SUBGROUPS[key]
+        self.members = tuple(dist.get_global_rank(group, s * g + i) for i in range(g))
+        subgroups = _sub_ring_groups(dist, group, g)
+        self.subgroup = None if subgroups is None else subgroups[s]
+
+    def _exchange(self, sends: list[torch.Tensor], template: torch.Tensor) -> list[torch.Tensor]:
+        """Point to point: ``sends[i]`` to sub-ring rank ``i``; returns what each rank sent here
+        (own entry: ``sends[j]``)."""
+        j, dist = self.js[0], self.dist
+        recvs = [sends[j] if i == j else torch.empty_like(template) for i in range(self.g)]
+        ops = []
+        for i, peer in enumerate(self.members):
+            if i != j:
+                ops += [dist.P2POp(dist.isend, sends[i].contiguous(), peer, self.group),
+                        dist.P2POp(dist.irecv, recvs[i], peer, self.group)]
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+        return recvs
 
     def gather(self, x: torch.Tensor, phase: str) -> list[torch.Tensor]:
         x = x.contiguous()
-        blocks = [torch.empty_like(x) for _ in range(self.g)]
-        self.dist.all_gather(blocks, x, group=self.subgroup)
+        if self.subgroup is None:
+            blocks = self._exchange([x] * self.g, x)
+        else:
+            blocks = [torch.empty_like(x) for _ in range(self.g)]
+            self.dist.all_gather(blocks, x, group=self.subgroup)
         if self.stats is not None:  # this rank's block reaches g - 1 peers
             self.stats.add(phase, self.pattern, (self.g - 1) * x.numel() * x.element_size())
         return blocks
 
     def all_reduce(self, x: torch.Tensor, phase: str) -> torch.Tensor:
         x = x.contiguous()
-        self.dist.all_reduce(x, group=self.subgroup)
+        if self.subgroup is None:  # [g, ...]: entry i is for rank i; each rank keeps its own sum
+            x = torch.stack(self._exchange(list(x), x[0])).sum(0, keepdim=True).expand_as(x)
+        else:
+            self.dist.all_reduce(x, group=self.subgroup)
         if self.stats is not None:
             self.stats.add(phase, self.pattern, x.numel() * x.element_size())
         return x
@@ -258,30 +302,88 @@ def make_communicator(comm: str, process_group, simulated_ranks: int | None, loc
 
 
 DTYPE_CODES = {torch.float64: 1, torch.float32: 2, torch.float16: 3, torch.bfloat16: 4}
+_TEXT_BYTES = 4096  # per rank, in the second exchange (differing values and error messages)
+
+
+class RingCheckError(ValueError):
+    """The ranks of a ring disagree on their inputs or config, or some of them rejected theirs."""
+
+
+def _gather(group, values: torch.Tensor, timeout: float) -> torch.Tensor:
+    """``[world, ...]``: ``values`` of every rank, by an ``all_gather`` whose completion is
+    awaited at most ``timeout`` seconds (``TimeoutError``)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    gathered = [torch.empty_like(values) for _ in range(world)]
+    work = dist.all_gather(gathered, values, group=group, async_op=True)
+    try:
+        work.wait(timeout=timedelta(seconds=timeout))
+    except RuntimeError as e:
+        raise TimeoutError(
+            f"the ring's consistency exchange did not complete within {timeout=} s on rank "
+            f"{dist.get_rank(group)}: some rank of the process group did not call "
+            f"ring_dilated_attention (or called it with another process group); the process group "
+            f"should not be used further ({e})") from e
+    return torch.stack(gathered)
+
+
+def _encode_text(text: str) -> torch.Tensor:
+    data = text.encode("utf-8")[:_TEXT_BYTES]
+    buf = torch.zeros(_TEXT_BYTES, dtype=torch.uint8)
+    buf[:len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+    return buf
+
+
+def _decode_text(buf: torch.Tensor) -> str:
+    data = bytes(buf.tolist()).rstrip(b"\0")
+    return data.decode("utf-8", errors="replace")
 
 
 def check_consistent(group, fields: dict, device: torch.device, shared: dict | None = None,
-                     compare: bool = True) -> dict:
-    """One small ``all_gather`` of this rank's shapes and config hash; every rank raises the
-    same ``ValueError`` when they differ (instead of hanging in a mismatched hop). ``shared``
-    values are not compared: every rank gets rank 0's (the dropout seed)."""
+                     compare: bool = True, error: Exception | None = None,
+                     values: dict | None = None, timeout: float = 300.0) -> dict:
+    """The one small exchange every distributed call makes before its first hop.
+
+    ``fields`` are int64 codes compared across ranks, ``values`` their readable values (for the
+    message); ``error`` is this rank's validation error, if any (its ``ok / error`` status is
+    exchanged too). Every rank sees every rank's codes, so all ranks take the same branch: they
+    all return, or all raise. When some codes differ or some rank failed, a second exchange
+    sends each rank's differing values and error message, and every rank raises the same
+    :class:`RingCheckError` naming each differing field with its per-rank values (and each
+    failing rank's error); when every rank failed with the same message and nothing differs,
+    each re-raises its own error. ``shared`` values are not compared: every rank gets rank 0's
+    (the dropout seed). Each exchange waits at most ``timeout`` seconds (``TimeoutError``)."""
     import torch.distributed as dist
 
-    shared = shared or {}
+    shared, values = shared or {}, values or {}
     if dist.get_backend(group) != "nccl":  # NCCL needs device tensors, gloo takes CPU ones
         device = torch.device("cpu")
-    values = torch.tensor(list(fields.values()) + list(shared.values()), dtype=torch.int64,
-                          device=device)
-    world = dist.get_world_size(group)
-    gathered = [torch.empty_like(values) for _ in range(world)]
-    dist.all_gather(gathered, values, group=group)
-    rows = torch.stack(gathered)[:, :len(fields)]
-    if compare and not bool((rows == rows[0]).all()):
-        names = list(fields)
-        diff = {names[c]: rows[:, c].tolist() for c in range(len(names))
-                if not bool((rows[:, c] == rows[0, c]).all())}
-        raise ValueError(f"ring ranks disagree on inputs/config (per rank): {diff}")
-    first = gathered[0][len(fields):].tolist()
+    codes = [0 if error is None else 1] + list(fields.values()) + list(shared.values())
+    rows = _gather(group, torch.tensor(codes, dtype=torch.int64, device=device), timeout).cpu()
+    status, compared = rows[:, 0], rows[:, 1:1 + len(fields)]
+    names = list(fields)
+    differ = [names[c] for c in range(len(names))
+              if compare and not bool((compared[:, c] == compared[0, c]).all())]
+    failed = [r for r in range(rows.shape[0]) if status[r]]
+    if differ or failed:
+        text = json.dumps({"values": {name: repr(values.get(name, fields[name])) for name in differ},
+                           "error": None if error is None else f"{type(error).__name__}: {error}"})
+        texts = _gather(group, _encode_text(text).to(device), timeout).cpu()
+        reports = []
+        for r in range(texts.shape[0]):
+            try:
+                reports.append(json.loads(_decode_text(texts[r])))
+            except ValueError:  # a message cut at _TEXT_BYTES
+                reports.append({"values": {}, "error": _decode_text(texts[r])})
+        errors = {r: reports[r]["error"] for r in failed}
+        if error is not None and not differ and len(failed) == rows.shape[0] and len(set(errors.values())) == 1:
+            raise error  # the same error everywhere: every rank raises its own
+        parts = [f"{name}: [{', '.join(str(rep['values'].get(name, '?')) for rep in reports)}]"
+                 for name in differ]
+        parts += [f"rank {r} raised {msg}" for r, msg in errors.items()]
+        raise RingCheckError(f"ring ranks disagree on inputs/config (per rank): {'; '.join(parts)}")
+    first = rows[0, 1 + len(fields):].tolist()
     return dict(zip(shared, first))
 
 

@@ -22,12 +22,13 @@ Dropout (``dropout_p > 0``) draws each block's mask from global positions
 from __future__ import annotations
 
 import zlib
-from dataclasses import replace
+from dataclasses import dataclass, replace
+
+import numpy as np
 
 import torch
 
-from ring_torch._comm import (COMMS, DTYPE_CODES, CommStats, check_consistent, float_bits,
-                              make_communicator)
+from ring_torch._comm import COMMS, CommStats, check_consistent, make_communicator
 from ring_torch._config import DilatedConfig, check_ring_size, check_shapes
 from ring_torch._coords import BlockCoords, MaskSpec
 from ring_torch._dilated import dilated_attention, make_executor, resolve_backend
@@ -75,15 +76,18 @@ def _ring_forward(rplan: RingPlan, q, k, v, scale, executor, spec: MaskSpec, mak
     return lse_merge([o for o, _ in parts], [l for _, l in parts])
 
 
-def _ring_world(comm: str, ring_size: int | None, process_group) -> tuple[int, bool]:
+def _world_size(process_group) -> int:
+    if process_group is None:
+        return 1
+    import torch.distributed as dist
+
+    return dist.get_world_size(process_group)
+
+
+def _ring_world(comm: str, ring_size, world: int) -> tuple[int, bool]:
     """``(ranks, simulated)`` of a call; ``ranks == 1``: no ring. Raises on invalid choices."""
     if comm not in COMMS:
         raise ValueError(f"unknown {comm=}; expected one of {COMMS}")
-    world = 1
-    if process_group is not None:
-        import torch.distributed as dist
-
-        world = dist.get_world_size(process_group)
     ring_size = check_ring_size(ring_size)
     if world > 1 and ring_size not in (None, 1):
         raise ValueError(f"ring_size={ring_size} is for a single process; a process group of "
@@ -102,20 +106,88 @@ def _local_len(seq_len: int, ranks: int, simulated: bool) -> int:
     return seq_len // ranks
 
 
-def _agree(process_group, config: DilatedConfig, query, sizes: dict, backend: str, comm: str,
-           dropout_p: float, dropout: Dropout | None, compare: bool) -> Dropout | None:
-    """The consistency ``all_gather`` (:func:`ring_torch._comm.check_consistent`); returns the
-    dropout with rank 0's seed."""
-    fingerprint = (config.segment_lengths, config.dilation_rates, config.mix, config.is_causal,
-                   config.softmax_scale is None, backend, comm)
-    fields = {**sizes, "dtype": DTYPE_CODES.get(query.dtype, 0),
-              "config": zlib.crc32(repr(fingerprint).encode()),
-              "softmax_scale": float_bits(0.0 if config.softmax_scale is None else config.softmax_scale),
-              "dropout_p": float_bits(dropout_p)}
-    shared = check_consistent(process_group, fields, query.device,
+@dataclass(frozen=True)
+class _Prepared:
+    """A validated call: ring size, config, plan, backend and dropout."""
+
+    ranks: int
+    simulated: bool
+    config: DilatedConfig | None = None
+    rplan: RingPlan | None = None
+    backend: str = ""
+    compute: torch.dtype | None = None
+    local_len: int = 0
+    dropout: Dropout | None = None
+
+
+def _prepare(query, key, value, config_args: dict, backend: str, comm: str, ring_size, world: int,
+             dropout_p: float, dropout_seed) -> _Prepared:
+    """Every local check of a call (``ValueError`` / ``TypeError``), nothing communicated."""
+    ranks, simulated = _ring_world(comm, ring_size, world)
+    if ranks == 1:
+        return _Prepared(1, False)
+    config = DilatedConfig(**config_args)
+    _, nl, h, h_kv, _ = check_shapes(query, key, value)
+    L = _local_len(nl, ranks, simulated)
+    backend, compute = resolve_backend(backend, query.device, query.dtype)
+    rplan = build_ring_plan(config, L, ranks, h, h_kv)
+    dropout = make_dropout(dropout_p, dropout_seed)
+    return _Prepared(ranks, simulated, config, rplan, backend, compute, L, dropout)
+
+
+def _canonical(x):
+    """A value as compared across ranks: lists as tuples, NumPy scalars as Python ones."""
+    if isinstance(x, (list, tuple)):
+        return tuple(_canonical(v) for v in x)
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def _fingerprint(query, key, args: dict) -> tuple[dict, dict]:
+    """``(codes, values)`` of this rank's call for the consistency exchange: int64 codes of the
+    local shapes, the dtype and every argument that must agree, and their readable values.
+    Never raises, whatever the arguments are (it runs before they are validated)."""
+    def dims(x):
+        return tuple(x.shape) if isinstance(x, torch.Tensor) and x.dim() == 4 else (-1,) * 4
+
+    (b, n, h, d), h_kv = dims(query), dims(key)[2]
+    values = dict(batch=b, local_len=n, heads=h, kv_heads=h_kv, head_dim=d,
+                  dtype=str(getattr(query, "dtype", type(query).__name__)).removeprefix("torch."))
+    values.update({name: _canonical(v) for name, v in args.items()})
+    codes = {name: v if type(v) is int else zlib.crc32(repr(v).encode()) for name, v in values.items()}
+    return codes, values
+
+
+def _shared_seed(process_group, dropout: Dropout | None, timeout: float) -> Dropout | None:
+    """The dropout with rank 0's seed (one exchange, nothing compared)."""
+    if dropout is None:
+        return None
+    shared = check_consistent(process_group, {}, torch.device("cpu"), compare=False,
+                              shared={"dropout_seed": dropout.seed}, timeout=timeout)
+    return Dropout(dropout.p, shared["dropout_seed"])
+
+
+def _checked(process_group, query, key, value, config_args: dict, backend: str, comm: str,
+             ring_size, world: int, dropout_p: float, dropout_seed, timeout: float) -> _Prepared:
+    """:func:`_prepare` on every rank, then the consistency exchange *before* raising: a rank
+    whose own arguments are invalid still reaches it, so every rank raises (a rank raising alone
+    would leave the others waiting in their first hop). Shares rank 0's dropout seed."""
+    args = dict(config_args, backend=backend, ring_size=ring_size, comm=comm, dropout_p=dropout_p)
+    codes, values = _fingerprint(query, key, args)
+    try:
+        prepared, error = _prepare(query, key, value, config_args, backend, comm, ring_size, world,
+                                   dropout_p, dropout_seed), None
+    except (ValueError, TypeError) as e:
+        prepared, error = None, e
+    dropout = None if prepared is None else prepared.dropout
+    device = query.device if isinstance(query, torch.Tensor) else torch.device("cpu")
+    shared = check_consistent(process_group, codes, device,
                               shared={"dropout_seed": 0 if dropout is None else dropout.seed},
-                              compare=compare)
-    return None if dropout is None else Dropout(dropout.p, shared["dropout_seed"])
+                              error=error, values=values, timeout=timeout)
+    if dropout is None:
+        return prepared
+    return replace(prepared, dropout=Dropout(dropout.p, shared["dropout_seed"]))
 
 
 def ring_dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
@@ -125,19 +197,38 @@ def ring_dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
                            ring_size: int | None = None, process_group=None,
                            comm: str = "ring", stats: CommStats | None = None,
                            check_consistency: bool = True, dropout_p: float = 0.0,
-                           dropout_seed: int | None = None):
+                           dropout_seed: int | None = None, timeout: float = 300.0):
     """Dilated attention (the definition of :func:`ring_torch.dilated_attention`) over a ring.
 
     * ``process_group`` with world size ``P > 1``: each rank passes its local shard
       ``[batch, n / P, heads, head_dim]`` of global positions ``[rank * L, (rank + 1) * L)`` and
       gets its shard of the output (and LSE). ``comm="ring"``: point-to-point hops between
       sub-ring neighbours; ``comm="all_gather"``: all-gather inside each sub-ring. Every rank
-      must call the forward and the backward. Before the first message every rank checks its
-      sharding (``ValueError`` naming pattern, ``L`` and ``P``), then one small ``all_gather``
-      checks that all ranks agree on shapes, dtype and config (``ValueError`` on every rank).
+      must call the forward and the backward.
     * ``ring_size=R > 1`` (single process): the full sequence viewed as ``R`` shards, spanning
       patterns computed hop by hop exactly as the distributed ring (bounded memory).
     * otherwise: :func:`ring_torch.dilated_attention`.
+
+    Checks in a process group (``check_consistency=True``, the default): every rank validates
+    its own arguments (its sharding too: ``ValueError`` naming pattern, ``L`` and ``P``)
+    *without raising yet*, then one small ``all_gather`` exchanges each rank's ok / error status
+    and codes of its local shapes, dtype and every pattern, mix, causality, scale, backend,
+    ``comm``, ``ring_size`` and ``dropout_p`` argument. If any rank failed or any field differs,
+    every rank raises: a ``ValueError`` (:class:`ring_torch._comm.RingCheckError`) naming each
+    differing field with its per-rank values and each failing rank's error, or, when every rank
+    failed alike, its own error. Only then is any block sent.
+
+    ``timeout`` (seconds, default 300) bounds the wait for the consistency exchange (each of its
+    one or two ``all_gather``s, through ``Work.wait(timeout)``): a rank that never calls (or calls
+    with another group) makes the others raise ``TimeoutError`` instead of hanging; the process
+    group is then unusable. It does not bound the hops of the forward and backward, which wait
+    under the process group's own timeout (``init_process_group(timeout=...)``).
+
+    ``check_consistency=False`` skips the exchange (except, with dropout, one ``all_gather`` of
+    rank 0's seed) and with it these guarantees: a rank whose arguments are invalid raises alone
+    while the others wait in their first hop until the process group times out, and ranks with
+    different shapes or configs exchange mismatched messages (gloo aborts the process on
+    mismatched sizes; results are undefined).
 
     ``stats`` (a :class:`CommStats`) records the bytes this rank sends, per phase and pattern.
 
@@ -150,31 +241,34 @@ def ring_dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     ``return_lse`` also ``lse [batch, n_local, heads]`` (float64 for float64 inputs, else
     float32).
     """
-    ranks, simulated = _ring_world(comm, ring_size, process_group)
-    if ranks == 1:
+    config_args = dict(segment_lengths=segment_lengths, dilation_rates=dilation_rates, mix=mix,
+                       is_causal=is_causal, softmax_scale=softmax_scale)
+    world = _world_size(process_group)
+    if world > 1 and check_consistency:
+        prepared = _checked(process_group, query, key, value, config_args, backend, comm,
+                            ring_size, world, dropout_p, dropout_seed, timeout)
+    else:
+        prepared = _prepare(query, key, value, config_args, backend, comm, ring_size, world,
+                            dropout_p, dropout_seed)
+        if world > 1:
+            prepared = replace(prepared, dropout=_shared_seed(process_group, prepared.dropout, timeout))
+    if prepared.ranks == 1:
         return dilated_attention(query, key, value, segment_lengths=segment_lengths,
                                  dilation_rates=dilation_rates, mix=mix, is_causal=is_causal,
                                  softmax_scale=softmax_scale, return_lse=return_lse,
                                  backend=backend, dropout_p=dropout_p, dropout_seed=dropout_seed)
-    config = DilatedConfig(segment_lengths, dilation_rates, mix, is_causal, softmax_scale)
-    b, nl, h, h_kv, d = check_shapes(query, key, value)
-    L = _local_len(nl, ranks, simulated)
-    dtype = query.dtype
-    backend, compute = resolve_backend(backend, query.device, dtype)
-    rplan = build_ring_plan(config, L, ranks, h, h_kv)  # raises before any communication
-    dropout = make_dropout(dropout_p, dropout_seed)
+    config, rplan, dropout = prepared.config, prepared.rplan, prepared.dropout
+    backend, compute, L, simulated = prepared.backend, prepared.compute, prepared.local_len, prepared.simulated
+    d, dtype = query.shape[-1], query.dtype
     base = 0
     if not simulated:
         import torch.distributed as dist
 
         base = dist.get_rank(process_group) * L
-        if check_consistency or dropout is not None:
-            sizes = {"batch": b, "local_len": L, "heads": h, "kv_heads": h_kv, "head_dim": d}
-            dropout = _agree(process_group, config, query, sizes, backend, comm, dropout_p,
-                             dropout, compare=check_consistency)
     scale = config.scale(d)
     executor = make_executor(backend, query.device, compute, d, dropout)
-    make_comm = make_communicator(comm, process_group, ranks if simulated else None, L, stats)
+    make_comm = make_communicator(comm, process_group, prepared.ranks if simulated else None, L,
+                                  stats)
     q, k, v = (x.to(compute) for x in (query, key, value))
     spec = MaskSpec(config.is_causal, dropout, base=base)
     out, lse = _ring_forward(rplan, q, k, v, scale, executor, spec, make_comm)
