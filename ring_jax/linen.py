@@ -18,10 +18,11 @@ import jax.numpy as jnp
 
 from ring_jax._attention_fn import attend, check_dropout_rate, check_placement, seed_from_key
 from ring_jax._config import DilatedConfig
+from ring_jax._decode import decode as decode_step, init_cache as init_decode_cache
 from ring_jax._module_config import (check_heads, pattern_config, resolve_deterministic,
                                      multihead_forward, xavier_normal)
 
-__all__ = ["DilatedAttention", "MultiHeadDilatedAttention"]
+__all__ = ["CachedDecode", "DilatedAttention", "MultiHeadDilatedAttention"]
 
 
 class DilatedAttention(nn.Module):
@@ -77,6 +78,30 @@ class DilatedAttention(nn.Module):
                       dropout_seed=seed)
 
 
+class CachedDecode(nn.Module):
+    """Causal dilated attention of the next tokens through a :class:`ring_jax.DecodeCache` in the
+    ``"cache"`` collection (variable ``"state"``), as Linen's ``decode=True``: ``init`` creates an
+    empty cache (and leaves it empty); ``apply(..., mutable=["cache"])`` advances it."""
+
+    segment_lengths: tuple[int, ...]
+    dilation_rates: tuple[int, ...]
+    mix: str = "head_groups"
+    softmax_scale: float | None = None
+
+    @nn.compact
+    def __call__(self, query, key, value):
+        """``query [b, t, h, d]``, ``key``/``value [b, t, h_kv, d]`` -> ``[b, t, h, d]``."""
+        initialized = self.has_variable("cache", "state")
+        b, _, h, d = query.shape
+        state = self.variable("cache", "state", init_decode_cache, b, h, key.shape[2], d,
+                              tuple(self.segment_lengths), tuple(self.dilation_rates),
+                              mix=self.mix, dtype=key.dtype)
+        out, cache = decode_step(query, key, value, state.value, self.softmax_scale)
+        if initialized:
+            state.value = cache
+        return out
+
+
 class MultiHeadDilatedAttention(nn.Module):
     """LongNet's multi-head dilated attention layer: ``[batch, seq, in_features]`` in and out.
 
@@ -85,6 +110,12 @@ class MultiHeadDilatedAttention(nn.Module):
     attention, ``LayerNorm(in_features)`` when ``layer_norm``, ``out_proj``; MAGNETO
     initialisation (xavier normal, gain 1 on q/k and ``gamma_init`` on v/out, zero biases).
     Self-attention when ``key`` and ``value`` are None, cross-attention when given.
+
+    Cached decoding, as ``linen.MultiHeadDotProductAttention``: with ``decode=True`` (field or
+    call) ``init`` creates an empty cache in the ``"cache"`` collection and
+    ``apply(variables, x, decode=True, mutable=["cache"])`` attends the next tokens ``x [batch, t,
+    in_features]`` (causal self-attention, no dropout; projections and LayerNorm on those tokens
+    only) and advances the cache by ``t``.
     """
 
     num_heads: int
@@ -107,6 +138,7 @@ class MultiHeadDilatedAttention(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
     deterministic: bool | None = None
+    decode: bool = False
 
     def __post_init__(self):
         config = pattern_config(self.segment_lengths, self.dilation_rates, self.mix,
@@ -145,10 +177,17 @@ class MultiHeadDilatedAttention(nn.Module):
             softmax_scale=self.softmax_scale, dropout=self.dropout, mesh=self.mesh,
             seq_axis=self.seq_axis, batch_axis=self.batch_axis, ring_size=self.ring_size,
             chunk_size=self.chunk_size, deterministic=self.deterministic)
+        self.cached = CachedDecode(tuple(self.segment_lengths), tuple(self.dilation_rates),
+                                   mix=self.mix, softmax_scale=self.softmax_scale)
 
     def __call__(self, query, key=None, value=None, *, is_causal: bool = False,
-                 deterministic: bool | None = None, dropout_rng=None):
+                 deterministic: bool | None = None, dropout_rng=None, decode: bool | None = None):
         """``query [b, n, in_features]`` (``key``/``value`` the same shape, or None for
-        self-attention) -> ``[b, n, in_features]``."""
+        self-attention) -> ``[b, n, in_features]``. ``decode`` (default: the field): the next
+        ``n`` tokens of a causal self-attention through the ``"cache"`` collection."""
+        if self.decode if decode is None else decode:
+            if key is not None or value is not None:
+                raise ValueError("decode=True is causal self-attention: pass key=None, value=None")
+            return multihead_forward(self, query, None, None, self.kv_heads, self.cached)
         return multihead_forward(self, query, key, value, self.kv_heads, lambda q, k, v: self.attention(
             q, k, v, is_causal=is_causal, deterministic=deterministic, dropout_rng=dropout_rng))

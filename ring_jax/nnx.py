@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ring_jax._attention_fn import attend, check_dropout_rate, check_placement, seed_from_key
+from ring_jax._decode import decode as decode_step, init_cache as init_decode_cache
 from ring_jax._module_config import (check_heads, pattern_config, resolve_deterministic,
                                      multihead_forward, xavier_normal)
 
@@ -104,6 +105,11 @@ class MultiHeadDilatedAttention(nnx.Module):
     gain 1 on ``q_proj``/``k_proj`` and ``gamma_init`` on ``v_proj``/``out_proj``, zero biases,
     LayerNorm scale 1 and bias 0. Submodules: ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``
     (``nnx.Linear``), ``norm`` (``nnx.LayerNorm`` or None), ``attention``.
+
+    Cached decoding, as ``nnx.MultiHeadAttention``: :meth:`init_cache` once, then
+    ``layer(x, decode=True)`` with the next tokens ``x [batch, t, in_features]`` (self-attention,
+    causal, no dropout); projections and the LayerNorm run on those tokens only, and ``self.cache``
+    (an ``nnx.Cache`` holding a :class:`ring_jax.DecodeCache`) advances by ``t``.
     """
 
     def __init__(self, num_heads: int, in_features: int, segment_lengths, dilation_rates, *,
@@ -112,7 +118,7 @@ class MultiHeadDilatedAttention(nnx.Module):
                  mix: str = "head_groups", softmax_scale: float | None = None, mesh=None,
                  seq_axis: str = "sp", batch_axis=None, ring_size: int | None = None,
                  chunk_size: int | None = None, dtype=None, param_dtype=jnp.float32, deterministic: bool | None = False,
-                 rngs: nnx.Rngs):
+                 decode: bool = False, rngs: nnx.Rngs):
         config = pattern_config(segment_lengths, dilation_rates, mix, softmax_scale)
         self.num_kv_heads, self.head_dim = check_heads(in_features, num_heads, num_kv_heads,
                                                        config)
@@ -137,10 +143,33 @@ class MultiHeadDilatedAttention(nnx.Module):
             config.segment_lengths, config.dilation_rates, mix=mix, softmax_scale=softmax_scale,
             dropout=dropout, mesh=mesh, seq_axis=seq_axis, batch_axis=batch_axis,
             ring_size=ring_size, chunk_size=chunk_size, deterministic=deterministic, rngs=rngs)
+        self.decode = decode
+        self.cache = nnx.data(None)
+
+    def init_cache(self, input_shape, dtype=jnp.float32):
+        """An empty decoding cache in ``self.cache`` for inputs ``[batch, ..., in_features]``
+        (only the batch is read: the cache size does not depend on the length), stored in
+        ``dtype``."""
+        self.cache = nnx.Cache(init_decode_cache(
+            int(input_shape[0]), self.num_heads, self.num_kv_heads, self.head_dim,
+            self.attention.config.segment_lengths, self.attention.config.dilation_rates,
+            mix=self.attention.config.mix, dtype=dtype))
+
+    def _decode(self, q, k, v):
+        if self.cache is None:
+            raise ValueError("decode=True needs a cache: call init_cache(input_shape) first")
+        out, cache = decode_step(q, k, v, self.cache.get_value(), self.attention.config.softmax_scale)
+        self.cache.set_value(cache)
+        return out
 
     def __call__(self, query, key=None, value=None, *, is_causal: bool = False,
-                 deterministic: bool | None = None, rngs=None):
+                 deterministic: bool | None = None, rngs=None, decode: bool | None = None):
         """``query [b, n, in_features]`` (``key``/``value`` the same shape, or None for
-        self-attention) -> ``[b, n, in_features]``."""
+        self-attention) -> ``[b, n, in_features]``. ``decode`` (default: the constructor's):
+        the next ``n`` tokens of a causal self-attention through ``self.cache``."""
+        if self.decode if decode is None else decode:
+            if key is not None or value is not None:
+                raise ValueError("decode=True is causal self-attention: pass key=None, value=None")
+            return multihead_forward(self, query, None, None, self.num_kv_heads, self._decode)
         return multihead_forward(self, query, key, value, self.num_kv_heads, lambda q, k, v: self.attention(
             q, k, v, is_causal=is_causal, deterministic=deterministic, rngs=rngs))

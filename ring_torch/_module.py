@@ -8,6 +8,7 @@ from torch import nn
 from ring_torch._config import DilatedConfig
 from ring_torch._kernels import BACKENDS
 from ring_torch._comm import COMMS, CommStats
+from ring_torch._decode import DecodeCache, decode, init_cache
 from ring_torch._ring import ring_dilated_attention
 
 __all__ = ["RingDilatedAttention", "MultiheadDilatedAttention"]
@@ -104,6 +105,10 @@ class MultiheadDilatedAttention(nn.Module):
     ``layer_norm``). In a process group every rank holds the full parameters and its shard of
     the sequence; the projections and the LayerNorm act per position, so parameter gradients
     are per-rank partial sums (all-reduce them, as data parallelism over the sequence would).
+
+    Cached decoding: ``cache = mha.init_cache(batch)``, then ``y, cache = mha(x, cache=cache)``
+    with the next tokens ``x [batch, t, embed_dim]`` (causal self-attention, no dropout, no
+    autograd through the attention); the projections and the LayerNorm run on those tokens only.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, segment_lengths, dilation_rates, *,
@@ -158,10 +163,24 @@ class MultiheadDilatedAttention(nn.Module):
     def comm_stats(self) -> CommStats:
         return self.attention.comm_stats
 
+    def init_cache(self, batch: int, dtype=None, device=None) -> DecodeCache:
+        """An empty :class:`ring_torch.DecodeCache` for ``batch`` sequences (default dtype and
+        device: those of ``q_proj.weight``); its size does not depend on the length decoded."""
+        weight = self.q_proj.weight
+        return init_cache(batch, self.num_heads, self.num_kv_heads, self.head_dim,
+                          self.attention.segment_lengths, self.attention.dilation_rates,
+                          mix=self.attention.mix, dtype=dtype or weight.dtype,
+                          device=device if device is not None else weight.device)
+
     def forward(self, query: torch.Tensor, key: torch.Tensor | None = None,
-                value: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+                value: torch.Tensor | None = None, is_causal: bool = False,
+                cache: DecodeCache | None = None):
         """``query [b, seq, embed_dim]`` (``key``/``value`` the same shape, or None for
-        self-attention) -> ``[b, seq, embed_dim]``."""
+        self-attention) -> ``[b, seq, embed_dim]``. With ``cache``: ``query`` holds the next
+        ``seq`` tokens of a causal self-attention; returns ``(out, cache)``, the cache advanced
+        in place."""
+        if cache is not None and (key is not None or value is not None):
+            raise ValueError("cache= is causal self-attention: pass key=None, value=None")
         if query.dim() != 3 or query.shape[-1] != self.embed_dim:
             raise ValueError(f"query must be [batch, seq, embed_dim={self.embed_dim}], got "
                              f"{tuple(query.shape)}")
@@ -180,7 +199,12 @@ class MultiheadDilatedAttention(nn.Module):
         q = self.q_proj(query).view(b, n, self.num_heads, self.head_dim)
         k = self.k_proj(key).view(b, n, self.num_kv_heads, self.head_dim)
         v = self.v_proj(value).view(b, n, self.num_kv_heads, self.head_dim)
-        out = self.attention(q, k, v, is_causal=is_causal).reshape(b, n, self.embed_dim)
+        if cache is None:
+            out = self.attention(q, k, v, is_causal=is_causal)
+        else:
+            out, cache = decode(q, k, v, cache, self.attention.softmax_scale)
+        out = out.reshape(b, n, self.embed_dim)
         if self.norm is not None:
             out = self.norm(out)
-        return self.out_proj(out)
+        out = self.out_proj(out)
+        return out if cache is None else (out, cache)
