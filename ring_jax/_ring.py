@@ -6,8 +6,9 @@ partial results merged by LSE in float32. Causal: a block from a later device is
 (``lax.cond``, no compute), a block from an earlier device needs no mask, only the device's own
 block is masked.
 
-The backward (``jax.custom_vjp``) sends K/V around the same sub-ring again, in one buffer with the
-float32 dK/dV accumulators travelling beside them, and one last hop takes the accumulators home;
+The backward (``jax.custom_vjp``) sends K/V around the same sub-ring again, in their own dtype, in
+one buffer with the float32 dK/dV accumulators travelling beside them (bf16/fp16 K/V and the
+accumulators' bits as unsigned ints: :func:`pack_hop`), and one last hop takes the accumulators home;
 every block uses the final global ``(out, lse)``, so no per-hop scores are kept and memory per
 device does not grow with the number of devices.
 
@@ -134,26 +135,56 @@ def _ring_fwd(q, kv, hops, coords):
     return (out, lse), (q, kv, out, lse, coords)
 
 
+def _uint(dtype):
+    return jnp.dtype(f"uint{8 * jnp.dtype(dtype).itemsize}")
+
+
+def pack_hop(kv, acc):
+    """One backward hop's buffer ``[..., 2 + 2, pairs, d]``-worth: K/V in their own dtype and the
+    dK/dV accumulators in theirs, as one array so a hop is one ``ppermute``. Same dtypes: stacked
+    on the K/V axis. K/V narrower (bf16/fp16 with float32 accumulators): both bit-cast to unsigned
+    ints of K/V's width, the accumulators' bits along the last axis (``[..., 2, pairs, d + d *
+    ratio]``): exact, and K/V travel at their own width (12 bytes an element pair for bf16 instead
+    of 16 with K/V upcast)."""
+    if kv.dtype == acc.dtype:
+        return jnp.concatenate([kv, acc], axis=-3)
+    u = _uint(kv.dtype)
+    bits = lax.bitcast_convert_type(acc, u)  # [..., d, ratio]
+    return jnp.concatenate([lax.bitcast_convert_type(kv, u), bits.reshape(*acc.shape[:-1], -1)], axis=-1)
+
+
+def unpack_hop(buf, kv_dtype, acc_dtype):
+    """``(kv, acc)`` of a :func:`pack_hop` buffer."""
+    if jnp.dtype(kv_dtype) == jnp.dtype(acc_dtype):
+        return buf[..., :2, :, :], buf[..., 2:, :, :]
+    ratio = jnp.dtype(acc_dtype).itemsize // jnp.dtype(kv_dtype).itemsize
+    d = buf.shape[-1] // (1 + ratio)
+    kv = lax.bitcast_convert_type(buf[..., :d], kv_dtype)
+    acc = lax.bitcast_convert_type(buf[..., d:].reshape(*buf.shape[:-1], d, ratio), acc_dtype)
+    return kv, acc
+
+
 def _ring_bwd(hops, residuals, cotangents):
     q, kv, out, lse, coords = residuals
     dout, dlse = cotangents
     own = lambda *a: _block_grads(*a[:-1], hops=hops, own=True, coords=a[-1])  # noqa: E731
     dq, dkv_own = _per_block(own, hops)(q, kv, out, lse, dout, dlse, coords)
-    # K, V and the dK/dV accumulator of the block in hand travel as one buffer [b, m, 4, pairs, d]
-    # (K/V upcast to the accumulator dtype, exactly): one permute a hop, and no operand XLA could
-    # share with the forward's hops, which would keep the whole segment's K/V alive until here.
-    buf = jnp.concatenate([kv.astype(dkv_own.dtype), jnp.zeros_like(dkv_own)], axis=-3)
+    acc_dtype = dkv_own.dtype
+    # K/V (in their own dtype) and the dK/dV accumulator of the block in hand travel as one buffer
+    # (pack_hop): one permute a hop, and no operand XLA could share with the forward's hops, which
+    # would keep the whole segment's K/V alive until here.
+    buf = pack_hop(kv, jnp.zeros_like(dkv_own))
 
     def step(t, q, buf, out, lse, dout, dlse, dq, coords, j):
-        def add(acc):
-            dq_t, dkv_t = _block_grads(q, buf[:, :, :2].astype(kv.dtype), out, lse, dout, dlse, hops, False,
-                                       _at_hop(coords, hops, t, j))
-            return acc[0] + dq_t, acc[1] + dkv_t
+        kv_t, acc = unpack_hop(buf, kv.dtype, acc_dtype)
+
+        def add(a):
+            dq_t, dkv_t = _block_grads(q, kv_t, out, lse, dout, dlse, hops, False, _at_hop(coords, hops, t, j))
+            return a[0] + dq_t, a[1] + dkv_t
 
         # Causal: the block of position j - t < 0 (mod g) lies in the future: no compute.
-        start = (dq, buf[:, :, 2:])
-        dq, acc = lax.cond(t <= j, add, lambda acc: acc, start) if hops.spec.causal else add(start)
-        return jnp.concatenate([buf[:, :, :2], acc], axis=2), dq
+        dq, acc = lax.cond(t <= j, add, lambda a: a, (dq, acc)) if hops.spec.causal else add((dq, acc))
+        return pack_hop(kv_t, acc), dq
 
     def hop(t, carry):
         buf, dq = carry
@@ -163,7 +194,7 @@ def _ring_bwd(hops, residuals, cotangents):
 
     if hops.group > 1:
         buf, dq = lax.fori_loop(1, hops.group, hop, (buf, dq))
-        dkv_own = dkv_own + _shift(buf[..., 2:, :, :], hops)  # dK/dV home to their owner
+        dkv_own = dkv_own + _shift(unpack_hop(buf, kv.dtype, acc_dtype)[1], hops)  # dK/dV home to their owner
     return dq.astype(q.dtype), dkv_own.astype(kv.dtype), None
 
 
