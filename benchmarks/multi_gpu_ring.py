@@ -10,6 +10,7 @@ The last pattern (w = 2^20 >= n) spans every device, so every length exercises t
 from __future__ import annotations
 
 import argparse
+import os
 
 
 from benchmarks.gpu_sweep import rel
@@ -49,9 +50,11 @@ def run_torch(out):
 
     import ring_torch
 
+    # The GPU of this process on its host (torchrun's LOCAL_RANK): the global rank is not a device
+    # index on a second host.
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl")
     rank, P = dist.get_rank(), dist.get_world_size()
-    torch.cuda.set_device(rank)
     rows = [dict(device=torch.cuda.get_device_name(), ranks=P, torch=torch.__version__)]
     for n in (32768, 131072):
         L = n // P

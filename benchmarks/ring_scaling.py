@@ -18,6 +18,7 @@ time(1) / (P * time(P)) (strong).
 from __future__ import annotations
 
 import argparse
+import os
 
 from benchmarks.timing import emit, time_ms
 
@@ -71,9 +72,11 @@ def run_torch(args):
 
     import ring_torch
 
+    # The GPU of this process on its host (torchrun's LOCAL_RANK): the global rank is not a device
+    # index on a second host.
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl")
     rank, P = dist.get_rank(), dist.get_world_size()
-    torch.cuda.set_device(rank)
     rows = [dict(framework="torch", device=torch.cuda.get_device_name(), ranks=P, torch=torch.__version__)]
     for kind, n in (("weak", P * args.local), ("strong", args.total)):
         L = n // P
