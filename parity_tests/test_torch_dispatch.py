@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -114,6 +115,47 @@ def test_broken_xformers_is_unavailable_and_does_not_break_import(monkeypatch):
     monkeypatch.setitem(sys.modules, "xformers", None)  # import of xformers now raises
     try:
         assert kernels.xformers_available() is False
+    finally:
+        kernels.xformers_available.cache_clear()
+
+
+class _FakeFmha:
+    """``xformers.ops.fmha`` of a build that imports but whose kernels do (not) run."""
+
+    def __init__(self, runs: bool):
+        self.runs, self.calls = runs, 0
+
+    def memory_efficient_attention_forward_requires_grad(self, q, k, v, attn_bias, scale):
+        self.calls += 1
+        if not self.runs:
+            raise NotImplementedError("No operator found for `memory_efficient_attention_forward`")
+        return torch.zeros_like(q), torch.zeros(q.shape[0], q.shape[2], q.shape[1])
+
+    def memory_efficient_attention_backward(self, dout, out, lse, q, k, v, attn_bias, scale):
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+
+
+def test_xformers_that_imports_but_cannot_run_is_unavailable(monkeypatch):
+    """The probe runs a tiny call: an importable build whose op raises NotImplementedError is
+    not available, so backend="auto" never picks it; the answer is cached."""
+    assert kernels.xformers_runs(_FakeFmha(runs=False), torch.device("cpu")) is False
+    assert kernels.xformers_runs(_FakeFmha(runs=True), torch.device("cpu")) is True
+    fake = _FakeFmha(runs=False)
+    ops = types.ModuleType("xformers.ops")
+    ops.fmha = fake
+    monkeypatch.setitem(sys.modules, "xformers", types.ModuleType("xformers"))
+    monkeypatch.setitem(sys.modules, "xformers.ops", ops)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    original = kernels.xformers_runs  # the same probe, on the CPU this test has
+    monkeypatch.setattr(kernels, "xformers_runs", lambda fmha, device: original(fmha, torch.device("cpu")))
+    kernels.xformers_available.cache_clear()
+    try:
+        assert kernels.xformers_available() is False
+        assert kernels.xformers_available() is False
+        assert fake.calls == 1  # cached: probed once
+        ops.fmha = _FakeFmha(runs=True)  # a build whose kernels run
+        kernels.xformers_available.cache_clear()
+        assert kernels.xformers_available() is True
     finally:
         kernels.xformers_available.cache_clear()
 

@@ -43,10 +43,27 @@ GRAD_CHUNK_ELEMENTS = 1 << 24
 
 @functools.cache
 def xformers_available() -> bool:
-    """True when an xformers build that works with the installed torch imports."""
+    """True when xformers imports *and* its memory-efficient kernel runs a tiny forward and
+    backward on the current CUDA device (:func:`xformers_runs`): an import alone does not prove
+    a build for this torch and GPU, whose ops may raise ``NotImplementedError``. Asked once per
+    process, so ``backend="auto"`` never picks a backend that cannot run."""
+    if not torch.cuda.is_available():
+        return False
     try:
-        from xformers.ops import fmha  # noqa: F401
+        from xformers.ops import fmha
     except Exception:  # a missing, or a build for another torch, fails in many ways
+        return False
+    return xformers_runs(fmha, torch.device("cuda"))
+
+
+def xformers_runs(fmha, device: torch.device) -> bool:
+    """Whether ``fmha`` (``xformers.ops.fmha``) runs the forward and backward ring_torch calls on
+    a ``[1, 8, 1, 8]`` fp16 problem on ``device``."""
+    try:
+        q = torch.zeros(1, 8, 1, 8, device=device, dtype=torch.float16)
+        out, lse = fmha.memory_efficient_attention_forward_requires_grad(q, q, q, attn_bias=None, scale=1.0)
+        fmha.memory_efficient_attention_backward(out, out, lse, q, q, q, attn_bias=None, scale=1.0)
+    except Exception:  # NotImplementedError (no kernel for this build/GPU), RuntimeError, ...
         return False
     return True
 
