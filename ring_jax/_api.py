@@ -50,6 +50,21 @@ def one_device_mode(plan: Plan, seq_len: int):
     return kept_rows_attention if keeps_rows(plan) else saved_attention
 
 
+def _compiled(fn, static_argnums: tuple[int, ...], *inputs):
+    """``fn`` itself inside a caller's transformation; for concrete ``inputs`` (an eager call),
+    ``fn`` under ``jax.jit``: one compiled program per plan and kernel instead of op-by-op
+    dispatch. Traced calls stay unwrapped: a nested ``jit`` would keep an extra sequence-sized
+    buffer in a caller's compiled backward."""
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(inputs)):
+        return fn
+    return _jitted(fn, static_argnums)
+
+
+@functools.cache
+def _jitted(fn, static_argnums: tuple[int, ...]):
+    return jax.jit(fn, static_argnums=static_argnums)
+
+
 def _spec(config: DilatedConfig, query, rate: float) -> BlockSpec:
     return make_spec(query.dtype, query.shape[-1], config.scale(query.shape[-1]), config.is_causal, rate)
 
@@ -108,11 +123,13 @@ def dilated_attention(query, key, value, *, segment_lengths, dilation_rates, mix
     if ring_size is not None and ring_size > 1:
         if chunk_size is not None:
             raise ValueError(f"{chunk_size=} and {ring_size=}: pick one way of cutting the sequence")
-        out, lse = simulated_ring_attention(query, key, value, config, ring_size, spec, origin)
+        run = _compiled(simulated_ring_attention, (3, 4, 5), query, key, value, origin)
+        out, lse = run(query, key, value, config, ring_size, spec, origin)
         return (out, lse) if return_lse else out
     config.validate_shapes(n, h, h_kv)  # errors name the whole sequence, not a chunk
     plan = get_plan(config, check_chunk_size(chunk_size, n, config), h, h_kv)  # the plan of one chunk
-    return one_device_mode(plan, n)(plan, spec, bool(return_lse), query, key, value, origin)
+    run = _compiled(one_device_mode(plan, n), (0, 1, 2), query, key, value, origin)
+    return run(plan, spec, bool(return_lse), query, key, value, origin)
 
 
 def ring_dilated_attention(query, key, value, *, axis_name, segment_lengths, dilation_rates,
@@ -188,11 +205,22 @@ def sharded_dilated_attention(query, key, value, *, mesh, seq_axis="sp", batch_a
         sharding = jax.sharding.NamedSharding(mesh, spec)
         query, key, value = (jax.sharding.reshard(x, sharding) for x in (query, key, value))
     seed = jnp.uint32(0) if dropout_seed is None else as_seed(dropout_seed)  # an explicit, replicated input
+    static = tuple(sorted((name, tuple(x) if isinstance(x, list) else x) for name, x in kwargs.items()))
+    program = _sharded_program(mesh, seq_axis, batch_axis, dropout_seed is not None, static)
+    out, lse = _compiled(program, (), query, key, value, seed)(query, key, value, seed)
+    return (out, lse) if return_lse else out
+
+
+@functools.cache
+def _sharded_program(mesh, seq_axis, batch_axis, with_seed: bool, static: tuple):
+    """The ``shard_map`` of :func:`ring_dilated_attention` for one mesh and configuration (one
+    function object per configuration, so an eager call's ``jit`` is compiled once)."""
+    P = jax.sharding.PartitionSpec
+    spec, lse_spec = P(batch_axis, seq_axis, None, None), P(batch_axis, seq_axis, None)
 
     def f(q, k, v, seed):
         return ring_dilated_attention(q, k, v, axis_name=seq_axis, batch_axis=batch_axis, return_lse=True,
-                                      dropout_seed=None if dropout_seed is None else seed, **kwargs)
+                                      dropout_seed=seed if with_seed else None, **dict(static))
 
-    out, lse = jax.shard_map(f, mesh=mesh, in_specs=(spec, spec, spec, P()), out_specs=(spec, lse_spec),
-                             check_vma=False)(query, key, value, seed)
-    return (out, lse) if return_lse else out
+    return jax.shard_map(f, mesh=mesh, in_specs=(spec, spec, spec, P()), out_specs=(spec, lse_spec),
+                         check_vma=False)
