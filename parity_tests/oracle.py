@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["head_pairs", "multiplicity", "dilated_attention"]
+__all__ = ["head_pairs", "multiplicity", "length_mask", "dilated_attention"]
 
 
 def head_pairs(num_heads, segment_lengths, dilation_rates, mix):
@@ -32,13 +32,18 @@ def head_pairs(num_heads, segment_lengths, dilation_rates, mix):
 
 def multiplicity(n, num_heads, segment_lengths, dilation_rates, mix, is_causal):
     """``C[j, p, q]``: the number of (pattern, offset) pairs of head j under which p and q are
-    both selected, in the same segment (and q <= p when causal)."""
+    both selected, in the same segment (and q <= p when causal).
+
+    Segments of pattern i are ``[s*w_i, (s+1)*w_i)`` cut at n (the last one may be partial);
+    ``p`` is selected with offset ``o`` iff ``(p % w_i) % r_i == o``. Where n is a multiple of every
+    effective ``w' = min(w, n)`` this is the rule with ``w'`` (for ``n < w`` both hold the same
+    positions)."""
     p = np.arange(n)[:, None]
     q = np.arange(n)[None, :]
     C = np.zeros((num_heads, n, n), dtype=np.int64)
     for j, pairs in enumerate(head_pairs(num_heads, segment_lengths, dilation_rates, mix)):
         for i, o in pairs:
-            w = min(segment_lengths[i], n)  # effective segment length w'
+            w = segment_lengths[i]
             r = dilation_rates[i]
             both = ((p % w) % r == o) & ((q % w) % r == o) & (p // w == q // w)
             if is_causal:
@@ -47,12 +52,22 @@ def multiplicity(n, num_heads, segment_lengths, dilation_rates, mix, is_causal):
     return C
 
 
+def length_mask(n, seq_lengths, batch):
+    """``[b, n, n]`` (query p, key q) True where both positions are real: ``p, q < seq_lengths[b]``
+    (all True for ``seq_lengths=None``). Padding is never a key and, as a query, has no key."""
+    lengths = np.full(batch, n) if seq_lengths is None else np.asarray(seq_lengths).reshape(batch)
+    real = np.arange(n)[None, :] < lengths[:, None]  # [b, n]
+    return real[:, :, None] & real[:, None, :]
+
+
 def dilated_attention(query, key, value, *, segment_lengths, dilation_rates, mix="head_groups",
-                      is_causal=False, softmax_scale=None):
+                      is_causal=False, softmax_scale=None, seq_lengths=None):
     """Returns ``(out [b, n, h, d], lse [b, n, h])`` in float64.
 
     ``out_j[p] = sum_q C_j[p,q] e^{s_pq} v_q / sum_q C_j[p,q] e^{s_pq}``, ``s_pq = tau <q_p, k_q>``;
     ``lse_j[p] = log sum_q C_j[p,q] e^{s_pq}``; rows with no key: ``out = 0``, ``lse = -inf``.
+    ``seq_lengths [b]``: positions ``p >= seq_lengths[b]`` are padding (``C`` is 0 in their rows
+    and columns).
     """
     q = np.asarray(query, dtype=np.float64)
     k = np.asarray(key, dtype=np.float64)
@@ -61,12 +76,13 @@ def dilated_attention(query, key, value, *, segment_lengths, dilation_rates, mix
     h_kv = k.shape[2]
     tau = d ** -0.5 if softmax_scale is None else softmax_scale
     C = multiplicity(n, h, segment_lengths, dilation_rates, mix, is_causal)
+    real = length_mask(n, seq_lengths, b)  # [b, n, n]
     out = np.zeros((b, n, h, d))
     lse = np.full((b, n, h), -np.inf)
     for j in range(h):
         jk = j // (h // h_kv)  # grouped-query attention: the kv head of query head j
         s = tau * np.einsum("bpd,bqd->bpq", q[:, :, j], k[:, :, jk])
-        c = C[j][None]
+        c = C[j][None] * real  # [b, n, n]
         # Subtract the row maximum over the keys that count (C > 0) for stability.
         m = np.where(c > 0, s, -np.inf).max(axis=-1, keepdims=True)
         m = np.where(np.isfinite(m), m, 0.0)
