@@ -19,7 +19,7 @@ importing only the ones above it:
 * ``_module``: the ``nn.Module`` wrappers.
 """
 
-from ring_torch._comm import CommStats
+from ring_torch._comm import CommStats, RingCheckError
 from ring_torch._config import DilatedConfig
 from ring_torch._decode import DecodeCache, decode, init_cache
 from ring_torch._dilated import dilated_attention
@@ -32,4 +32,4 @@ from ring_torch._ring_plan import RingPlan, RingUnit, build_ring_plan
 __all__ = ["dilated_attention", "DilatedConfig", "DilatedPlan", "Unit", "build_plan",
            "plan_flops", "get_stats", "select_backend", "ring_dilated_attention", "CommStats",
            "RingPlan", "RingUnit", "build_ring_plan", "RingDilatedAttention",
-           "MultiheadDilatedAttention", "DecodeCache", "init_cache", "decode"]
+           "MultiheadDilatedAttention", "DecodeCache", "init_cache", "decode", "RingCheckError"]
