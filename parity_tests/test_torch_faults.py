@@ -218,7 +218,8 @@ def test_a_rank_invalid_only_locally_fails_every_rank():
     for rank, res in enumerate(_per_rank(4, _one_rank_invalid)):
         assert res["type"] == "RingCheckError", (rank, res)
         assert "local_len: [8, 8, 8, 12]" in res["error"]
-        assert "rank 3 raised ValueError: seq_len=48 is not a multiple" in res["error"]
+        assert ("rank 3 raised ValueError: pattern 0 (w=8, w'=8, r=1) with local length L=12 on "
+                "P=4 ranks: L is not a multiple of w'") in res["error"]
         assert res["seconds"] < 20
 
 

@@ -9,7 +9,7 @@ importing only the ones above it:
 * ``_coords``: a block's global coordinates and the one function deriving its masks.
 * ``_aten``: adapters of torch's (and xformers') fused kernels, exact in the LSE gradient.
 * ``_kernels``: the kernels (math, torch, xformers) behind one protocol, and backend dispatch.
-* ``_rows``: strided row views and gathers, blank results and the LSE merges.
+* ``_rows``: strided row views and gathers, blank results, the LSE merges and a call's padding.
 * ``_dilated``: one device: the executors (fused or autograd) and ``dilated_attention``.
 * ``_decode``: cached decoding from a constant-size cache of the current segments.
 * ``_ring_plan``: how the units run on ranks (local or spanning sub-rings).

@@ -7,6 +7,7 @@ both packages share have the same message text in ``ring_jax._config``.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 __all__ = ["MIXES", "DilatedConfig", "check_shapes", "check_ring_size", "check_bool",
-           "check_softmax_scale", "check_int_tuple", "FLOAT_DTYPES"]
+           "check_softmax_scale", "check_int_tuple", "check_seq_lengths", "FLOAT_DTYPES"]
 
 MIXES = ("head_groups", "longnet")
 
@@ -109,6 +110,10 @@ def _check_patterns(segment_lengths, dilation_rates) -> tuple[tuple[int, ...], t
     for ri in r:
         if ri <= 0:
             raise ValueError(f"dilation rate r={ri} must be positive (dilation_rates={r})")
+    for wi, ri in zip(w, r):
+        if wi % ri:
+            raise ValueError(f"w={wi} is not a multiple of r={ri}: every segment length must be a "
+                             f"multiple of its dilation rate (segment_lengths={w}, dilation_rates={r})")
     return w, r
 
 
@@ -152,17 +157,22 @@ class DilatedConfig:
         return head_dim ** -0.5 if self.softmax_scale is None else self.softmax_scale
 
     def effective_segments(self, seq_len: int) -> tuple[int, ...]:
-        """``w_i' = min(w_i, seq_len)``; raises if a pattern does not tile ``seq_len``."""
-        effective = []
-        for w, r in zip(self.segment_lengths, self.dilation_rates):
-            w_eff = min(w, seq_len)
-            if w_eff % r != 0:
-                raise ValueError(f"effective segment length {w_eff=} (min({w=}, {seq_len=})) is not "
-                                 f"a multiple of dilation rate {r=}")
-            if seq_len % w_eff != 0:
-                raise ValueError(f"{seq_len=} is not a multiple of effective segment length {w_eff=}")
-            effective.append(w_eff)
-        return tuple(effective)
+        """``w_i' = min(w_i, seq_len)`` of a plan length (:meth:`padded_length`); ``ValueError``
+        for a length the plans cannot tile (callers pad to :meth:`padded_length` first)."""
+        effective = tuple(min(w, seq_len) for w in self.segment_lengths)
+        for w_eff, r in zip(effective, self.dilation_rates):
+            if seq_len % w_eff or w_eff % r:
+                raise ValueError(f"{seq_len=} is not a plan length of segment_lengths="
+                                 f"{self.segment_lengths}, dilation_rates={self.dilation_rates} "
+                                 f"(pad to {self.padded_length(seq_len)})")
+        return effective
+
+    def padded_length(self, seq_len: int) -> int:
+        """The smallest ``N >= seq_len`` the plans tile: for every pattern ``N % w_i == 0`` if
+        ``w_i <= N``, else ``N % r_i == 0`` (so ``min(w_i, N)`` tiles ``N`` and is a multiple of
+        ``r_i``). On ``[0, seq_len)`` the patterns at ``N`` select exactly the definition's
+        segments ``[s*w_i, (s+1)*w_i)`` cut at ``seq_len``."""
+        return _padded_length(self.segment_lengths, self.dilation_rates, int(seq_len))
 
     def validate_sizes(self, seq_len: int, num_heads: int, num_kv_heads: int) -> tuple[int, ...]:
         """Checks head counts and tiling; returns the effective segment lengths."""
@@ -176,7 +186,7 @@ class DilatedConfig:
         Returns ``(batch, seq_len, num_heads, num_kv_heads, head_dim)``.
         """
         b, n, h, h_kv, d = check_shapes(query, key, value)
-        self.validate_sizes(n, h, h_kv)
+        _check_heads(self.mix, self.num_patterns, h, h_kv)
         return b, n, h, h_kv, d
 
 
@@ -212,3 +222,68 @@ def check_shapes(query: torch.Tensor, key: torch.Tensor,
                          f"value {value.device}")
     check_sizes_positive(n, h, h_kv, d)
     return b, n, h, h_kv, d
+
+
+@functools.lru_cache(maxsize=256)
+def _padded_length(segments: tuple[int, ...], rates: tuple[int, ...], n: int) -> int:
+    """:meth:`DilatedConfig.padded_length`: on each interval of ``N`` between consecutive
+    distinct ``w`` the patterns with ``w <= N`` are fixed, so ``N`` must be a multiple of the lcm
+    of their ``w`` and of the other patterns' ``r``; the first interval holding such an
+    ``N >= n`` gives the smallest (the last interval always holds one)."""
+    bounds = sorted(set(segments)) + [math.inf]
+    lo = 0
+    for hi in bounds:
+        if hi > n:
+            step = math.lcm(*(w if w <= lo else r for w, r in zip(segments, rates)))
+            candidate = -(-max(n, lo) // step) * step
+            if candidate < hi:
+                return candidate
+        lo = hi
+    raise AssertionError("unreachable: the last interval always holds a multiple")
+
+
+def check_seq_lengths(seq_lengths, batch: int, seq_len: int, device: torch.device):
+    """``seq_lengths`` (None, or an integer tensor or array-like of shape ``[batch]``) as an int64
+    tensor on ``device`` (None stays None).
+
+    ``TypeError`` for a non-integer dtype, ``ValueError`` for another shape; on the CPU the values
+    are checked (``0 <= len <= seq_len``, ``ValueError``), on an accelerator they are data (no
+    host sync) and clamped to ``[0, seq_len]``."""
+    if seq_lengths is None:
+        return None
+    if not isinstance(seq_lengths, torch.Tensor):
+        seq_lengths = torch.as_tensor(np.asarray(seq_lengths))
+    dtype = seq_lengths.dtype
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        raise TypeError(f"seq_lengths has dtype {dtype_name(dtype)}; expected an integer array of "
+                        f"shape [batch]")
+    if tuple(seq_lengths.shape) != (batch,):
+        raise ValueError(f"seq_lengths must have shape [batch]=({batch},), got "
+                         f"{tuple(seq_lengths.shape)}")
+    if seq_lengths.device.type == "cpu":
+        bad = (seq_lengths < 0) | (seq_lengths > seq_len)
+        if bool(bad.any()):
+            raise ValueError(f"seq_lengths={seq_lengths.tolist()} must lie in [0, {seq_len=}]")
+    return seq_lengths.to(device=device, dtype=torch.int64, non_blocking=True).clamp(0, seq_len)
+
+
+def lengths_from_padding_mask(key_padding_mask, batch: int, seq_len: int) -> torch.Tensor:
+    """Right-padding lengths ``[batch]`` (int64) of a boolean ``key_padding_mask [batch, seq_len]``
+    (True = padding, torch's convention); ``ValueError`` naming the first row where a padding
+    position precedes a real one (a mask that is not right padding), ``TypeError`` for a
+    non-bool mask. Reads the mask (one host sync on an accelerator)."""
+    if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+        raise TypeError(f"key_padding_mask must be a bool torch.Tensor [batch, seq] (True = "
+                        f"padding), got {getattr(key_padding_mask, 'dtype', type(key_padding_mask))}")
+    if tuple(key_padding_mask.shape) != (batch, seq_len):
+        raise ValueError(f"key_padding_mask must have shape [batch, seq]=({batch}, {seq_len}), got "
+                         f"{tuple(key_padding_mask.shape)}")
+    gaps = key_padding_mask[:, :-1] & ~key_padding_mask[:, 1:]  # padding, then a real position
+    rows = gaps.any(1).nonzero().flatten().tolist()
+    if rows:
+        b = rows[0]
+        p = int(gaps[b].nonzero()[0])
+        raise ValueError(f"key_padding_mask is not right padding: row {b} has padding (True) at "
+                         f"position {p} followed by a real position (False) at {p + 1}; only "
+                         f"right-padded masks convert to seq_lengths")
+    return (~key_padding_mask).sum(1)

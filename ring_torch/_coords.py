@@ -5,8 +5,13 @@ A kernel block is ``q [B, m, H, d]`` against ``k``/``v [B, m, H_kv, d]``: ``B`` 
 ``m`` selected rows each. Query row ``i`` of the block starting at ``start`` sits, under head
 column ``c``, at global position ``start + offsets[c] + i * rate``; its keys likewise from the
 key block's start. Position and batch tensors are built only when a mask asks for them
-(dropout; a padding or document mask would be added in :func:`block_masks`): the fused kernels
-read nothing but :attr:`BlockCoords.is_causal`.
+(dropout, padding): the fused kernels read nothing but :attr:`BlockCoords.is_causal`.
+
+Padding (:attr:`MaskSpec.lengths`): position ``p`` of batch entry ``b`` is real iff
+``p < lengths[b]``. A padded key is hidden from real queries by :func:`block_masks` only where
+causality does not already hide it (:attr:`MaskSpec.key_mask`: right padding comes after every
+real query, so causal calls need no key mask and keep the fused kernels); padded query rows are
+zeroed afterwards by :func:`mask_rows`.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch
 from ring_torch._dropout import Dropout, keep_mask
 from ring_torch._plan import Unit, causal_mask
 
-__all__ = ["MaskSpec", "BlockCoords", "unit_coords", "block_masks"]
+__all__ = ["MaskSpec", "BlockCoords", "unit_coords", "block_masks", "real_rows", "mask_rows"]
 
 
 @dataclass(frozen=True)
@@ -27,13 +32,22 @@ class MaskSpec:
     """What one call masks by, and where its local rows sit globally.
 
     ``is_causal``; ``dropout`` (None: off); ``base``: global position of local row 0 (a ring
-    shard starts at ``rank * L``); ``batch_base``: global batch index of local batch entry 0.
+    shard starts at ``rank * L``); ``batch_base``: global batch index of local batch entry 0;
+    ``lengths``: int64 ``[batch]`` real length of each global batch entry (None: no padding);
+    ``key_mask``: whether blocks must hide padded keys (padding with ``is_causal=False``).
     """
 
     is_causal: bool
     dropout: Dropout | None = None
     base: int = 0
     batch_base: int = 0
+    lengths: torch.Tensor | None = None
+    key_mask: bool = False
+
+    @property
+    def needs_key_mask(self) -> bool:
+        """True when the kernels must take a key mask (then only the math kernel can)."""
+        return self.lengths is not None and self.key_mask
 
     @property
     def dropout_p(self) -> float:
@@ -101,16 +115,39 @@ def block_masks(coords: BlockCoords, device) -> tuple[torch.Tensor | None, torch
     """Every mask of one block, from its coordinates: ``(hide, keep)``.
 
     ``hide``: boolean, broadcastable to ``[B, H, m_q, m_k]``, True where a score is masked out
-    (causal: the cached upper triangle); ``keep [B, H, m_q, m_k]``: dropout's keep-mask on the
-    probabilities. None where nothing is masked.
+    (causal: the cached upper triangle; padding with :attr:`MaskSpec.needs_key_mask`: keys at
+    or beyond their batch entry's length, for real query rows only, so no row is empty);
+    ``keep [B, H, m_q, m_k]``: dropout's keep-mask on the probabilities. None where nothing is
+    masked.
     """
     hide = causal_mask(coords.rows, device) if coords.is_causal else None
     keep = None
-    drop = coords.spec.dropout
+    drop, spec = coords.spec.dropout, coords.spec
+    if drop is None and not spec.needs_key_mask:
+        return hide, None
+    qpos = coords.positions(coords.q_starts, device)
+    kpos = qpos if coords.k_starts is None else coords.positions(coords.k_starts, device)
+    batch = coords.batch_index(device)
+    if spec.needs_key_mask:
+        length = spec.lengths.to(device)[batch][:, None, None, None]  # [B, 1, 1, 1]
+        padded = (kpos[:, :, None, :] >= length) & (qpos[:, :, :, None] < length)  # [B, H, m_q, m_k]
+        hide = padded if hide is None else padded | hide
     if drop is not None:
-        qpos = coords.positions(coords.q_starts, device)
-        kpos = qpos if coords.k_starts is None else coords.positions(coords.k_starts, device)
         heads = torch.tensor(coords.heads, dtype=torch.int64, device=device)
-        keep = keep_mask(drop.seed, coords.pattern, coords.batch_index(device), heads, qpos, kpos,
-                         drop.p)
+        keep = keep_mask(drop.seed, coords.pattern, batch, heads, qpos, kpos, drop.p)
     return hide, keep
+
+
+def real_rows(lengths: torch.Tensor, base: int, seq_len: int) -> torch.Tensor:
+    """``[b, seq_len]`` bool, True where global position ``base + i`` of batch entry ``b`` is
+    real (``< lengths[b]``); ``lengths`` int64 ``[b]``."""
+    pos = base + torch.arange(seq_len, device=lengths.device)
+    return pos[None, :] < lengths[:, None]
+
+
+def mask_rows(out: torch.Tensor, lse: torch.Tensor, real: torch.Tensor):
+    """``out [b, n, h, d]`` zeroed and ``lse [b, n, h]`` set to ``-inf`` on padded rows
+    (``real [b, n]`` False), by ``torch.where``: their cotangents become exactly 0."""
+    out = torch.where(real[:, :, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+    lse = torch.where(real[:, :, None], lse, torch.full((), float("-inf"), dtype=lse.dtype, device=lse.device))
+    return out, lse

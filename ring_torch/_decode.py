@@ -70,10 +70,6 @@ def cache_layout(batch, num_heads, num_kv_heads, head_dim, segment_lengths, dila
                     ("head_dim", head_dim)):
         if isinstance(x, bool) or not isinstance(x, int) or x <= 0:
             raise ValueError(f"{name}={x!r} must be a positive int")
-    for w, r in zip(config.segment_lengths, config.dilation_rates):
-        if w % r:
-            raise ValueError(f"decoding needs every segment length to be a multiple of its "
-                             f"dilation rate: w={w}, r={r}")
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads=} is not a multiple of {num_kv_heads=}")
     if mix == "head_groups" and num_heads < config.num_patterns:

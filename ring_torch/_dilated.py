@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import torch
 
-from ring_torch._config import DilatedConfig
+from ring_torch._config import DilatedConfig, check_seq_lengths
 from ring_torch._coords import MaskSpec, unit_coords
 from ring_torch._dropout import Dropout, make_dropout
 from ring_torch._kernels import (GradInputs, Kernel, check_backend, kernel_for, select_backend,
                                 xformers_available)
 from ring_torch._plan import DilatedPlan, Unit, build_plan, index_tensor
-from ring_torch._rows import blank, gather_rows, kv_rows, lse_merge, merge_rows, q_rows
+from ring_torch._rows import (blank, gather_rows, kv_rows, lse_merge, make_padding, merge_rows,
+                              pad_inputs, q_rows, unpad_outputs)
 
 __all__ = ["dilated_attention", "resolve_backend", "make_executor", "AutogradExecutor",
            "FusedExecutor", "FusedDilated", "grad_dtypes"]
@@ -175,10 +176,11 @@ class FusedExecutor:
 
 
 def make_executor(backend: str, device: torch.device, compute: torch.dtype, head_dim: int,
-                  dropout: Dropout | None) -> AutogradExecutor | FusedExecutor:
+                  dropout: Dropout | None, key_mask: bool = False) -> AutogradExecutor | FusedExecutor:
     """The kernel and executor of one call, chosen once: ``backend`` resolved, ``compute`` the
-    dtype the kernels see."""
-    kernel = kernel_for(backend, device, compute, head_dim, needs_dropout=dropout is not None)
+    dtype the kernels see, ``key_mask``: whether blocks hide padded keys (math kernel)."""
+    kernel = kernel_for(backend, device, compute, head_dim, needs_dropout=dropout is not None,
+                        needs_key_mask=key_mask)
     return (FusedExecutor if kernel.fused_backward else AutogradExecutor)(kernel)
 
 
@@ -197,39 +199,63 @@ def dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
                       segment_lengths, dilation_rates, mix: str = "head_groups",
                       is_causal: bool = False, softmax_scale: float | None = None,
                       return_lse: bool = False, backend: str = "auto",
-                      dropout_p: float = 0.0, dropout_seed: int | None = None):
+                      dropout_p: float = 0.0, dropout_seed: int | None = None,
+                      seq_lengths: torch.Tensor | None = None):
     """Dilated attention of ``query [batch, seq, heads, head_dim]`` against
     ``key``/``value [batch, seq, kv_heads, head_dim]`` (``heads % kv_heads == 0``).
 
-    Pattern i splits the sequence into segments of ``w_i' = min(w_i, seq)`` and keeps the
-    positions ``(p % w_i') % r_i == offset``. ``mix="head_groups"``: heads form K contiguous
-    groups, group i runs pattern i at offset ``i % r_i``. ``mix="longnet"``: head j runs every
-    pattern at offset ``j % r_i``, merged by log-sum-exp (LongNet Eq. 10).
+    Pattern i cuts the sequence into segments ``[s*w_i, (s+1)*w_i)`` (the last one cut at
+    ``seq``) and keeps the positions ``(p % w_i) % r_i == offset`` (``w_i % r_i == 0``; any
+    ``seq >= 1``). ``mix="head_groups"``: heads form K contiguous groups, group i runs pattern i
+    at offset ``i % r_i``. ``mix="longnet"``: head j runs every pattern at offset ``j % r_i``,
+    merged by log-sum-exp (LongNet Eq. 10).
 
-    Returns ``out [batch, seq, heads, head_dim]`` in the input dtype, and with ``return_lse``
-    also ``lse [batch, seq, heads]`` (natural log; float64 for float64 inputs, else float32;
-    ``-inf`` and ``out = 0`` where a position attends to nothing).
+    Args:
+        query: ``[batch, seq, heads, head_dim]``, a floating dtype.
+        key, value: ``[batch, seq, kv_heads, head_dim]``, the query's dtype and device.
+        segment_lengths, dilation_rates: the patterns ``(w_i)``, ``(r_i)``, tuples of ints.
+        mix: ``"head_groups"`` or ``"longnet"``.
+        is_causal: keys after the query are hidden.
+        softmax_scale: the score scale (default ``head_dim ** -0.5``).
+        return_lse: also return the log-sum-exp.
+        backend: ``"auto"`` (see :func:`ring_torch.select_backend`), ``"math"``, ``"torch"`` or
+            ``"xformers"``.
+        dropout_p: dropout on each pattern's attention probabilities, with the counter-based
+            mask of :mod:`ring_torch._dropout` (a hash of seed, pattern, batch, head and the two
+            positions), so the ring computes the same mask. It runs the math path; the LSE is
+            that of the undropped weights.
+        dropout_seed: the mask's seed (default: a draw from torch's RNG).
+        seq_lengths: an integer ``[batch]`` tensor (any device; ``0 <= len <= seq``; lists
+            accepted) or None (all
+            ``seq``): positions ``p >= seq_lengths[b]`` are right padding, never a key; their
+            output is 0, their LSE ``-inf`` and the gradients of their q, k, v exactly 0,
+            whatever they hold. Causal padding keeps the fused kernels; non-causal padding (and
+            a ``seq`` the patterns do not tile, padded internally) hides padded keys in the math
+            kernel.
 
-    ``backend``: ``"auto"`` (see :func:`ring_torch.select_backend`), ``"math"``, ``"torch"`` or
-    ``"xformers"``. All checks run before any compute: ``TypeError`` for an argument of the wrong
-    type (tensors of a non-floating dtype, a non-bool ``is_causal``, patterns that are not ints),
-    ``ValueError`` for a wrong value.
+    Returns:
+        ``out [batch, seq, heads, head_dim]`` in the input dtype, and with ``return_lse`` also
+        ``lse [batch, seq, heads]`` (natural log; float64 for float64 inputs, else float32;
+        ``-inf`` and ``out = 0`` where a position attends to nothing).
 
-    ``dropout_p > 0``: dropout on each pattern's attention probabilities, with the counter-based
-    mask of :mod:`ring_torch._dropout` (a hash of seed, pattern, batch, head and the two
-    positions; ``dropout_seed`` defaults to a draw from torch's RNG), so the ring computes the
-    same mask. It runs the math path; the LSE is that of the undropped weights.
+    Raises:
+        TypeError: an argument of the wrong type (tensors of a non-floating dtype, a non-bool
+            ``is_causal``, patterns that are not ints, ``seq_lengths`` not an int tensor).
+        ValueError: a wrong value. All checks run before any compute.
     """
     config = DilatedConfig(segment_lengths, dilation_rates, mix, is_causal, softmax_scale)
-    _, n, h, h_kv, d = config.validate_inputs(query, key, value)
+    b, n, h, h_kv, d = config.validate_inputs(query, key, value)
+    lengths = check_seq_lengths(seq_lengths, b, n, query.device)
     dtype = query.dtype
     backend, compute = resolve_backend(backend, query.device, dtype)
-    plan = build_plan(config, n, h, h_kv)
+    padding = make_padding(lengths, b, n, config.padded_length(n), config.is_causal, query.device)
+    plan = build_plan(config, padding.padded_len, h, h_kv)
     scale = config.scale(d)
     dropout = make_dropout(dropout_p, dropout_seed)
-    executor = make_executor(backend, query.device, compute, d, dropout)
-    q, k, v = (x.to(compute) for x in (query, key, value))
-    out, lse = executor.run(plan, q, k, v, scale, MaskSpec(config.is_causal, dropout))
+    executor = make_executor(backend, query.device, compute, d, dropout, padding.key_mask)
+    q, k, v = pad_inputs(padding, [x.to(compute) for x in (query, key, value)])
+    spec = MaskSpec(config.is_causal, dropout, lengths=padding.lengths, key_mask=padding.key_mask)
+    out, lse = unpad_outputs(padding, *executor.run(plan, q, k, v, scale, spec))
     out = out.to(dtype)
     if not return_lse:
         return out

@@ -15,7 +15,8 @@ Kernels (:data:`KERNELS`, one per backend; :func:`kernel_for` picks one per call
 * :class:`TorchKernel` (``torch``): torch's fused kernels (:mod:`ring_torch._aten`; CPU:
   ``aten._scaled_dot_product_flash_attention_for_cpu``; CUDA: the flash kernel for fp16/bf16 on
   sm80+ with ``head_dim % 8 == 0`` and ``<= 256``, else the memory-efficient one;
-  :func:`cuda_kernel` decides). No dropout. Its backward is the fused kernel's, fed the global
+  :func:`cuda_kernel` decides). No dropout, no key mask (non-causal padding runs the math
+  kernel; torch's masked and variable-length kernels are not used yet). Its backward is the fused kernel's, fed the global
   ``(out, lse)``, in the input dtype (:attr:`~TorchKernel.fused_backward`).
 * :class:`XFormersKernel` (``xformers``): CUDA only, xformers' forward; no dropout; the backward
   from a global LSE is the math formula.
@@ -149,7 +150,8 @@ class Kernel(Protocol):
     fused_backward: bool  # its backward takes the global (out, lse) in the input dtype
 
     @classmethod
-    def supports(cls, dtype: torch.dtype, device_type: str, head_dim: int, needs_dropout: bool) -> bool: ...
+    def supports(cls, dtype: torch.dtype, device_type: str, head_dim: int, needs_dropout: bool,
+                 needs_key_mask: bool = False) -> bool: ...
 
     @classmethod
     def create(cls, device: torch.device, dtype: torch.dtype, head_dim: int) -> Kernel: ...
@@ -169,7 +171,7 @@ class Kernel(Protocol):
 
 def _math_attention(q, k, v, scale, hide=None, keep=None, dropout_p=0.0):
     """``(out, lse)`` by plain matmuls in float32 or better; ``hide`` (``[m, m]`` or
-    ``[B, H, m, m]``) masks scores, ``keep [B, H, m, m]`` scales probabilities by ``1 / (1 - p)``."""
+    ``[B, H, m, m]``; rows it hides entirely give ``out = 0``, ``lse = -inf``) masks scores, ``keep [B, H, m, m]`` scales probabilities by ``1 / (1 - p)``."""
     B, m, H, d = q.shape
     H_kv = k.shape[2]
     compute = torch.promote_types(q.dtype, torch.float32)
@@ -177,13 +179,21 @@ def _math_attention(q, k, v, scale, hide=None, keep=None, dropout_p=0.0):
     kh = k.to(compute).permute(0, 2, 1, 3).unsqueeze(2)  # [B, H_kv, 1, m, d]
     vh = v.to(compute).permute(0, 2, 1, 3).unsqueeze(2)  # [B, H_kv, 1, m, d]
     s = torch.matmul(qh, kh.transpose(-1, -2)) * scale  # [B, H_kv, g, m, m]
-    if hide is not None:
-        s = s.masked_fill(hide if hide.dim() == 2 else hide.reshape(s.shape), float("-inf"))
+    empty = None
+    if hide is not None and hide.dim() == 2:  # causal: every row keeps its own key
+        s = s.masked_fill(hide, float("-inf"))
+    elif hide is not None:  # padding: a ring hop's block may hide every key of a row
+        hide = hide.reshape(s.shape)
+        empty = hide.all(-1)  # [B, H_kv, g, m]: such rows keep finite scores, zeroed below
+        s = s.masked_fill(hide & ~empty.unsqueeze(-1), float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # [B, H_kv, g, m]
     probs = torch.exp(s - lse.unsqueeze(-1))
     if keep is not None:  # dropout on the probabilities; [B, H, m, m] -> [B, H_kv, g, m, m]
         probs = probs * keep.reshape(probs.shape).to(compute) / (1.0 - dropout_p)
     out = torch.matmul(probs, vh)  # [B, H_kv, g, m, d]
+    if empty is not None:
+        out = torch.where(empty.unsqueeze(-1), torch.zeros((), dtype=out.dtype, device=out.device), out)
+        lse = lse.masked_fill(empty, float("-inf"))
     out = out.reshape(B, H, m, d).transpose(1, 2).to(q.dtype)  # [B, m, H, d]
     return out, lse.reshape(B, H, m).transpose(1, 2)  # [B, m, H]
 
@@ -234,7 +244,7 @@ class MathKernel:
     fused_backward = False
 
     @classmethod
-    def supports(cls, dtype, device_type, head_dim, needs_dropout) -> bool:
+    def supports(cls, dtype, device_type, head_dim, needs_dropout, needs_key_mask=False) -> bool:
         return True
 
     @classmethod
@@ -267,8 +277,8 @@ class XFormersKernel(MathKernel):
     name = "xformers"
 
     @classmethod
-    def supports(cls, dtype, device_type, head_dim, needs_dropout) -> bool:
-        return device_type == "cuda" and dtype in _FUSED_DTYPES and not needs_dropout
+    def supports(cls, dtype, device_type, head_dim, needs_dropout, needs_key_mask=False) -> bool:
+        return device_type == "cuda" and dtype in _FUSED_DTYPES and not (needs_dropout or needs_key_mask)
 
     def forward(self, q, k, v, scale, coords):
         group = q.shape[2] // k.shape[2]
@@ -288,9 +298,9 @@ class TorchKernel:
         self.aten = aten
 
     @classmethod
-    def supports(cls, dtype, device_type, head_dim, needs_dropout) -> bool:
+    def supports(cls, dtype, device_type, head_dim, needs_dropout, needs_key_mask=False) -> bool:
         dtypes = {"cpu": _FUSED_DTYPES + (torch.float64,), "cuda": _FUSED_DTYPES}.get(device_type, ())
-        return dtype in dtypes and not needs_dropout
+        return dtype in dtypes and not (needs_dropout or needs_key_mask)
 
     @classmethod
     def create(cls, device: torch.device, dtype: torch.dtype, head_dim: int) -> TorchKernel:
@@ -325,11 +335,12 @@ KERNELS: dict[str, type] = {"math": MathKernel, "torch": TorchKernel, "xformers"
 
 
 def kernel_for(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int,
-               needs_dropout: bool) -> Kernel:
+               needs_dropout: bool, needs_key_mask: bool = False) -> Kernel:
     """The kernel of a resolved ``backend`` for one call's inputs (compute ``dtype``);
-    :class:`MathKernel` where that backend cannot take them (dropout)."""
+    :class:`MathKernel` where that backend cannot take them (dropout; a padding key mask, which
+    only non-causal calls with padding need)."""
     cls = KERNELS[backend]
-    if not cls.supports(dtype, device.type, head_dim, needs_dropout):
+    if not cls.supports(dtype, device.type, head_dim, needs_dropout, needs_key_mask):
         cls = MathKernel
     return cls.create(device, dtype, head_dim)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ring_torch._config import DilatedConfig
+from ring_torch._config import DilatedConfig, lengths_from_padding_mask
 from ring_torch._kernels import BACKENDS
 from ring_torch._comm import COMMS, CommStats
 from ring_torch._decode import DecodeCache, decode, init_cache
@@ -71,16 +71,28 @@ class RingDilatedAttention(nn.Module):
                 f"comm={self.comm!r}, backend={self.backend!r}")
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                is_causal: bool = False, return_lse: bool = False):
-        """``query [b, seq, h, d]``, ``key``/``value [b, seq, h_kv, d]`` (local shards in a
-        process group) -> ``out [b, seq, h, d]``, and ``lse [b, seq, h]`` with ``return_lse``."""
+                is_causal: bool = False, return_lse: bool = False,
+                seq_lengths: torch.Tensor | None = None):
+        """Dilated attention of one call.
+
+        Args:
+            query: ``[b, seq, h, d]`` (a local shard in a process group).
+            key, value: ``[b, seq, h_kv, d]``.
+            is_causal: keys after the query are hidden.
+            return_lse: also return the log-sum-exp.
+            seq_lengths: integer ``[b]`` real (global) lengths, or None: positions beyond are
+                right padding (:func:`ring_torch.dilated_attention`).
+
+        Returns:
+            ``out [b, seq, h, d]``, and ``lse [b, seq, h]`` with ``return_lse``.
+        """
         dropout_p = self.dropout if self.training else 0.0
         return ring_dilated_attention(
             query, key, value, segment_lengths=self.segment_lengths,
             dilation_rates=self.dilation_rates, mix=self.mix, is_causal=is_causal,
             softmax_scale=self.softmax_scale, return_lse=return_lse, backend=self.backend,
             ring_size=self.ring_size, process_group=self.process_group, comm=self.comm,
-            stats=self.comm_stats, dropout_p=dropout_p)
+            stats=self.comm_stats, dropout_p=dropout_p, seq_lengths=seq_lengths)
 
 
 class MultiheadDilatedAttention(nn.Module):
@@ -159,6 +171,15 @@ class MultiheadDilatedAttention(nn.Module):
         if self.norm is not None:
             self.norm.reset_parameters()
 
+    def _world(self) -> int:
+        """Ranks of the process group (1 without one): the global length is ``seq * world``."""
+        group = self.attention.process_group
+        if group is None:
+            return 1
+        import torch.distributed as dist
+
+        return dist.get_world_size(group)
+
     @property
     def comm_stats(self) -> CommStats:
         return self.attention.comm_stats
@@ -174,13 +195,34 @@ class MultiheadDilatedAttention(nn.Module):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor | None = None,
                 value: torch.Tensor | None = None, is_causal: bool = False,
-                cache: DecodeCache | None = None):
-        """``query [b, seq, embed_dim]`` (``key``/``value`` the same shape, or None for
-        self-attention) -> ``[b, seq, embed_dim]``. With ``cache``: ``query`` holds the next
-        ``seq`` tokens of a causal self-attention; returns ``(out, cache)``, the cache advanced
-        in place."""
+                cache: DecodeCache | None = None, seq_lengths: torch.Tensor | None = None,
+                key_padding_mask: torch.Tensor | None = None):
+        """The layer on one batch.
+
+        Args:
+            query: ``[b, seq, embed_dim]`` (a local shard in a process group).
+            key, value: the query's shape (cross-attention), or None (self-attention).
+            is_causal: keys after the query are hidden.
+            cache: a :class:`ring_torch.DecodeCache`: ``query`` holds the next ``seq`` tokens of
+                a causal self-attention, the cache is advanced in place.
+            seq_lengths: integer ``[b]``, each example's real (global) length: later positions
+                are right padding, never attended (their attention rows are 0, so their outputs
+                are ``out_proj(norm(0))``, and the gradients reaching their inputs 0).
+            key_padding_mask: bool ``[b, global seq]``, True = padding (torch's convention;
+                the same mask on every rank of a process group): accepted when it is right
+                padding, converted to ``seq_lengths``; ``ValueError`` otherwise, and with
+                ``seq_lengths`` too.
+
+        Returns:
+            ``[b, seq, embed_dim]``; with ``cache`` ``(out, cache)``.
+        """
         if cache is not None and (key is not None or value is not None):
             raise ValueError("cache= is causal self-attention: pass key=None, value=None")
+        if key_padding_mask is not None and seq_lengths is not None:
+            raise ValueError("pass seq_lengths or key_padding_mask, not both")
+        if cache is not None and (key_padding_mask is not None or seq_lengths is not None):
+            raise ValueError("cache= decodes unpadded sequences: seq_lengths and key_padding_mask "
+                             "are not supported with a cache")
         if query.dim() != 3 or query.shape[-1] != self.embed_dim:
             raise ValueError(f"query must be [batch, seq, embed_dim={self.embed_dim}], got "
                              f"{tuple(query.shape)}")
@@ -196,11 +238,13 @@ class MultiheadDilatedAttention(nn.Module):
                                  f"{tuple(query.shape)} (same batch, length and embed_dim), got "
                                  f"{tuple(x.shape)}")
         b, n, _ = query.shape
+        if key_padding_mask is not None:
+            seq_lengths = lengths_from_padding_mask(key_padding_mask, b, n * self._world())
         q = self.q_proj(query).view(b, n, self.num_heads, self.head_dim)
         k = self.k_proj(key).view(b, n, self.num_kv_heads, self.head_dim)
         v = self.v_proj(value).view(b, n, self.num_kv_heads, self.head_dim)
         if cache is None:
-            out = self.attention(q, k, v, is_causal=is_causal)
+            out = self.attention(q, k, v, is_causal=is_causal, seq_lengths=seq_lengths)
         else:
             out, cache = decode(q, k, v, cache, self.attention.softmax_scale)
         out = out.reshape(b, n, self.embed_dim)

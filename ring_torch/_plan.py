@@ -175,7 +175,8 @@ def _build(seq_len, num_heads, num_kv_heads, segments, rates, mix, is_causal) ->
 
 def build_plan(config: DilatedConfig, seq_len: int, num_heads: int,
                num_kv_heads: int) -> DilatedPlan:
-    """The (cached) plan; validates the sizes first."""
+    """The (cached) plan of a plan length ``seq_len`` (one the patterns tile:
+    :meth:`DilatedConfig.padded_length`); validates the sizes first."""
     segments = config.validate_sizes(seq_len, num_heads, num_kv_heads)
     key = ("plan", seq_len, num_heads, num_kv_heads, segments, config.dilation_rates, config.mix,
            config.is_causal)
@@ -187,9 +188,11 @@ def build_plan(config: DilatedConfig, seq_len: int, num_heads: int,
 def plan_flops(*, batch: int, seq_len: int, num_heads: int, head_dim: int,
                segment_lengths, dilation_rates, num_kv_heads: int | None = None,
                mix: str = "head_groups", is_causal: bool = False) -> int:
-    """Analytic matmul FLOPs of one forward of :func:`ring_torch.dilated_attention`."""
+    """Analytic matmul FLOPs of one forward of :func:`ring_torch.dilated_attention` (at the plan
+    length ``DilatedConfig.padded_length(seq_len)`` the call runs)."""
     config = DilatedConfig(segment_lengths, dilation_rates, mix, is_causal)
-    plan = build_plan(config, seq_len, num_heads, num_heads if num_kv_heads is None else num_kv_heads)
+    plan = build_plan(config, config.padded_length(seq_len), num_heads,
+                      num_heads if num_kv_heads is None else num_kv_heads)
     return plan.flops(batch, head_dim)
 
 

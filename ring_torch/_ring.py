@@ -29,14 +29,15 @@ import numpy as np
 import torch
 
 from ring_torch._comm import COMMS, CommStats, check_consistent, make_communicator
-from ring_torch._config import DilatedConfig, check_ring_size, check_shapes
+from ring_torch._config import DilatedConfig, check_ring_size, check_seq_lengths, check_shapes
 from ring_torch._coords import BlockCoords, MaskSpec
 from ring_torch._dilated import dilated_attention, make_executor, resolve_backend
 from ring_torch._dropout import Dropout, make_dropout
 from ring_torch._plan import index_tensor
-from ring_torch._ring_plan import RingPlan, RingUnit, build_ring_plan
+from ring_torch._ring_plan import RingPlan, RingUnit, build_ring_plan, ring_padded_length
 from ring_torch._ring_unit import RingUnitFunction
-from ring_torch._rows import assemble_heads, from_ring, lse_merge, to_ring
+from ring_torch._rows import (Padding, assemble_heads, from_ring, lse_merge, make_padding,
+                              pad_inputs, to_ring, unpad_outputs)
 
 __all__ = ["ring_dilated_attention"]
 
@@ -97,18 +98,9 @@ def _ring_world(comm: str, ring_size, world: int) -> tuple[int, bool]:
     return (1, False) if ring_size in (None, 1) else (ring_size, True)
 
 
-def _local_len(seq_len: int, ranks: int, simulated: bool) -> int:
-    """``L``: rows per rank (a simulated ring splits the whole sequence it was given)."""
-    if not simulated:
-        return seq_len
-    if seq_len % ranks:
-        raise ValueError(f"seq_len={seq_len} is not a multiple of ring_size={ranks}")
-    return seq_len // ranks
-
-
 @dataclass(frozen=True)
 class _Prepared:
-    """A validated call: ring size, config, plan, backend and dropout."""
+    """A validated call: ring size, config, plan, backend, dropout and padding."""
 
     ranks: int
     simulated: bool
@@ -118,21 +110,28 @@ class _Prepared:
     compute: torch.dtype | None = None
     local_len: int = 0
     dropout: Dropout | None = None
+    padding: Padding | None = None
 
 
 def _prepare(query, key, value, config_args: dict, backend: str, comm: str, ring_size, world: int,
-             dropout_p: float, dropout_seed) -> _Prepared:
-    """Every local check of a call (``ValueError`` / ``TypeError``), nothing communicated."""
+             dropout_p: float, dropout_seed, seq_lengths) -> _Prepared:
+    """Every local check of a call (``ValueError`` / ``TypeError``), nothing communicated. A
+    simulated ring pads the sequence to :func:`ring_padded_length`; a process group's length
+    ``n = L * P`` is the caller's."""
     ranks, simulated = _ring_world(comm, ring_size, world)
     if ranks == 1:
         return _Prepared(1, False)
     config = DilatedConfig(**config_args)
-    _, nl, h, h_kv, _ = check_shapes(query, key, value)
-    L = _local_len(nl, ranks, simulated)
+    b, nl, h, h_kv, _ = check_shapes(query, key, value)
+    n = nl if simulated else nl * ranks
+    lengths = check_seq_lengths(seq_lengths, b, n, query.device)
+    N = ring_padded_length(config, n, ranks) if simulated else n
+    L = N // ranks
     backend, compute = resolve_backend(backend, query.device, query.dtype)
     rplan = build_ring_plan(config, L, ranks, h, h_kv)
     dropout = make_dropout(dropout_p, dropout_seed)
-    return _Prepared(ranks, simulated, config, rplan, backend, compute, L, dropout)
+    padding = make_padding(lengths, b, n, N, config.is_causal, query.device)
+    return _Prepared(ranks, simulated, config, rplan, backend, compute, L, dropout, padding)
 
 
 def _canonical(x):
@@ -169,15 +168,17 @@ def _shared_seed(process_group, dropout: Dropout | None, timeout: float) -> Drop
 
 
 def _checked(process_group, query, key, value, config_args: dict, backend: str, comm: str,
-             ring_size, world: int, dropout_p: float, dropout_seed, timeout: float) -> _Prepared:
+             ring_size, world: int, dropout_p: float, dropout_seed, timeout: float,
+             seq_lengths) -> _Prepared:
     """:func:`_prepare` on every rank, then the consistency exchange *before* raising: a rank
     whose own arguments are invalid still reaches it, so every rank raises (a rank raising alone
     would leave the others waiting in their first hop). Shares rank 0's dropout seed."""
-    args = dict(config_args, backend=backend, ring_size=ring_size, comm=comm, dropout_p=dropout_p)
+    args = dict(config_args, backend=backend, ring_size=ring_size, comm=comm, dropout_p=dropout_p,
+                seq_lengths_given=seq_lengths is not None)
     codes, values = _fingerprint(query, key, args)
     try:
         prepared, error = _prepare(query, key, value, config_args, backend, comm, ring_size, world,
-                                   dropout_p, dropout_seed), None
+                                   dropout_p, dropout_seed, seq_lengths), None
     except (ValueError, TypeError) as e:
         prepared, error = None, e
     dropout = None if prepared is None else prepared.dropout
@@ -197,23 +198,28 @@ def ring_dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
                            ring_size: int | None = None, process_group=None,
                            comm: str = "ring", stats: CommStats | None = None,
                            check_consistency: bool = True, dropout_p: float = 0.0,
-                           dropout_seed: int | None = None, timeout: float = 300.0):
+                           dropout_seed: int | None = None, timeout: float = 300.0,
+                           seq_lengths: torch.Tensor | None = None):
     """Dilated attention (the definition of :func:`ring_torch.dilated_attention`) over a ring.
 
     * ``process_group`` with world size ``P > 1``: each rank passes its local shard
       ``[batch, n / P, heads, head_dim]`` of global positions ``[rank * L, (rank + 1) * L)`` and
       gets its shard of the output (and LSE). ``comm="ring"``: point-to-point hops between
       sub-ring neighbours; ``comm="all_gather"``: all-gather inside each sub-ring. Every rank
-      must call the forward and the backward.
+      must call the forward and the backward. ``n`` is the caller's: a pattern whose segments
+      span ranks (``w' > L``) needs ``n % w' == 0`` (partial segments spanning ranks are not
+      supported yet), ``w' % L == 0`` and ``L % r == 0``; a local one ``L % w' == 0``.
     * ``ring_size=R > 1`` (single process): the full sequence viewed as ``R`` shards, spanning
-      patterns computed hop by hop exactly as the distributed ring (bounded memory).
+      patterns computed hop by hop exactly as the distributed ring (bounded memory); any ``n``
+      and ``R``: the sequence is padded to the smallest length ``R`` shards can run
+      (:func:`ring_torch._ring_plan.ring_padded_length`) and the result cut back.
     * otherwise: :func:`ring_torch.dilated_attention`.
 
     Checks in a process group (``check_consistency=True``, the default): every rank validates
     its own arguments (its sharding too: ``ValueError`` naming pattern, ``L`` and ``P``)
     *without raising yet*, then one small ``all_gather`` exchanges each rank's ok / error status
     and codes of its local shapes, dtype and every pattern, mix, causality, scale, backend,
-    ``comm``, ``ring_size`` and ``dropout_p`` argument. If any rank failed or any field differs,
+    ``comm``, ``ring_size`` and ``dropout_p`` argument, and whether ``seq_lengths`` is given. If any rank failed or any field differs,
     every rank raises: a ``ValueError`` (:class:`ring_torch._comm.RingCheckError`) naming each
     differing field with its per-rank values and each failing rank's error, or, when every rank
     failed alike, its own error. Only then is any block sent.
@@ -237,6 +243,12 @@ def ring_dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     the single-device layer for the same ``dropout_seed``); blocks then run the math path. In a
     process group every rank uses rank 0's seed (shared by the consistency ``all_gather``).
 
+    ``seq_lengths``: integer ``[batch]``, the *global* real length of each batch entry (the
+    same tensor on every rank of a process group), as in :func:`ring_torch.dilated_attention`:
+    positions ``>= seq_lengths[b]`` are never a key, their rows give ``out = 0``,
+    ``lse = -inf`` and zero gradients. Causal calls keep the fused kernels; non-causal ones hide
+    padded keys per block from the block's global positions (the math kernel).
+
     Returns ``out [batch, n_local, heads, head_dim]`` in the input dtype, and with
     ``return_lse`` also ``lse [batch, n_local, heads]`` (float64 for float64 inputs, else
     float32).
@@ -246,18 +258,19 @@ def ring_dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     world = _world_size(process_group)
     if world > 1 and check_consistency:
         prepared = _checked(process_group, query, key, value, config_args, backend, comm,
-                            ring_size, world, dropout_p, dropout_seed, timeout)
+                            ring_size, world, dropout_p, dropout_seed, timeout, seq_lengths)
     else:
         prepared = _prepare(query, key, value, config_args, backend, comm, ring_size, world,
-                            dropout_p, dropout_seed)
+                            dropout_p, dropout_seed, seq_lengths)
         if world > 1:
             prepared = replace(prepared, dropout=_shared_seed(process_group, prepared.dropout, timeout))
     if prepared.ranks == 1:
         return dilated_attention(query, key, value, segment_lengths=segment_lengths,
                                  dilation_rates=dilation_rates, mix=mix, is_causal=is_causal,
                                  softmax_scale=softmax_scale, return_lse=return_lse,
-                                 backend=backend, dropout_p=dropout_p, dropout_seed=dropout_seed)
-    config, rplan, dropout = prepared.config, prepared.rplan, prepared.dropout
+                                 backend=backend, dropout_p=dropout_p, dropout_seed=dropout_seed,
+                                 seq_lengths=seq_lengths)
+    config, rplan, dropout, padding = prepared.config, prepared.rplan, prepared.dropout, prepared.padding
     backend, compute, L, simulated = prepared.backend, prepared.compute, prepared.local_len, prepared.simulated
     d, dtype = query.shape[-1], query.dtype
     base = 0
@@ -266,12 +279,14 @@ def ring_dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
 
         base = dist.get_rank(process_group) * L
     scale = config.scale(d)
-    executor = make_executor(backend, query.device, compute, d, dropout)
+    executor = make_executor(backend, query.device, compute, d, dropout, padding.key_mask)
     make_comm = make_communicator(comm, process_group, prepared.ranks if simulated else None, L,
                                   stats)
-    q, k, v = (x.to(compute) for x in (query, key, value))
-    spec = MaskSpec(config.is_causal, dropout, base=base)
-    out, lse = _ring_forward(rplan, q, k, v, scale, executor, spec, make_comm)
+    q, k, v = pad_inputs(padding, [x.to(compute) for x in (query, key, value)], base)
+    spec = MaskSpec(config.is_causal, dropout, base=base, lengths=padding.lengths,
+                    key_mask=padding.key_mask)
+    out, lse = unpad_outputs(padding, *_ring_forward(rplan, q, k, v, scale, executor, spec, make_comm),
+                             base)
     out = out.to(dtype)
     if not return_lse:
         return out

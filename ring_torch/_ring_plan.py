@@ -2,21 +2,25 @@
 
 Rank ``i`` of ``P`` holds global positions ``[i*L, (i+1)*L)``. Per ring unit (one pattern over
 some query heads, each head at its offset; ``w`` the effective segment ``min(w_i, n)``):
-``w <= L`` (``L % w == 0``) runs locally on each shard; ``w > L`` (``w % L == 0``, ``L % r == 0``)
-spans ``g = w / L`` consecutive ranks (a sub-ring), whose selected rows of each *distinct*
-``(kv head, offset)`` pair travel ``g - 1`` hops. Pure Python, cached; the same units, pairs and
+``w <= L`` (``L % w == 0``) runs locally on each shard; ``w > L`` (``n % w == 0``, ``w % L == 0``,
+``L % r == 0``: no partial segment spans ranks) spans ``g = w / L`` consecutive ranks (a
+sub-ring), whose selected rows of each *distinct* ``(kv head, offset)`` pair travel ``g - 1``
+hops. :func:`ring_padded_length` is the smallest length a ring of ``R`` shards in one process
+can pad a sequence to. Pure Python, cached; the same units, pairs and
 hops as ``ring_jax``'s plan.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from dataclasses import dataclass
 
 from ring_torch._config import DilatedConfig
 from ring_torch._plan import PATTERN_CACHE, DilatedPlan, Unit, build_plan
 
-__all__ = ["RingUnit", "RingPlan", "check_sharding", "build_ring_plan"]
+__all__ = ["RingUnit", "RingPlan", "check_sharding", "sharding_error", "ring_padded_length",
+           "build_ring_plan"]
 
 
 @dataclass(frozen=True)
@@ -75,20 +79,46 @@ class RingPlan:
                    for ru in self.units if ru.group > 1)
 
 
-def check_sharding(config: DilatedConfig, local_len: int, world: int):
-    """``ValueError`` naming the pattern, ``L`` and ``P`` when the sharding cannot run the plan."""
+def sharding_error(config: DilatedConfig, local_len: int, world: int) -> str | None:
+    """Why ``world`` ranks of ``local_len`` rows cannot run the plan (naming the pattern, ``n``,
+    ``L`` and ``P``), or None."""
     L, P, n = local_len, world, local_len * world
     for i, (w, r) in enumerate(zip(config.segment_lengths, config.dilation_rates)):
         we = min(w, n)
         where = f"pattern {i} (w={w}, w'={we}, r={r}) with local length L={L} on P={P} ranks"
+        if we % r:
+            return f"{where}: w' is not a multiple of r"
         if we <= L:
             if L % we:
-                raise ValueError(f"{where}: L is not a multiple of w'")
+                return f"{where}: L is not a multiple of w'"
         else:
+            if n % we:
+                return (f"{where}: n={n} is not a multiple of w' (partial segments spanning ranks "
+                        f"are not supported yet)")
             if we % L:
-                raise ValueError(f"{where}: w' is not a multiple of L")
+                return f"{where}: w' is not a multiple of L"
             if L % r:
-                raise ValueError(f"{where}: L is not a multiple of r")
+                return f"{where}: L is not a multiple of r"
+    return None
+
+
+def check_sharding(config: DilatedConfig, local_len: int, world: int):
+    """``ValueError`` naming the pattern, ``n``, ``L`` and ``P`` when the sharding cannot run the
+    plan (:func:`sharding_error`)."""
+    error = sharding_error(config, local_len, world)
+    if error is not None:
+        raise ValueError(error)
+
+
+@functools.lru_cache(maxsize=256)
+def ring_padded_length(config: DilatedConfig, seq_len: int, ring_size: int) -> int:
+    """The smallest ``N >= seq_len`` that ``ring_size`` shards of ``N / ring_size`` rows can run
+    (:func:`sharding_error`), among the plan lengths (:meth:`DilatedConfig.padded_length`);
+    a multiple of ``ring_size * lcm(w)`` always can, so the search is short."""
+    N = config.padded_length(seq_len)
+    while N % ring_size or sharding_error(config, N // ring_size, ring_size) is not None:
+        N = config.padded_length(N + 1)
+    return N
 
 
 def _ring_unit(pattern, segment, rate, heads, offsets, group_size, local_len, local_units):
@@ -123,8 +153,8 @@ def _build_ring(plan: DilatedPlan, local_len: int, world: int) -> RingPlan:
 
 def build_ring_plan(config: DilatedConfig, local_len: int, world: int, num_heads: int,
                     num_kv_heads: int) -> RingPlan:
-    """The (cached) ring plan; checks the global sizes, then the sharding, before anything runs."""
-    plan = build_plan(config, local_len * world, num_heads, num_kv_heads)
+    """The (cached) ring plan; checks the sharding, then the head counts, before anything runs."""
     check_sharding(config, local_len, world)
+    plan = build_plan(config, local_len * world, num_heads, num_kv_heads)
     key = ("ring", plan, local_len, world)
     return PATTERN_CACHE.get_or_create(key, lambda: _build_ring(plan, local_len, world))

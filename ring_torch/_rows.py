@@ -1,16 +1,66 @@
 """Row bookkeeping shared by the single-device layer and the ring: the strided rows a unit
-selects (views, so writes land in place), the selected rows a ring unit sends, blank results and
-the log-sum-exp merges.
+selects (views, so writes land in place), the selected rows a ring unit sends, blank results,
+the log-sum-exp merges, and the padding of a call (:class:`Padding`).
 """
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
+
+from ring_torch._coords import mask_rows, real_rows
 from ring_torch._plan import Unit, index_tensor
 
 __all__ = ["gather_rows", "q_rows", "kv_rows", "blank", "lse_merge", "merge_rows", "to_ring",
-           "from_ring", "assemble_heads"]
+           "from_ring", "assemble_heads", "Padding", "make_padding", "pad_inputs",
+           "unpad_outputs"]
+
+
+@dataclass(frozen=True, eq=False)
+class Padding:
+    """How one call pads: the caller's ``seq_len`` (``n``), the plan length ``padded_len``
+    (``N >= n``, zeros appended), ``lengths`` (int64 ``[batch]`` real lengths, the given
+    ``seq_lengths`` or ``n``; None when nothing is padded), ``zero_rows`` (``seq_lengths`` were
+    given: padded input rows are zeroed and padded output rows masked, so whatever they hold
+    never matters and their gradients are exactly 0) and ``key_mask`` (non-causal with padding:
+    blocks hide padded keys, :class:`ring_torch._coords.MaskSpec`)."""
+
+    seq_len: int
+    padded_len: int
+    lengths: torch.Tensor | None = None
+    zero_rows: bool = False
+    key_mask: bool = False
+
+
+def make_padding(seq_lengths: torch.Tensor | None, batch: int, seq_len: int, padded_len: int,
+                 is_causal: bool, device) -> Padding:
+    """The :class:`Padding` of a call with checked ``seq_lengths`` (int64 ``[batch]`` or None)."""
+    if seq_lengths is None and padded_len == seq_len:
+        return Padding(seq_len, padded_len)
+    lengths = seq_lengths if seq_lengths is not None else torch.full(
+        (batch,), seq_len, dtype=torch.int64, device=device)
+    return Padding(seq_len, padded_len, lengths, seq_lengths is not None, not is_causal)
+
+
+def pad_inputs(padding: Padding, xs, base: int = 0):
+    """``xs`` (each ``[b, nl, X, d]``, global rows from ``base``) with padded rows zeroed
+    (``zero_rows``) and zeros appended up to ``padded_len - seq_len`` rows."""
+    if padding.zero_rows:
+        real = real_rows(padding.lengths, base, xs[0].shape[1])[:, :, None, None]
+        xs = [torch.where(real, x, torch.zeros((), dtype=x.dtype, device=x.device)) for x in xs]
+    extra = padding.padded_len - padding.seq_len
+    return [F.pad(x, (0, 0, 0, 0, 0, extra)) if extra else x for x in xs]
+
+
+def unpad_outputs(padding: Padding, out: torch.Tensor, lse: torch.Tensor, base: int = 0):
+    """``out [b, nl, h, d]``, ``lse [b, nl, h]`` with padded rows ``0`` / ``-inf``
+    (``zero_rows``), cut back to ``nl - (padded_len - seq_len)`` rows."""
+    if padding.zero_rows:
+        out, lse = mask_rows(out, lse, real_rows(padding.lengths, base, out.shape[1]))
+    keep = out.shape[1] - (padding.padded_len - padding.seq_len)
+    return out[:, :keep], lse[:, :keep]
 
 
 def gather_rows(x: torch.Tensor, unit: Unit) -> torch.Tensor:
