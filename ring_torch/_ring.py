@@ -282,7 +282,7 @@ def ring_dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     executor = make_executor(backend, query.device, compute, d, dropout, padding.key_mask)
     make_comm = make_communicator(comm, process_group, prepared.ranks if simulated else None, L,
                                   stats)
-    q, k, v = pad_inputs(padding, [x.to(compute) for x in (query, key, value)], base)
+    q, k, v = pad_inputs(padding, [x.to(compute) for x in (query, key, value)])
     spec = MaskSpec(config.is_causal, dropout, base=base, lengths=padding.lengths,
                     key_mask=padding.key_mask)
     out, lse = unpad_outputs(padding, *_ring_forward(rplan, q, k, v, scale, executor, spec, make_comm),

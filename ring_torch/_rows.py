@@ -22,15 +22,20 @@ __all__ = ["gather_rows", "q_rows", "kv_rows", "blank", "lse_merge", "merge_rows
 class Padding:
     """How one call pads: the caller's ``seq_len`` (``n``), the plan length ``padded_len``
     (``N >= n``, zeros appended), ``lengths`` (int64 ``[batch]`` real lengths, the given
-    ``seq_lengths`` or ``n``; None when nothing is padded), ``zero_rows`` (``seq_lengths`` were
-    given: padded input rows are zeroed and padded output rows masked, so whatever they hold
-    never matters and their gradients are exactly 0) and ``key_mask`` (non-causal with padding:
-    blocks hide padded keys, :class:`ring_torch._coords.MaskSpec`)."""
+    ``seq_lengths`` or ``n``; None when nothing is padded), ``mask_rows`` (``seq_lengths`` were
+    given: padded output rows become ``0`` / ``-inf`` by ``torch.where``, so their cotangents
+    are 0) and ``key_mask`` (non-causal with padding: blocks hide padded keys,
+    :class:`ring_torch._coords.MaskSpec`).
+
+    The inputs' padded rows are not copied or zeroed (that would cost a pass over q, k and v):
+    any finite values there give exactly the result of zeros, with exactly zero gradients (a
+    padded query row has zero cotangents, a padded key zero weight from every real query);
+    a NaN or an infinity there reaches real rows as ``0 * NaN``."""
 
     seq_len: int
     padded_len: int
     lengths: torch.Tensor | None = None
-    zero_rows: bool = False
+    mask_rows: bool = False
     key_mask: bool = False
 
 
@@ -44,20 +49,16 @@ def make_padding(seq_lengths: torch.Tensor | None, batch: int, seq_len: int, pad
     return Padding(seq_len, padded_len, lengths, seq_lengths is not None, not is_causal)
 
 
-def pad_inputs(padding: Padding, xs, base: int = 0):
-    """``xs`` (each ``[b, nl, X, d]``, global rows from ``base``) with padded rows zeroed
-    (``zero_rows``) and zeros appended up to ``padded_len - seq_len`` rows."""
-    if padding.zero_rows:
-        real = real_rows(padding.lengths, base, xs[0].shape[1])[:, :, None, None]
-        xs = [torch.where(real, x, torch.zeros((), dtype=x.dtype, device=x.device)) for x in xs]
+def pad_inputs(padding: Padding, xs):
+    """``xs`` (each ``[b, nl, X, d]``) with ``padded_len - seq_len`` zero rows appended."""
     extra = padding.padded_len - padding.seq_len
     return [F.pad(x, (0, 0, 0, 0, 0, extra)) if extra else x for x in xs]
 
 
 def unpad_outputs(padding: Padding, out: torch.Tensor, lse: torch.Tensor, base: int = 0):
-    """``out [b, nl, h, d]``, ``lse [b, nl, h]`` with padded rows ``0`` / ``-inf``
-    (``zero_rows``), cut back to ``nl - (padded_len - seq_len)`` rows."""
-    if padding.zero_rows:
+    """``out [b, nl, h, d]``, ``lse [b, nl, h]`` (global rows from ``base``) with padded rows
+    ``0`` / ``-inf`` (``mask_rows``), cut back to ``nl - (padded_len - seq_len)`` rows."""
+    if padding.mask_rows:
         out, lse = mask_rows(out, lse, real_rows(padding.lengths, base, out.shape[1]))
     keep = out.shape[1] - (padding.padded_len - padding.seq_len)
     return out[:, :keep], lse[:, :keep]
