@@ -19,8 +19,7 @@ import torch
 from ring_torch._config import DilatedConfig, check_seq_lengths
 from ring_torch._coords import MaskSpec, unit_coords
 from ring_torch._dropout import Dropout, make_dropout
-from ring_torch._kernels import (GradInputs, Kernel, check_backend, kernel_for, select_backend,
-                                xformers_available)
+from ring_torch._kernels import GradInputs, Kernel, check_backend, kernel_for, select_backend
 from ring_torch._plan import DilatedPlan, Unit, build_plan, index_tensor
 from ring_torch._rows import (blank, gather_rows, kv_rows, lse_merge, make_padding, merge_rows,
                               pad_inputs, q_rows, unpad_outputs)
@@ -185,14 +184,13 @@ def make_executor(backend: str, device: torch.device, compute: torch.dtype, head
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype):
-    """``(backend, compute_dtype)``: ``auto`` asks the device for its capability and xformers;
-    an explicit backend is checked and computes in the input dtype."""
+    """``(backend, compute_dtype)``: ``auto`` asks the device for its capability; an explicit
+    backend is checked and computes in the input dtype."""
     if backend != "auto":
         check_backend(backend, device.type, dtype)
         return backend, dtype
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    available = device.type == "cuda" and xformers_available()
-    return select_backend(device.type, dtype, capability, available)
+    return select_backend(device.type, dtype, capability)
 
 
 def dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,

@@ -69,14 +69,17 @@ def xformers_runs(fmha, device: torch.device) -> bool:
     return True
 
 
-def select_backend(device_type: str, dtype: torch.dtype, capability: tuple[int, int] | None = None,
-                   xformers_available: bool = False) -> tuple[str, torch.dtype]:
+def select_backend(device_type: str, dtype: torch.dtype,
+                   capability: tuple[int, int] | None = None) -> tuple[str, torch.dtype]:
     """``backend="auto"``: ``(backend, compute_dtype)`` for a device type, input dtype and, on
     CUDA, the compute capability.
 
     * float64 anywhere: ``math`` (the exactness path).
     * CPU: ``torch`` in the input dtype (the CPU flash kernel takes fp32, bf16 and fp16).
-    * CUDA sm80+: ``xformers`` when available, else ``torch``, in the input dtype.
+    * CUDA sm80+: ``torch`` in the input dtype, never ``xformers``: xformers 0.0.35 (built from
+      its sdist for torch 2.11, H200) measured no faster in the
+      forward (its fmha dispatches to the same aten flash kernel) and 1.6-2.7x slower forward+
+      backward (``benchmarks/results/h200_xformers_2026-11-30.json``); it runs only when asked for.
     * CUDA before sm80 (e.g. Pascal sm_61): ``torch`` (the memory-efficient kernel; flash needs
       sm80) computing in float32: fp16 for accuracy, bf16 because these cards have no bf16 math.
       bf16 inputs are accepted, not refused: storage and casts work on every card.
@@ -91,7 +94,7 @@ def select_backend(device_type: str, dtype: torch.dtype, capability: tuple[int, 
         if capability is None:
             raise ValueError("select_backend needs the CUDA compute capability")
         if tuple(capability) >= (8, 0):
-            return ("xformers" if xformers_available else "torch"), dtype
+            return "torch", dtype
         return "torch", torch.float32
     return "math", dtype
 
@@ -278,7 +281,10 @@ class XFormersKernel(MathKernel):
 
     @classmethod
     def supports(cls, dtype, device_type, head_dim, needs_dropout, needs_key_mask=False) -> bool:
-        return device_type == "cuda" and dtype in _FUSED_DTYPES and not (needs_dropout or needs_key_mask)
+        # xformers 0.0.35 has no 16-bit operator for head_dim % 8 != 0 (measured on an H200)
+        head_dim_ok = dtype == torch.float32 or head_dim % 8 == 0
+        return (device_type == "cuda" and dtype in _FUSED_DTYPES and head_dim_ok
+                and not (needs_dropout or needs_key_mask))
 
     def forward(self, q, k, v, scale, coords):
         group = q.shape[2] // k.shape[2]
