@@ -216,10 +216,10 @@ def test_other_errors():
         rnnx.DilatedAttention((8, 16), (1,))
     with pytest.raises(ValueError, match="mix='bad'"):
         rlinen.DilatedAttention((8,), (1,), mix="bad")
-    # The core's shape errors come through (n not a multiple of w).
+    # The core's argument errors come through (seq_lengths not of shape [batch]).
     m = rnnx.MultiHeadDilatedAttention(H, E, **PATTERN, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="multiple of w"):
-        m(jnp.zeros((1, 40, E)))
+    with pytest.raises(ValueError, match=r"seq_lengths must have shape \[batch\]=\(1,\), got \(2,\)"):
+        m(jnp.zeros((1, 40, E)), seq_lengths=jnp.zeros((2,), jnp.int32))
 
 
 def test_import_ring_jax_without_flax():

@@ -82,7 +82,7 @@ def test_chunked_jit_memory_is_flat_in_n():
 
 
 @pytest.mark.parametrize("chunk, message", [
-    (48, "seq_len=128 is not a multiple of chunk_size=48"),
+    (48, "chunk_size=48 is not a multiple of the segment length w=32 (seq_len=192)"),  # padded to 192
     (16, "chunk_size=16 is not a multiple of the segment length w=32"),
     (0, "chunk_size=0 must be a positive int"),
     (32.0, "chunk_size=32.0 must be a positive int"),

@@ -98,7 +98,6 @@ ERRORS = [
     (dict(segment_lengths=(0,), dilation_rates=(1,)), {}, r"segment length w=0 must be positive"),
     (dict(segment_lengths=(8,), dilation_rates=(-2,)), {}, r"dilation rate r=-2 must be positive"),
     (dict(segment_lengths=(12,), dilation_rates=(5,)), {}, "12 .* not a multiple of r=5"),
-    (dict(segment_lengths=(24,), dilation_rates=(1,)), {}, "seq_len=64 is not a multiple of w=24"),
     (dict(segment_lengths=(8, 16, 32, 64, 8, 8, 8), dilation_rates=(1,) * 7), {}, "num_heads=6 < num_patterns=7"),
     (dict(LONGNET, mix="both"), {}, "mix='both'"),
     (LONGNET, dict(h_kv=4), "num_heads=6 is not a multiple of num_kv_heads=4"),

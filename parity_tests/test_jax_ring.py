@@ -122,19 +122,28 @@ def test_user_shard_map_with_vma_checks_and_explicit_mesh():
 
 def test_invalid_shardings_name_pattern_L_and_P():
     q = jnp.zeros((1, 96, 2, 8))
-    with pytest.raises(ValueError, match=r"pattern 0 \(w=24, r=1\) with local length L=16 on P=6 devices: "
+    with pytest.raises(ValueError, match=r"pattern 0 \(w=24, r=1\) with n=96, local length L=16 on P=6 devices: "
                                          r"w is not a multiple of L"):
         ring_jax.get_ring_plan(ring_jax.DilatedConfig((24,), (1,)), 16, 6, 2, 2)
-    with pytest.raises(ValueError, match=r"pattern 1 \(w=64, r=8\) with local length L=4 on P=16 devices: "
+    with pytest.raises(ValueError, match=r"pattern 1 \(w=64, r=8\) with n=64, local length L=4 on P=16 devices: "
                                          r"L is not a multiple of r"):
         ring_jax.get_ring_plan(ring_jax.DilatedConfig((4, 64), (1, 8)), 4, 16, 2, 2)
-    with pytest.raises(ValueError, match=r"pattern 0 \(w=8, r=1\) with local length L=12 on P=8 devices: "
+    with pytest.raises(ValueError, match=r"pattern 0 \(w=8, r=1\) with n=96, local length L=12 on P=8 devices: "
                                          r"L is not a multiple of w"):
         ring_jax.get_ring_plan(ring_jax.DilatedConfig((8,), (1,)), 12, 8, 2, 2)
-    with pytest.raises(ValueError, match=r"seq_len=96 is not a multiple of ring_size=5"):
-        ring_jax.dilated_attention(q, q, q, segment_lengths=(96,), dilation_rates=(1,), ring_size=5)
-    with pytest.raises(ValueError, match=r"pattern 0 \(w=32, r=1\) with local length L=12 on P=8 devices"):
-        ring_jax.dilated_attention(q, q, q, segment_lengths=(32,), dilation_rates=(1,), ring_size=8)
+    with pytest.raises(ValueError, match=r"pattern 0 \(w=32, r=1\) with n=96, local length L=12 on P=8 devices: "
+                                         r"w is not a multiple of L"):
+        ring_jax.get_ring_plan(ring_jax.DilatedConfig((32,), (1,)), 12, 8, 2, 2)
+    with pytest.raises(ValueError, match=r"pattern 0 \(w=32, r=1\) with n=48, local length L=16 on P=3 devices: "
+                                         r"n is not a multiple of w, so the last segment is partial and spans "
+                                         r"devices \(partial segments spanning devices are not supported yet\)"):
+        ring_jax.get_ring_plan(ring_jax.DilatedConfig((32,), (1,)), 16, 3, 2, 2)
+    # A simulated ring pads the sequence to a length the ring can cut (here 480 and 128).
+    for w, ring_size in ((96, 5), (32, 8)):
+        kw = dict(segment_lengths=(w,), dilation_rates=(1,))
+        q = jax.random.normal(jax.random.PRNGKey(0), (1, 96, 2, 8), jnp.float64)
+        assert max_abs_err(ring_jax.dilated_attention(q, q, q, ring_size=ring_size, **kw),
+                           ring_jax.dilated_attention(q, q, q, **kw)) < 1e-12
 
 
 def test_ring_plan_is_built_once_per_shape():

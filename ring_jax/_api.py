@@ -11,12 +11,12 @@ import numpy as np
 from jax import lax
 
 from ring_jax._chunked import chunked_attention
-from ring_jax._config import DilatedConfig, check_inputs, check_ring_size
-from ring_jax._coords import Origin, make_origin
+from ring_jax._config import DilatedConfig, check_inputs, check_ring_size, check_seq_lengths
+from ring_jax._coords import Origin, make_origin, real_rows
 from ring_jax._dilated import kept_rows_attention, keeps_rows, saved_attention
 from ring_jax._dropout import as_seed, check_dropout
 from ring_jax._kernels import BlockSpec, make_spec
-from ring_jax._plan import Plan, get_plan
+from ring_jax._plan import Plan, get_plan, padded_length
 from ring_jax._ring import attend_sharded_unit, attend_simulated_unit
 from ring_jax._ring_plan import get_ring_plan
 from ring_jax._rows import run_layers
@@ -65,33 +65,74 @@ def _jitted(fn, static_argnums: tuple[int, ...]):
     return jax.jit(fn, static_argnums=static_argnums)
 
 
-def _spec(config: DilatedConfig, query, rate: float) -> BlockSpec:
-    return make_spec(query.dtype, query.shape[-1], config.scale(query.shape[-1]), config.is_causal, rate)
+def _spec(config: DilatedConfig, query, rate: float, padded: bool = False) -> BlockSpec:
+    """The call's block spec; ``padded``: some keys are padding, masked unless the call is causal
+    (padding then lies after every real query)."""
+    return make_spec(query.dtype, query.shape[-1], config.scale(query.shape[-1]), config.is_causal, rate,
+                     padded and not config.is_causal)
+
+
+def _lengths(seq_lengths, batch: int, seq_len: int, padded: bool):
+    """int32 ``[batch]`` lengths clipped to ``[0, seq_len]``; ``seq_len`` for every entry when only
+    the padding to a longer layout needs them; None when every position is real."""
+    if seq_lengths is None:
+        return jnp.full((batch,), seq_len, jnp.int32) if padded else None
+    return jnp.clip(jnp.asarray(seq_lengths), 0, seq_len).astype(jnp.int32)
+
+
+def pad_to(x, length: int):
+    """``[b, n, ...]`` zero-padded along the sequence to ``length`` tokens."""
+    n = x.shape[1]
+    return x if n == length else jnp.pad(x, [(0, 0), (0, length - n)] + [(0, 0)] * (x.ndim - 2))
+
+
+def finish(result, with_lse: bool, origin: Origin, seq_len: int):
+    """``out`` (and ``lse``) with padded rows set to 0 (``-inf``), cut to ``seq_len`` tokens. The
+    ``where`` also zeroes those rows' cotangents, so padded q, k, v get no gradient."""
+    out, lse = result if with_lse else (result, None)
+    real = real_rows(origin, out.shape[0], out.shape[1])  # [b, N] or None
+    if real is not None:
+        out = jnp.where(real[..., None, None], out, jnp.zeros((), out.dtype))
+        lse = None if lse is None else jnp.where(real[..., None], lse, -jnp.inf)
+    if out.shape[1] != seq_len:
+        out, lse = out[:, :seq_len], None if lse is None else lse[:, :seq_len]
+    return (out, lse) if with_lse else out
+
+
+def one_device_attention(mode, plan: Plan, spec: BlockSpec, with_lse: bool, padded_len: int, query, key, value,
+                         origin: Origin):
+    """One device: the inputs padded to ``padded_len`` tokens, ``mode`` (the ``custom_vjp`` of
+    :func:`one_device_mode`), padded rows zeroed and the result cut back to the input length."""
+    q, k, v = (pad_to(x, padded_len) for x in (query, key, value))
+    result = mode(plan, spec, with_lse, q, k, v, origin)
+    return finish(result, with_lse, origin, query.shape[1])
 
 
 def simulated_ring_attention(query, key, value, config: DilatedConfig, ring_size: int, spec: BlockSpec,
-                             origin: Origin):
-    """The ring on one device: ``(out, lse)`` with the sequence cut into ``ring_size`` blocks that
-    play the devices, K/V blocks moving by the same hops (``roll`` for ``ppermute``) with the same
-    merges; peak memory falls with ``ring_size``, since one hop's blocks are live at a time."""
+                             origin: Origin, padded_len: int | None = None):
+    """The ring on one device: ``(out, lse)`` with the sequence (padded to ``padded_len`` tokens, a
+    multiple of ``ring_size``) cut into ``ring_size`` blocks that play the devices, K/V blocks moving
+    by the same hops (``roll`` for ``ppermute``) with the same merges; peak memory falls with
+    ``ring_size``, since one hop's blocks are live at a time."""
     _, n, h, h_kv, _ = check_inputs(query, key, value)
-    if n % ring_size:
-        raise ValueError(f"seq_len={n} is not a multiple of {ring_size=}")
-    plan = get_ring_plan(config, n // ring_size, ring_size, h, h_kv)
+    N = n if padded_len is None else padded_len
+    plan = get_ring_plan(config, N // ring_size, ring_size, h, h_kv)
     attend = functools.partial(attend_simulated_unit, spec=spec, origin=origin)
-    return run_layers(query, key, value, plan.layers, attend)
+    result = run_layers(*(pad_to(x, N) for x in (query, key, value)), plan.layers, attend)
+    return finish(result, True, origin, n)
 
 
 def dilated_attention(query, key, value, *, segment_lengths, dilation_rates, mix="head_groups",
                       is_causal=False, softmax_scale=None, return_lse=False, ring_size=None,
-                      dropout_rate=0.0, dropout_seed=None, chunk_size=None):
+                      dropout_rate=0.0, dropout_seed=None, chunk_size=None, seq_lengths=None):
     """Dilated attention (LongNet) on one device.
 
     Args:
-      query: ``[batch, seq, heads, head_dim]``.
+      query: ``[batch, seq, heads, head_dim]``; any ``seq >= 1`` (segments ``[s*w, (s+1)*w)`` cut at
+        ``seq``: computed on the inputs zero-padded to a length every pattern tiles, padding masked).
       key, value: ``[batch, seq, kv_heads, head_dim]``, ``heads % kv_heads == 0`` (GQA).
       segment_lengths, dilation_rates: the patterns ``(w_1..w_K)``, ``(r_1..r_K)``: static Python
-        ints (part of the compiled program, never traced).
+        ints (part of the compiled program, never traced), each ``w`` a multiple of its ``r``.
       mix: ``"head_groups"`` (head group i uses pattern i) or ``"longnet"`` (every head uses
         every pattern, merged by LSE: LongNet Eq. 10).
       is_causal: keys after the query position are excluded.
@@ -105,47 +146,59 @@ def dilated_attention(query, key, value, *, segment_lengths, dilation_rates, mix
         any ring and in ``ring_torch`` for the same seed. ``dropout_seed``: an int or a uint32
         scalar (e.g. ``jax.random.bits(key, dtype=jnp.uint32)``). The LSE is not affected.
       chunk_size: if set, compute the sequence ``chunk_size`` tokens at a time in a loop, forward
-        and backward (a multiple of every segment length, so chunks are independent). Only q, k, v
-        are kept for the backward, which recomputes each chunk's forward: peak memory is q, k, v,
-        their gradients and ``out``'s cotangent plus one chunk's temporaries, for one extra
-        forward pass. Not with ``ring_size``.
+        and backward (a multiple of every segment length, so chunks are independent; the sequence
+        is padded to a multiple of it). Only q, k, v are kept for the backward, which recomputes
+        each chunk's forward: peak memory is q, k, v, their gradients and ``out``'s cotangent plus
+        one chunk's temporaries, for one extra forward pass. Not with ``ring_size``.
+      seq_lengths: optional integer ``[batch]`` (may be traced: one compiled program for all
+        values): positions ``p >= seq_lengths[b]`` are padding, never a key; their output rows are
+        0 (LSE ``-inf``) and their q, k, v get zero gradients. Values are clipped to ``[0, seq]``.
 
     Returns:
       ``out [batch, seq, heads, head_dim]`` in the input dtype (rows with no key are 0), or
       ``(out, lse)``.
     """
     config = DilatedConfig(segment_lengths, dilation_rates, mix, is_causal, softmax_scale)
-    _, n, h, h_kv, _ = check_inputs(query, key, value)
+    b, n, h, h_kv, _ = check_inputs(query, key, value)
+    seq_lengths = check_seq_lengths(seq_lengths, b)
     rate = check_dropout(dropout_rate, dropout_seed)
-    origin = make_origin(dropout_seed if rate else None)
-    spec = _spec(config, query, rate)
     ring_size = check_ring_size(ring_size)
-    if ring_size is not None and ring_size > 1:
-        if chunk_size is not None:
-            raise ValueError(f"{chunk_size=} and {ring_size=}: pick one way of cutting the sequence")
-        run = _compiled(simulated_ring_attention, (3, 4, 5), query, key, value, origin)
-        out, lse = run(query, key, value, config, ring_size, spec, origin)
-        return (out, lse) if return_lse else out
+    ring = ring_size is not None and ring_size > 1
+    if ring and chunk_size is not None:
+        raise ValueError(f"{chunk_size=} and {ring_size=}: pick one way of cutting the sequence")
+    check_chunk_type(chunk_size)
     config.validate_shapes(n, h, h_kv)  # errors name the whole sequence, not a chunk
-    plan = get_plan(config, check_chunk_size(chunk_size, n, config), h, h_kv)  # the plan of one chunk
-    run = _compiled(one_device_mode(plan, n), (0, 1, 2), query, key, value, origin)
-    return run(plan, spec, bool(return_lse), query, key, value, origin)
+    N = padded_length(config, n, chunk_size or 1, ring_size if ring else 1)
+    padded = seq_lengths is not None or N > n
+    origin = make_origin(dropout_seed if rate else None, lengths=_lengths(seq_lengths, b, n, padded))
+    spec = _spec(config, query, rate, padded)
+    if ring:
+        run = _compiled(simulated_ring_attention, (3, 4, 5, 7), query, key, value, origin)
+        out, lse = run(query, key, value, config, ring_size, spec, origin, N)
+        return (out, lse) if return_lse else out
+    plan = get_plan(config, check_chunk_size(chunk_size, N, config), h, h_kv)  # the plan of one chunk
+    run = _compiled(one_device_attention, (0, 1, 2, 3, 4), query, key, value, origin)
+    return run(one_device_mode(plan, N), plan, spec, bool(return_lse), N, query, key, value, origin)
 
 
 def ring_dilated_attention(query, key, value, *, axis_name, segment_lengths, dilation_rates,
                            mix="head_groups", is_causal=False, softmax_scale=None, return_lse=False,
-                           dropout_rate=0.0, dropout_seed=None, batch_axis=None):
+                           dropout_rate=0.0, dropout_seed=None, batch_axis=None, seq_lengths=None):
     """Dilated attention over a sequence sharded along ``axis_name``; call inside ``shard_map``.
 
     Args:
       query: the local shard ``[batch, L, heads, head_dim]``; device ``i`` of the axis holds global
-        positions ``[i*L, (i+1)*L)``.
+        positions ``[i*L, (i+1)*L)``. A pattern whose segments span devices needs ``n = P*L`` to be a
+        multiple of its ``w`` (or ``w >= n``): partial segments spanning devices are not supported.
       key, value: local shards ``[batch, L, kv_heads, head_dim]``.
       axis_name: the mesh axis the sequence is sharded over.
       segment_lengths, dilation_rates, mix, is_causal, softmax_scale, return_lse, dropout_rate,
         dropout_seed: as in :func:`dilated_attention`.
       batch_axis: if the batch is sharded too, its mesh axis (the dropout mask then uses global
         batch indices).
+      seq_lengths: optional integer ``[global batch]``, the same array on every device (as in
+        :func:`dilated_attention`, clipped to ``[0, n]``); with ``batch_axis`` each device reads
+        the entries of its batch shard.
 
     Returns:
       The local shard of ``dilated_attention`` on the global sequence, ``[batch, L, heads,
@@ -154,14 +207,16 @@ def ring_dilated_attention(query, key, value, *, axis_name, segment_lengths, dil
     config = DilatedConfig(segment_lengths, dilation_rates, mix, is_causal, softmax_scale)
     b, L, h, h_kv, _ = check_inputs(query, key, value)
     P = lax.axis_size(axis_name)
+    global_batch = b * (1 if batch_axis is None else lax.axis_size(batch_axis))
+    seq_lengths = check_seq_lengths(seq_lengths, global_batch)
     plan = get_ring_plan(config, L, P, h, h_kv)
     rate = check_dropout(dropout_rate, dropout_seed)
     origin = make_origin(dropout_seed if rate else None, 0 if batch_axis is None else lax.axis_index(batch_axis) * b,
-                         lax.axis_index(axis_name) * L)
+                         lax.axis_index(axis_name) * L, _lengths(seq_lengths, global_batch, L * P, False))
     attend = functools.partial(attend_sharded_unit, axis_name=axis_name, num_devices=P,
-                               spec=_spec(config, query, rate), origin=origin)
-    out, lse = run_layers(query, key, value, plan.layers, attend)
-    return (out, lse) if return_lse else out
+                               spec=_spec(config, query, rate, seq_lengths is not None), origin=origin)
+    result = finish(run_layers(query, key, value, plan.layers, attend), True, origin, L)
+    return result if return_lse else result[0]
 
 
 def check_mesh_axes(query, key, value, mesh, seq_axis, batch_axis) -> None:
@@ -182,7 +237,7 @@ def check_mesh_axes(query, key, value, mesh, seq_axis, batch_axis) -> None:
 
 
 def sharded_dilated_attention(query, key, value, *, mesh, seq_axis="sp", batch_axis=None, return_lse=False,
-                              dropout_seed=None, **kwargs):
+                              dropout_seed=None, seq_lengths=None, **kwargs):
     """Global arrays in, global arrays out: :func:`ring_dilated_attention` under ``jax.shard_map``.
 
     Args:
@@ -192,13 +247,15 @@ def sharded_dilated_attention(query, key, value, *, mesh, seq_axis="sp", batch_a
       seq_axis: the mesh axis the sequence is sharded over (``seq % mesh.shape[seq_axis] == 0``).
       batch_axis: optional mesh axis that shards the batch (data parallelism). Heads stay whole on
         each device (a head's pattern depends on its index).
-      return_lse, dropout_seed, **kwargs: as in :func:`dilated_attention` (patterns, mix, causal,
-        scale, dropout rate).
+      return_lse, dropout_seed, seq_lengths, **kwargs: as in :func:`dilated_attention` (patterns,
+        mix, causal, scale, dropout rate); ``seq_lengths [batch]`` is replicated on every device.
 
     Returns:
       ``out [batch, seq, heads, head_dim]`` (and ``lse [batch, seq, heads]``), sharded like the inputs.
     """
     check_mesh_axes(query, key, value, mesh, seq_axis, batch_axis)
+    seq_lengths = check_seq_lengths(seq_lengths, query.shape[0])
+    lengths = jnp.zeros((query.shape[0],), jnp.int32) if seq_lengths is None else jnp.asarray(seq_lengths)
     P = jax.sharding.PartitionSpec
     spec, lse_spec = P(batch_axis, seq_axis, None, None), P(batch_axis, seq_axis, None)
     if jax.sharding.AxisType.Explicit in tuple(mesh.axis_types):  # explicit meshes do not reshard implicitly
@@ -206,21 +263,22 @@ def sharded_dilated_attention(query, key, value, *, mesh, seq_axis="sp", batch_a
         query, key, value = (jax.sharding.reshard(x, sharding) for x in (query, key, value))
     seed = jnp.uint32(0) if dropout_seed is None else as_seed(dropout_seed)  # an explicit, replicated input
     static = tuple(sorted((name, tuple(x) if isinstance(x, list) else x) for name, x in kwargs.items()))
-    program = _sharded_program(mesh, seq_axis, batch_axis, dropout_seed is not None, static)
-    out, lse = _compiled(program, (), query, key, value, seed)(query, key, value, seed)
+    program = _sharded_program(mesh, seq_axis, batch_axis, dropout_seed is not None, seq_lengths is not None, static)
+    out, lse = _compiled(program, (), query, key, value, seed, lengths)(query, key, value, seed, lengths)
     return (out, lse) if return_lse else out
 
 
 @functools.cache
-def _sharded_program(mesh, seq_axis, batch_axis, with_seed: bool, static: tuple):
+def _sharded_program(mesh, seq_axis, batch_axis, with_seed: bool, with_lengths: bool, static: tuple):
     """The ``shard_map`` of :func:`ring_dilated_attention` for one mesh and configuration (one
     function object per configuration, so an eager call's ``jit`` is compiled once)."""
     P = jax.sharding.PartitionSpec
     spec, lse_spec = P(batch_axis, seq_axis, None, None), P(batch_axis, seq_axis, None)
 
-    def f(q, k, v, seed):
+    def f(q, k, v, seed, lengths):
         return ring_dilated_attention(q, k, v, axis_name=seq_axis, batch_axis=batch_axis, return_lse=True,
-                                      dropout_seed=seed if with_seed else None, **dict(static))
+                                      dropout_seed=seed if with_seed else None,
+                                      seq_lengths=lengths if with_lengths else None, **dict(static))
 
-    return jax.shard_map(f, mesh=mesh, in_specs=(spec, spec, spec, P()), out_specs=(spec, lse_spec),
+    return jax.shard_map(f, mesh=mesh, in_specs=(spec, spec, spec, P(), P()), out_specs=(spec, lse_spec),
                          check_vma=False)

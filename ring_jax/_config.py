@@ -107,6 +107,10 @@ def _check_patterns(segment_lengths, dilation_rates) -> tuple[tuple[int, ...], t
     for ri in r:
         if ri <= 0:
             raise ValueError(f"dilation rate r={ri} must be positive (dilation_rates={r})")
+    for wi, ri in zip(w, r):
+        if wi % ri:
+            raise ValueError(f"w={wi} is not a multiple of r={ri}: every segment length must be a multiple of "
+                             f"its dilation rate (segment_lengths={w}, dilation_rates={r})")
     return w, r
 
 
@@ -147,14 +151,9 @@ class DilatedConfig:
         return head_dim ** -0.5 if self.softmax_scale is None else self.softmax_scale
 
     def validate_shapes(self, seq_len: int, num_heads: int, num_kv_heads: int) -> None:
-        """Errors that depend on n and head counts, named by value."""
+        """Errors that depend on the head counts, named by value (any ``seq_len >= 1`` is valid:
+        segments are ``[s*w, (s+1)*w)`` cut at ``seq_len``)."""
         _check_heads(self.mix, self.num_patterns, num_heads, num_kv_heads)
-        for w, r in zip(self.segment_lengths, self.dilation_rates):
-            we = min(w, seq_len)
-            if we % r:
-                raise ValueError(f"effective segment length {we} (w={w}, {seq_len=}) is not a multiple of r={r}")
-            if seq_len % we:
-                raise ValueError(f"{seq_len=} is not a multiple of w={we}")
 
 
 def check_inputs(query, key, value) -> tuple[int, int, int, int, int]:
@@ -181,3 +180,19 @@ def check_inputs(query, key, value) -> tuple[int, int, int, int, int]:
         raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} differ in batch, seq or head_dim")
     check_sizes_positive(n, h, h_kv, d)
     return b, n, h, h_kv, d
+
+
+def check_seq_lengths(seq_lengths, batch: int):
+    """``seq_lengths`` (None, or an integer array-like of shape ``[batch]``) as an array (or None);
+    ``TypeError`` for a non-integer dtype, ``ValueError`` for another shape. Values are not read
+    (they may be traced)."""
+    if seq_lengths is None:
+        return None
+    if not (hasattr(seq_lengths, "dtype") and hasattr(seq_lengths, "shape")):
+        seq_lengths = np.asarray(seq_lengths)
+    dtype = np.dtype(seq_lengths.dtype)
+    if not np.issubdtype(dtype, np.integer):
+        raise TypeError(f"seq_lengths has dtype {dtype.name}; expected an integer array of shape [batch]")
+    if tuple(seq_lengths.shape) != (batch,):
+        raise ValueError(f"seq_lengths must have shape [batch]=({batch},), got {tuple(seq_lengths.shape)}")
+    return seq_lengths

@@ -3,11 +3,13 @@
 A kernel sees one block: query rows ``q [B, m, H, d]`` and key rows ``k, v [B, m_k, H, d]``, the
 segments of a unit folded into ``B``. :class:`Coords` carries the block's global coordinates (batch
 index, query head, query and key positions) and :class:`Mods` the static modifiers that apply
-(causal, dropout). :func:`score_mask` and :func:`dropout_keep` derive every mask from those two, so
-a new modifier (padding lengths, document ids) is a field here and a line in one of them.
+(causal, dropout, padded keys). :func:`score_mask` and :func:`dropout_keep` derive every mask from
+those two, so a new modifier (document ids) is a field here and a line in one of them.
 
-:class:`Origin` is what a whole call knows about its place: the dropout seed and the global batch
-index and sequence position of its local entry 0 (non-zero on a shard, or a chunk).
+:class:`Origin` is what a whole call knows about its place: the dropout seed, the global batch
+index and sequence position of its local entry 0 (non-zero on a shard, or a chunk) and the
+per-example lengths (positions at or past a length are padding: never a key, and their query rows
+are zeroed by :func:`real_rows`).
 """
 
 from __future__ import annotations
@@ -27,15 +29,25 @@ class Origin(NamedTuple):
     seed: jax.Array  # uint32 []: the dropout seed (0 without dropout)
     batch_base: jax.Array  # int32 []: global batch index of local batch entry 0
     pos_base: jax.Array  # int32 []: global position of local position 0
+    lengths: jax.Array | None = None  # int32 [global batch]: real positions of each entry (None: all)
 
     def at(self, start) -> Origin:
         """The origin of the stretch that starts ``start`` positions further on."""
         return self._replace(pos_base=self.pos_base + start)
 
 
-def make_origin(seed=None, batch_base=0, pos_base=0) -> Origin:
+def make_origin(seed=None, batch_base=0, pos_base=0, lengths=None) -> Origin:
     return Origin(as_seed(0 if seed is None else seed), jnp.asarray(batch_base, jnp.int32),
-                  jnp.asarray(pos_base, jnp.int32))
+                  jnp.asarray(pos_base, jnp.int32), None if lengths is None else jnp.asarray(lengths, jnp.int32))
+
+
+def real_rows(origin: Origin, batch: int, rows: int):
+    """Boolean ``[batch, rows]``: local rows ``[0, rows)`` of local batch entries ``[0, batch)`` that
+    lie before their entry's length (None when the call has no lengths: every row is real)."""
+    if origin.lengths is None:
+        return None
+    lengths = origin.lengths[origin.batch_base + jnp.arange(batch)]  # [batch]
+    return origin.pos_base + jnp.arange(rows)[None, :] < lengths[:, None]
 
 
 class Coords(NamedTuple):
@@ -46,6 +58,7 @@ class Coords(NamedTuple):
     heads: jax.Array  # [H] global query heads
     qpos: jax.Array  # [B, H, m] global query positions
     kpos: jax.Array  # [B, H, m_k] global key positions
+    klen: jax.Array | None = None  # [B] length of each block's batch entry: keys at kpos >= klen are padding
 
     def keys_shifted(self, shift) -> Coords:
         """The same query rows facing the key block ``shift`` positions away (ring hops)."""
@@ -60,11 +73,13 @@ class Mods:
     keys are its own query rows (a segment on one device, or the own block of a ring), where the
     mask is the lower triangle that fused kernels know; blocks wholly in a query's past run with
     ``causal=False``, wholly future ones are not computed. ``dropout_rate`` with the ``pattern``
-    index of the shared hash."""
+    index of the shared hash. ``key_mask``: keys at or past their entry's length (``Coords.klen``)
+    are masked; a causal call never needs it (padding comes after every real query)."""
 
     causal: bool = False
     dropout_rate: float = 0.0
     pattern: int = 0
+    key_mask: bool = False
 
     @property
     def dropout(self) -> bool:
@@ -76,7 +91,9 @@ def unit_coords(origin: Origin, batch: int, segments: int, w: int, r: int, heads
     blocks = jnp.arange(batch * segments)
     qpos = (origin.pos_base + (blocks % segments)[:, None, None] * w
             + jnp.arange(w // r)[None, None, :] * r + jnp.asarray(offsets)[None, :, None])  # [B, H, m]
-    return Coords(origin.seed, origin.batch_base + blocks // segments, jnp.asarray(heads), qpos, qpos)
+    batch_index = origin.batch_base + blocks // segments
+    klen = None if origin.lengths is None else origin.lengths[batch_index]
+    return Coords(origin.seed, batch_index, jnp.asarray(heads), qpos, qpos, klen)
 
 
 def aligned_coords(batch: int, rows: int, heads: int, seed=None) -> Coords:
@@ -86,10 +103,15 @@ def aligned_coords(batch: int, rows: int, heads: int, seed=None) -> Coords:
 
 
 def score_mask(coords: Coords, mods: Mods):
-    """Boolean ``[B, H, m, m_k]``, True where a score takes part, or None when every one does."""
-    if not mods.causal:
-        return None
-    return coords.qpos[..., :, None] >= coords.kpos[..., None, :]
+    """Boolean ``[B, H, m, m_k]`` (or broadcastable to it), True where a score takes part, or None
+    when every one does."""
+    mask = None
+    if mods.causal:
+        mask = coords.qpos[..., :, None] >= coords.kpos[..., None, :]
+    if mods.key_mask:
+        keys = (coords.kpos < coords.klen[:, None, None])[..., None, :]  # [B, H, 1, m_k]
+        mask = keys if mask is None else mask & keys
+    return mask
 
 
 def dropout_keep(coords: Coords, mods: Mods):

@@ -75,8 +75,9 @@ class XlaKernel:
 
     def forward(self, q, k, v, scale, mods, coords):
         s = self._scores(q, k, scale, mods, coords)
-        lse = jax.nn.logsumexp(s, axis=-1)  # [B, H, m]; finite: every row sees at least its diagonal
-        p = _dropped(jnp.exp(s - lse[..., None]), dropout_keep(coords, mods), mods.dropout_rate)
+        lse = jax.nn.logsumexp(s, axis=-1)  # [B, H, m]; -inf on a row whose keys are all padding
+        p = jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, jnp.inf)[..., None])  # 0 on such rows
+        p = _dropped(p, dropout_keep(coords, mods), mods.dropout_rate)
         out = jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(p.dtype))
         return out.astype(q.dtype), jnp.swapaxes(lse, 1, 2)  # [B, m, H, d], [B, m, H]
 
@@ -100,12 +101,13 @@ class XlaKernel:
 
 @dataclasses.dataclass(frozen=True)
 class CudnnKernel:
-    """cuDNN flash attention (``_cudnn``): CUDA, bf16/fp16, ``head_dim % 8 == 0``, no dropout."""
+    """cuDNN flash attention (``_cudnn``): CUDA, bf16/fp16, ``head_dim % 8 == 0``, no dropout, no
+    key mask (padding in a non-causal call)."""
 
     name: str = "cudnn"
 
     def supports(self, dtype, head_dim: int, mods: Mods) -> bool:
-        return not mods.dropout and _cudnn.usable(dtype, head_dim)
+        return not mods.dropout and not mods.key_mask and _cudnn.usable(dtype, head_dim)
 
     def forward(self, q, k, v, scale, mods, coords):
         return _cudnn.forward(q, k, v, mods.causal, scale)
@@ -130,10 +132,10 @@ def get_block_kernel() -> str:
     return _preference
 
 
-def select_kernel(dtype, head_dim: int, dropout: bool) -> Kernel:
+def select_kernel(dtype, head_dim: int, dropout: bool, key_mask: bool = False) -> Kernel:
     """The kernel every block of one call runs, from the ``set_block_kernel`` preference: ``auto``
     takes cuDNN where it supports the call, else XLA; an explicit ``cudnn`` that cannot run raises."""
-    mods = Mods(dropout_rate=0.5 if dropout else 0.0)
+    mods = Mods(dropout_rate=0.5 if dropout else 0.0, key_mask=key_mask)
     if _preference == "xla":
         return _REGISTRY["xla"]
     cudnn = _REGISTRY["cudnn"]
@@ -142,23 +144,26 @@ def select_kernel(dtype, head_dim: int, dropout: bool) -> Kernel:
     if _preference == "cudnn":
         raise ValueError(f"block kernel 'cudnn' cannot run here: needs a CUDA backend (have "
                          f"{jax.default_backend()!r}), bf16/f16 inputs (have {jnp.dtype(dtype)}), head_dim % 8 == 0 "
-                         f"and <= 120 (have {head_dim}), no dropout, and JAX in {_cudnn.TESTED_JAX}")
+                         f"and <= 120 (have {head_dim}), no dropout, no padded keys in a non-causal call (have "
+                         f"{key_mask=}), and JAX in {_cudnn.TESTED_JAX}")
     return _REGISTRY["xla"]
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSpec:
     """How every block of one call is computed, decided once per call (hashable, static): the
-    kernel, the softmax scale, and the call's modifiers (a unit adds its pattern index)."""
+    kernel, the softmax scale, and the call's modifiers (a unit adds its pattern index);
+    ``key_mask``: some keys are padding (``Coords.klen``) and must be masked."""
 
     kernel: Kernel
     scale: float
     causal: bool = False
     dropout_rate: float = 0.0
+    key_mask: bool = False
 
     def mods(self, pattern: int, causal: bool | None = None) -> Mods:
         """The modifiers of a block of ``pattern``; ``causal=False`` for a block wholly in the past."""
-        return Mods(self.causal if causal is None else causal, self.dropout_rate, pattern)
+        return Mods(self.causal if causal is None else causal, self.dropout_rate, pattern, self.key_mask)
 
     def forward(self, q, k, v, mods: Mods, coords: Coords):
         """``(out [B, m, H, d], lse [B, m, H])``, without a custom VJP (callers own the backward)."""
@@ -170,9 +175,10 @@ class BlockSpec:
         return self.kernel.backward(q, k, v, out, lse, dout, dlse, self.scale, mods, coords)
 
 
-def make_spec(dtype, head_dim: int, scale: float, causal: bool, dropout_rate: float) -> BlockSpec:
-    return BlockSpec(select_kernel(dtype, head_dim, dropout_rate > 0.0), float(scale), bool(causal),
-                     float(dropout_rate))
+def make_spec(dtype, head_dim: int, scale: float, causal: bool, dropout_rate: float,
+              key_mask: bool = False) -> BlockSpec:
+    return BlockSpec(select_kernel(dtype, head_dim, dropout_rate > 0.0, key_mask), float(scale), bool(causal),
+                     float(dropout_rate), bool(key_mask))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 from ring_jax._config import DilatedConfig
 
@@ -90,9 +91,56 @@ def build_count() -> int:
     return _build_count
 
 
+def length_problem(config: DilatedConfig, seq_len: int, num_devices: int = 1) -> str | None:
+    """Why the plan's strided layout cannot hold ``seq_len`` tokens in ``num_devices`` blocks of
+    ``L = seq_len / num_devices`` (the message), or None when it can: every effective segment
+    ``w' = min(w, seq_len)`` divides ``seq_len`` and is a multiple of ``r``; on several blocks,
+    ``w' <= L`` divides ``L``, or ``w' > L`` is a multiple of ``L`` and ``L`` of ``r``."""
+    n, P = seq_len, num_devices
+    if n % P:
+        return f"seq_len={n} is not a multiple of ring_size={P}"
+    L = n // P
+    for i, (w, r) in enumerate(zip(config.segment_lengths, config.dilation_rates)):
+        we = min(w, n)
+        if P == 1:
+            if n % we or we % r:
+                return f"seq_len={n} is not a multiple of w={we} and r={r} (pattern {i})"
+            continue
+        where = f"pattern {i} (w={we}, r={r}) with n={n}, local length L={L} on P={P} devices"
+        if we <= L:
+            if L % we:
+                return f"{where}: L is not a multiple of w (a segment would span devices)"
+        elif we % L:
+            return f"{where}: w is not a multiple of L (a segment would span devices)"
+        elif n % we:
+            return (f"{where}: n is not a multiple of w, so the last segment is partial and spans devices "
+                    f"(partial segments spanning devices are not supported yet)")
+        elif L % r:
+            return f"{where}: L is not a multiple of r"
+    return None
+
+
+@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
+def padded_length(config: DilatedConfig, seq_len: int, multiple: int = 1, num_devices: int = 1) -> int:
+    """The smallest ``N >= seq_len``, a multiple of ``multiple``, whose layout fits
+    (:func:`length_problem` with ``num_devices`` blocks). Every such ``N`` is a multiple of each
+    ``r`` (``w % r == 0``), so candidates step by ``lcm(r..., multiple, num_devices)``; ``P *
+    lcm(w..., step)`` always fits, so the search ends."""
+    step = math.lcm(*config.dilation_rates, int(multiple), int(num_devices))
+    n = -(-int(seq_len) // step) * step
+    while length_problem(config, n, num_devices) is not None:
+        n += step
+    return n
+
+
 def get_plan(config: DilatedConfig, seq_len: int, num_heads: int, num_kv_heads: int) -> Plan:
-    """The memoised plan; raises ``ValueError`` for shapes the config cannot run on."""
+    """The memoised plan of ``seq_len`` tokens; ``ValueError`` for head counts the config cannot
+    run, or a ``seq_len`` whose layout does not fit (:func:`length_problem`; the public functions
+    pad to :func:`padded_length` first)."""
     config.validate_shapes(seq_len, num_heads, num_kv_heads)
+    problem = length_problem(config, seq_len)
+    if problem is not None:
+        raise ValueError(problem)
     return _build_plan(config, seq_len, num_heads, num_kv_heads)
 
 

@@ -244,6 +244,7 @@ def attend_simulated_unit(query, key, value, ru: RingUnit, spec: BlockSpec, orig
     q = gather_rows(query, ru.unit, ru.unit.heads)  # [b*S, m, H, d]
     c = unit_coords(origin, b, n // u.w, u.w, u.r, u.heads, u.offsets)
     qpos = jnp.moveaxis(blocks(jnp.moveaxis(c.qpos, 2, 1)), 2, 3)  # [B, H, m] -> [g, B, H, m/g]
-    coords = Coords(*(jnp.broadcast_to(x, (g, *jnp.shape(x))) for x in (c.seed, c.batch, c.heads)), qpos, qpos)
+    tile = lambda x: None if x is None else jnp.broadcast_to(x, (g, *jnp.shape(x)))  # noqa: E731
+    coords = Coords(tile(c.seed), tile(c.batch), tile(c.heads), qpos, qpos, tile(c.klen))
     o, lse = ring_unit_attention(blocks(q), blocks(kv), _hops(ru, None, g, spec), coords)
     return scatter_rows(unblock(o), ru.unit, n, 0.0), scatter_rows(unblock(lse), ru.unit, n, -jnp.inf)

@@ -12,7 +12,7 @@ import dataclasses
 import functools
 
 from ring_jax._config import DilatedConfig
-from ring_jax._plan import PLAN_CACHE_SIZE, Unit, get_plan
+from ring_jax._plan import PLAN_CACHE_SIZE, Unit, get_plan, length_problem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +56,10 @@ class RingPlan:
 
 def get_ring_plan(config: DilatedConfig, local_len: int, num_devices: int, num_heads: int,
                   num_kv_heads: int) -> RingPlan:
-    """The memoised ring plan; ``ValueError`` naming pattern, L and P for invalid shardings."""
+    """The memoised ring plan; ``ValueError`` naming pattern, n, L and P for invalid shardings."""
+    problem = length_problem(config, local_len * num_devices, num_devices)
+    if problem is not None:
+        raise ValueError(problem)
     plan = get_plan(config, local_len * num_devices, num_heads, num_kv_heads)
     return _build_ring_plan(plan, local_len, num_devices)
 
@@ -67,17 +70,10 @@ def _build_ring_plan(plan, local_len, num_devices) -> RingPlan:
     layers = []
     for layer in plan.layers:
         units = []
-        for u in layer.units:
-            where = f"pattern {u.pattern} (w={u.w}, r={u.r}) with local length L={L} on P={P} devices"
+        for u in layer.units:  # the shapes passed length_problem
             if u.w <= L:
-                if L % u.w:
-                    raise ValueError(f"{where}: L is not a multiple of w")
                 units.append(RingUnit(u, u, 1, (), (), ()))
                 continue
-            if u.w % L:
-                raise ValueError(f"{where}: w is not a multiple of L")
-            if L % u.r:
-                raise ValueError(f"{where}: L is not a multiple of r")
             pairs = sorted(set(zip(u.kv_heads, u.offsets)))
             q_to_pair = tuple(pairs.index(p) for p in zip(u.kv_heads, u.offsets))
             local = dataclasses.replace(u, w=L)

@@ -74,9 +74,10 @@ class DilatedAttention(nnx.Module):
             self.deterministic = deterministic
 
     def __call__(self, query, key, value, *, is_causal: bool = False,
-                 deterministic: bool | None = None, rngs=None):
+                 deterministic: bool | None = None, rngs=None, seq_lengths=None):
         """``query [b, n, h, d]``, ``key``/``value [b, n, h_kv, d]`` -> ``[b, n, h, d]``.
-        ``rngs`` (Rngs, RngStream or key) overrides the module's dropout stream."""
+        ``rngs`` (Rngs, RngStream or key) overrides the module's dropout stream; ``seq_lengths
+        [b]``: per-example lengths, positions past them are padding (rows 0, no gradient)."""
         det = resolve_deterministic(deterministic, self.deterministic, self.dropout)
         rate, seed = 0.0, None
         if not det:
@@ -88,7 +89,7 @@ class DilatedAttention(nnx.Module):
         return attend(query, key, value, config=self.config, is_causal=is_causal,
                       mesh=self.mesh, seq_axis=self.seq_axis, batch_axis=self.batch_axis,
                       ring_size=self.ring_size, chunk_size=self.chunk_size, dropout_rate=rate,
-                      dropout_seed=seed)
+                      dropout_seed=seed, seq_lengths=seq_lengths)
 
 
 class MultiHeadDilatedAttention(nnx.Module):
@@ -163,13 +164,16 @@ class MultiHeadDilatedAttention(nnx.Module):
         return out
 
     def __call__(self, query, key=None, value=None, *, is_causal: bool = False,
-                 deterministic: bool | None = None, rngs=None, decode: bool | None = None):
+                 deterministic: bool | None = None, rngs=None, decode: bool | None = None,
+                 seq_lengths=None):
         """``query [b, n, in_features]`` (``key``/``value`` the same shape, or None for
         self-attention) -> ``[b, n, in_features]``. ``decode`` (default: the constructor's):
-        the next ``n`` tokens of a causal self-attention through ``self.cache``."""
+        the next ``n`` tokens of a causal self-attention through ``self.cache``. ``seq_lengths
+        [b]``: per-example lengths of the attention (padded positions are never keys and their
+        attention rows are 0; the output projection's bias still applies to them)."""
         if self.decode if decode is None else decode:
             if key is not None or value is not None:
                 raise ValueError("decode=True is causal self-attention: pass key=None, value=None")
             return multihead_forward(self, query, None, None, self.num_kv_heads, self._decode)
         return multihead_forward(self, query, key, value, self.num_kv_heads, lambda q, k, v: self.attention(
-            q, k, v, is_causal=is_causal, deterministic=deterministic, rngs=rngs))
+            q, k, v, is_causal=is_causal, deterministic=deterministic, rngs=rngs, seq_lengths=seq_lengths))
