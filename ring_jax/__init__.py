@@ -6,7 +6,7 @@ Layout (one file per step; lower layers never import higher ones):
   ``_config``     pattern config (frozen, self-validating) and input checks
   ``_plan``       static NumPy plan of units and layers, memoised at trace time
   ``_dropout``    the counter hash shared with ``ring_torch``
-  ``_coords``     a block's global coordinates; causal and dropout masks derived in one place
+  ``_coords``     a block's global coordinates; causal, dropout and padding masks derived in one place
   ``_kernels``    block kernels behind one protocol (XLA reference; ``_cudnn``: cuDNN flash behind a
                   version-checked adapter), chosen once per call into a ``BlockSpec``
   ``_rows``       strided gathers and scatters, one unit through the kernel, the LSE merge
