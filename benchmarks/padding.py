@@ -108,6 +108,63 @@ def run_jax(cfg, args, rows):
         del q, k, v
 
 
+def _torch_ms(fn, steps: int, device) -> float:
+    """Milliseconds per call of ``fn()`` after two warm-up calls: CUDA events around ``steps``
+    calls on a GPU, the wall clock (calls are synchronous) elsewhere."""
+    import torch
+
+    for _ in range(2):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / steps
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - t0) * 1e3 / steps
+
+
+def run_torch(cfg, args, rows):
+    """The cases of :func:`cases` through ``ring_torch.dilated_attention`` on ``args.device``
+    (``seq_lengths`` a device tensor; the backward of ``sum(out)`` in float32, as in JAX)."""
+    import torch
+
+    import ring_torch
+
+    device, dt = torch.device(args.device), getattr(torch, args.dtype)
+    kw = dict(segment_lengths=cfg["w"], dilation_rates=cfg["r"], mix=args.mix, is_causal=True)
+    for case, variant, b, n, lengths in cases(cfg):
+        gen = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(b, n, cfg["h"], cfg["d"], device=device, dtype=dt, generator=gen)
+                   for _ in range(3))
+        lens = None if lengths is None else torch.tensor(lengths, device=device)
+
+        def fwd():
+            with torch.no_grad():
+                return ring_torch.dilated_attention(q, k, v, seq_lengths=lens, **kw)
+
+        def fwd_bwd():
+            xs = [x.detach().requires_grad_() for x in (q, k, v)]
+            ring_torch.dilated_attention(*xs, seq_lengths=lens, **kw).float().sum().backward()
+
+        row = dict(framework="torch", case=case, variant=variant, n=n, batch=b,
+                   lengths=None if lengths is None else list(lengths))
+        row["fwd_ms"] = _torch_ms(fwd, args.steps, device)
+        row["fwd_bwd_ms"] = _torch_ms(fwd_bwd, args.steps, device)
+        rows.append(row)
+        print(f"torch {case} {variant:>24}  b={b} n={n}: fwd {row['fwd_ms']:.3f} ms, "
+              f"fwd+bwd {row['fwd_bwd_ms']:.3f} ms", flush=True)
+        del q, k, v
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="benchmarks/results/padding.json")
