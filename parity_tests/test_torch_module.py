@@ -199,3 +199,20 @@ def test_ring_module_lse_and_comm_stats():
     assert att.comm_stats.bytes("forward") == {1: 6 * hop}  # accumulates
     att.reset_comm_stats()
     assert att.comm_stats.bytes("forward") == {}
+
+
+@pytest.mark.parametrize("ring_size, error", [("2", TypeError), (2.5, TypeError), (0, ValueError)])
+def test_module_ring_size_is_checked_like_the_function(ring_size, error):
+    with pytest.raises(error, match=f"ring_size={ring_size!r} must be a positive int or None"):
+        ring_torch.RingDilatedAttention((8,), (1,), ring_size=ring_size)
+
+
+def test_module_timeout_reaches_the_ring(monkeypatch):
+    import ring_torch._module as module
+
+    seen = {}
+    real = module.ring_dilated_attention
+    monkeypatch.setattr(module, "ring_dilated_attention", lambda *a, **kw: seen.update(kw) or real(*a, **kw))
+    mha = ring_torch.MultiheadDilatedAttention(16, 2, (8,), (1,), timeout=7)
+    mha(torch.randn(1, 8, 16))
+    assert seen["timeout"] == 7.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ring_torch._config import DilatedConfig, lengths_from_padding_mask
+from ring_torch._config import DilatedConfig, check_ring_size, lengths_from_padding_mask
 from ring_torch._kernels import BACKENDS
 from ring_torch._comm import COMMS, CommStats
 from ring_torch._decode import DecodeCache, decode, init_cache
@@ -31,7 +31,8 @@ class RingDilatedAttention(nn.Module):
     * otherwise the single-device :func:`ring_torch.dilated_attention`.
 
     ``comm_stats`` (:class:`ring_torch.CommStats`) accumulates the bytes this rank sends per
-    phase and pattern; :meth:`reset_comm_stats` clears it.
+    phase and pattern; :meth:`reset_comm_stats` clears it. ``timeout`` (seconds) bounds each call's
+    cross-rank consistency exchange (:func:`ring_torch.ring_dilated_attention`).
 
     ``dropout``: in training mode, dropout on each pattern's attention probabilities (the LSE is
     that of the undropped weights). The mask is a hash of (seed, pattern, batch, head, query
@@ -44,22 +45,24 @@ class RingDilatedAttention(nn.Module):
     def __init__(self, segment_lengths, dilation_rates, *, mix: str = "head_groups",
                  dropout: float = 0.0, softmax_scale: float | None = None,
                  ring_size: int | None = None, process_group=None, comm: str = "ring",
-                 backend: str = "auto"):
+                 backend: str = "auto", timeout: float = 300.0):
         super().__init__()
         config = DilatedConfig(segment_lengths, dilation_rates, mix, False, softmax_scale)
+        ring_size = check_ring_size(ring_size)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"{dropout=} must be in [0, 1)")
         if comm not in COMMS:
             raise ValueError(f"unknown {comm=}; expected one of {COMMS}")
         if backend not in BACKENDS:
             raise ValueError(f"unknown {backend=}; expected one of {BACKENDS}")
-        if ring_size is not None and (ring_size < 1 or process_group is not None):
-            raise ValueError(f"{ring_size=} must be a positive int, and only without a "
-                             f"process_group (the group is then the ring)")
+        if ring_size is not None and process_group is not None:
+            raise ValueError(f"{ring_size=} is for one process; with a process_group the group is "
+                             f"the ring")
         self.segment_lengths, self.dilation_rates = config.segment_lengths, config.dilation_rates
         self.mix, self.dropout, self.softmax_scale = mix, float(dropout), softmax_scale
         self.ring_size, self.process_group, self.comm, self.backend = (ring_size, process_group,
                                                                        comm, backend)
+        self.timeout = float(timeout)
         self.comm_stats = CommStats()
 
     def reset_comm_stats(self):
@@ -92,7 +95,8 @@ class RingDilatedAttention(nn.Module):
             dilation_rates=self.dilation_rates, mix=self.mix, is_causal=is_causal,
             softmax_scale=self.softmax_scale, return_lse=return_lse, backend=self.backend,
             ring_size=self.ring_size, process_group=self.process_group, comm=self.comm,
-            stats=self.comm_stats, dropout_p=dropout_p, seq_lengths=seq_lengths)
+            stats=self.comm_stats, dropout_p=dropout_p, seq_lengths=seq_lengths,
+            timeout=self.timeout)
 
 
 class MultiheadDilatedAttention(nn.Module):
@@ -128,7 +132,7 @@ class MultiheadDilatedAttention(nn.Module):
                  layer_norm: bool = True, layer_norm_eps: float = 1e-5, gamma_init: float = 1.0,
                  mix: str = "head_groups", softmax_scale: float | None = None,
                  ring_size: int | None = None, process_group=None, comm: str = "ring",
-                 backend: str = "auto", device=None, dtype=None):
+                 backend: str = "auto", timeout: float = 300.0, device=None, dtype=None):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
@@ -149,7 +153,7 @@ class MultiheadDilatedAttention(nn.Module):
         self.attention = RingDilatedAttention(
             segment_lengths, dilation_rates, mix=mix, dropout=dropout,
             softmax_scale=softmax_scale, ring_size=ring_size, process_group=process_group,
-            comm=comm, backend=backend)
+            comm=comm, backend=backend, timeout=timeout)
         self._check_heads()
         self.reset_parameters()
 
