@@ -2,16 +2,13 @@
 
 What is compared, in float64:
 
-* For lengths the forward accepts (``n`` a multiple of every effective segment ``min(w, n)``, here
-  multiples of ``max(w)`` and ``n < max(w)`` with ``w > n``): the outputs of successive decode
-  calls, for many ways of cutting the sequence into chunks, against ``dilated_attention(...,
-  is_causal=True)`` on the whole sequence and against the oracle.
-* For any length: against the oracle *extended* to natural segments ``[s * w, (s + 1) * w)`` cut at
-  ``n``. Causally, position ``p`` reads only positions ``<= p``, so the extended oracle at length
-  ``n`` is the oracle at a padded length ``N >= n`` that is a multiple of every ``w`` (there
-  ``min(w, N) = w``), restricted to the first ``n`` positions. For ``n < w`` the effective segment
-  ``min(w, n) = n`` holds the same positions as the natural segment ``[0, w)`` cut at ``n``, so both
-  definitions agree wherever the forward accepts ``n`` (tested below).
+* The outputs of successive decode calls, for many ways of cutting the sequence into chunks,
+  against ``dilated_attention(..., is_causal=True)`` on the whole sequence and against the oracle
+  (segments ``[s * w, (s + 1) * w)`` cut at ``n``: any length).
+* Causally, position ``p`` reads only positions ``<= p``, so the oracle at length ``n`` also equals
+  the oracle at a padded length ``N >= n`` that is a multiple of every ``w``, restricted to the
+  first ``n`` positions; for ``n < w`` the effective segment ``min(w, n) = n`` holds the same
+  positions as the natural segment ``[0, w)`` cut at ``n`` (tested below).
 """
 
 from __future__ import annotations
