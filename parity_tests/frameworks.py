@@ -45,18 +45,24 @@ class Case:
     is_causal: bool = False
     dtype: str = "float64"
     batch: int = 2
+    seq_lengths: tuple[int, ...] | None = None  # [batch]: positions >= seq_lengths[b] are padding
 
     @property
     def kwargs(self) -> dict:
-        return dict(segment_lengths=self.segment_lengths, dilation_rates=self.dilation_rates,
-                    mix=self.mix, is_causal=self.is_causal)
+        kw = dict(segment_lengths=self.segment_lengths, dilation_rates=self.dilation_rates,
+                  mix=self.mix, is_causal=self.is_causal)
+        if self.seq_lengths is not None:
+            kw["seq_lengths"] = self.seq_lengths
+        return kw
 
     def inputs(self, seed: int = 0) -> Inputs:
         rng = np.random.default_rng(seed)
         b, n, h, hk, d = self.batch, self.n, self.h, self.h_kv, self.d
         q, k, v = (_round_to(rng.standard_normal(s), self.dtype) for s in ((b, n, h, d), (b, n, hk, d), (b, n, hk, d)))
         empty = multiplicity(n, h, self.segment_lengths, self.dilation_rates, self.mix, self.is_causal).sum(-1) == 0
-        dlse = np.where(empty.T[None], 0.0, rng.standard_normal((b, n, h)))
+        lengths = np.full(b, n) if self.seq_lengths is None else np.asarray(self.seq_lengths)
+        padding = np.arange(n)[None, :] >= lengths[:, None]  # [b, n]
+        dlse = np.where(empty.T[None] | padding[..., None], 0.0, rng.standard_normal((b, n, h)))
         return Inputs(q, k, v, rng.standard_normal((b, n, h, d)), dlse)
 
 

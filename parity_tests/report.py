@@ -35,6 +35,11 @@ REPORT_CONFIGS = {
     "longnet_like": (256, 6, 3, 16, (16, 64, 256), (1, 2, 4)),
     "h12_over_5": (256, 12, 4, 16, (16, 32, 64, 128, 256), (1, 2, 4, 8, 4)),
 }
+# Padding rows: per-example lengths on the ring-compatible config (every implementation), and a
+# sequence length no pattern divides (one device: a mesh needs whole segments per device).
+PADDED = {"longnet_like+lengths": ("longnet_like", 256, (256, 173)),
+          "longnet_like_n203+lengths": ("longnet_like", 203, (203, 91))}
+ONE_DEVICE = ("jax", "torch")
 DEFAULT_CONFIG = "longnet_like"
 RING = 4
 MIXES = ("head_groups", "longnet")
@@ -59,9 +64,9 @@ def _torch_ring(case: Case, x):
     import ring_torch
 
     kw = dict(case.kwargs)
-    is_causal = kw.pop("is_causal")
+    call = dict(is_causal=kw.pop("is_causal"), seq_lengths=kw.pop("seq_lengths", None))
     module = ring_torch.RingDilatedAttention(**kw, ring_size=RING)
-    return run_torch(case, x, lambda q, k, v: module(q, k, v, is_causal=is_causal, return_lse=True))
+    return run_torch(case, x, lambda q, k, v: module(q, k, v, return_lse=True, **call))
 
 
 IMPLEMENTATIONS = {"jax": run_jax, "jax_ring": _jax_ring, "torch": run_torch, "torch_ring": _torch_ring}
@@ -101,6 +106,22 @@ def default_cases(impls=tuple(IMPLEMENTATIONS), config=DEFAULT_CONFIG, dtypes=DT
     return [ReportCase(config, _case(config, dt, mix, causal), tuple(names))
             for (dt, mix, causal), names in sorted(runs.items(), key=lambda kv: (dtypes.index(kv[0][0]),
                                                                                   MIXES.index(kv[0][1]), kv[0][2]))]
+
+
+def padded_cases(impls=tuple(IMPLEMENTATIONS), full: bool = False) -> list[ReportCase]:
+    """Rows with padding (:data:`PADDED`): per-example lengths run by every implementation in
+    float64 (every dtype with ``full``), both mixes, causal and not; an ``n`` no pattern divides,
+    one device only, in float32 (every dtype with ``full``)."""
+    cases = []
+    for name, dtypes, runners in (("longnet_like+lengths", DTYPES if full else ("float64",), impls),
+                                  ("longnet_like_n203+lengths", DTYPES if full else ("float32",),
+                                   tuple(i for i in impls if i in ONE_DEVICE))):
+        base, n, lengths = PADDED[name]
+        _, h, hk, d, w, r = REPORT_CONFIGS[base]
+        for dt in dtypes:
+            for mix, causal in (PAIRINGS[0] + PAIRINGS[1] if full else PAIRINGS[name.endswith("n203+lengths")]):
+                cases.append(ReportCase(name, Case(n, h, hk, d, w, r, mix, causal, dt, seq_lengths=lengths), runners))
+    return cases
 
 
 def error_kind(dtype: str) -> str:
@@ -261,6 +282,10 @@ def device_label(jax_backend: str, jax_kind: str, torch_cuda: str | None) -> str
 
 
 def shape_label(config: str) -> str:
+    if config in PADDED:
+        base, n, lengths = PADDED[config]
+        _, h, hk, d, w, r = REPORT_CONFIGS[base]
+        return f"{config}: [b=2, n={n}, h={h}/{hk} kv, d={d}], w={w}, r={r}, seq_lengths={lengths}"
     n, h, hk, d, w, r = REPORT_CONFIGS[config]
     return f"{config}: [b=2, n={n}, h={h}/{hk} kv, d={d}], w={w}, r={r}"
 
@@ -349,7 +374,7 @@ def run(full: bool = False, timing: bool | None = None, out_json: str = "report.
         impls = tuple(i for i in impls if i != "jax_ring")
         print(f"jax_ring skipped: {len(jax.devices())} {jax.default_backend()} device(s) < {RING}")
     if cases is None:
-        cases = full_cases(impls) if full else default_cases(impls)
+        cases = (full_cases(impls) if full else default_cases(impls)) + padded_cases(impls, full)
     cases = [dataclasses.replace(c, impls=tuple(i for i in c.impls if i in impls)) for c in cases]
     accelerator = jax.default_backend() != "cpu" or torch.cuda.is_available()
     timing = accelerator if timing is None else timing
@@ -375,14 +400,14 @@ def run(full: bool = False, timing: bool | None = None, out_json: str = "report.
     dtypes = [dt for dt in DTYPES if any(c.case.dtype == dt for c in cases)]
     meta = dict(jax=jax.__version__, torch=torch.__version__, python=platform.python_version(), device=device,
                 jax_devices=[str(d) for d in jax.devices()], ring_devices=RING,
-                matrix="full" if full else "default", configs={c: shape_label(c) for c in configs if c in REPORT_CONFIGS},
+                matrix="full" if full else "default", configs={c: shape_label(c) for c in configs if c in REPORT_CONFIGS or c in PADDED},
                 xla_flags=os.environ.get("XLA_FLAGS", ""), timing=timing_label if times else None)
     with open(out_json, "w") as f:
         json.dump(dict(meta=meta, parity=rows, flops=flops, timing=times), f, indent=1,
                   default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o) else str(o))
     title = (f"{device} · dtypes {', '.join(dtypes)} · rings of {RING} (jax_ring: {RING} JAX devices of "
              f"{len(jax.devices())}; torch_ring: {RING} blocks in one process)\n"
-             + "\n".join(shape_label(c) for c in configs if c in REPORT_CONFIGS))
+             + "\n".join(shape_label(c) for c in configs if c in REPORT_CONFIGS or c in PADDED))
     plot(rows, flops, out_png, title, times, timing_label)
 
     print("\n" + summary(rows))

@@ -42,3 +42,19 @@ def test_adapter_version_gate(monkeypatch):
     _cudnn._module.cache_clear()
     monkeypatch.undo()
     assert _cudnn._module() is not None  # the private module exists in the installed JAX
+
+
+def test_adapter_needs_compute_capability_8(monkeypatch):
+    """The cuDNN flash kernels need Ampere or newer: an older card (Pascal, Volta) takes XLA."""
+
+    class Card:
+        def __init__(self, capability):
+            self.compute_capability = capability
+
+    assert _cudnn.compute_capability(Card("9.0")) == (9, 0)
+    assert _cudnn.compute_capability(Card("6.1")) == (6, 1)
+    assert _cudnn.compute_capability(Card(None)) is None  # a CPU device has no capability
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    for capability, expected in (("6.1", False), ("7.0", False), ("8.0", True), ("9.0", True)):
+        monkeypatch.setattr(jax, "devices", lambda capability=capability: [Card(capability)])
+        assert _cudnn.usable(jnp.bfloat16, 64) is expected, capability

@@ -32,6 +32,7 @@ def tiny(monkeypatch):
                 report.ReportCase("tiny", report._case("tiny", "bfloat16", "longnet", False), ("torch", "torch_ring"))]
 
     monkeypatch.setattr(report, "default_cases", cases)
+    monkeypatch.setattr(report, "padded_cases", lambda impls, full: [])
 
 
 def test_report_flags_the_row_outside_its_bound(tiny, tmp_path, capsys):
@@ -97,3 +98,16 @@ def test_default_subset_covers_every_implementation_dtype_mix_and_causal():
             for rc in report.default_cases(("jax", "torch", "torch_ring")) for impl in rc.impls]
     assert set(rest) == {r for r in runs if r[0] != "jax_ring"}
     assert len(report.full_cases()) * len(report.IMPLEMENTATIONS) == 96
+
+
+def test_padded_rows_cover_lengths_on_every_implementation_and_an_odd_length_on_one_device():
+    rows = [(rc.config, impl, rc.case.mix, rc.case.is_causal, rc.case.n, rc.case.seq_lengths)
+            for rc in report.padded_cases() for impl in rc.impls]
+    lengths = [r for r in rows if r[0] == "longnet_like+lengths"]
+    assert {r[1] for r in lengths} == set(report.IMPLEMENTATIONS)
+    assert {(r[2], r[3]) for r in lengths} == {pair for pair in report.PAIRINGS[0]}
+    odd = [r for r in rows if r[0] == "longnet_like_n203+lengths"]
+    assert {r[1] for r in odd} == set(report.ONE_DEVICE) and all(r[4] == 203 for r in odd)
+    assert all(r[5] is not None and min(r[5]) < r[4] for r in rows)
+    full = report.padded_cases(full=True)
+    assert {rc.case.dtype for rc in full} == set(DTYPES)

@@ -37,10 +37,24 @@ def _module():
     return fa if all(hasattr(fa, name) for name in needed) else None
 
 
+def compute_capability(device) -> tuple[int, int] | None:
+    """``(major, minor)`` of a CUDA device (``device.compute_capability``, e.g. ``"9.0"``), else None."""
+    value = getattr(device, "compute_capability", None)
+    try:
+        major, minor = str(value).split(".")[:2]
+        return int(major), int(minor)
+    except ValueError:
+        return None
+
+
 def usable(dtype, head_dim: int) -> bool:
-    """cuDNN flash runs on CUDA for 16-bit inputs with ``head_dim % 8 == 0`` (<= 120, leaving room
-    for the LSE column of the backward)."""
-    return (_module() is not None and jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    """cuDNN flash runs on CUDA devices of compute capability 8.0 or newer (Ampere on; a Pascal or
+    Volta card takes the XLA kernel) for 16-bit inputs with ``head_dim % 8 == 0`` (<= 120, leaving
+    room for the LSE column of the backward)."""
+    if _module() is None or jax.default_backend() != "gpu":
+        return False
+    capability = compute_capability(jax.devices()[0])
+    return (capability is not None and capability >= (8, 0) and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
             and head_dim % 8 == 0 and head_dim <= 120)
 
 
