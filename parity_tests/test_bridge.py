@@ -166,3 +166,24 @@ def test_bridge_refuses_mismatched_modules():
         bridge.torch_to_nnx(torch_module(num_kv_heads=2), nnx_module())
     with pytest.raises(ValueError, match="parameter names differ"):
         bridge.linen_to_torch(bridge.torch_to_linen(torch_module()), tm)
+
+
+@pytest.mark.parametrize("framework", ["nnx", "linen"])
+@pytest.mark.parametrize("mix, causal, n", [("head_groups", False, 64), ("longnet", True, 64),
+                                            ("head_groups", True, 53)])
+def test_padding_same_as_torch_float64(framework, mix, causal, n):
+    """Per-example lengths: torch's right-padding ``key_padding_mask`` and Flax's ``seq_lengths``
+    give the same outputs and gradients (n = 53: a length no pattern divides)."""
+    lengths = np.array([n, n - 20])
+    tm = torch_module(mix=mix, num_kv_heads=2)
+    xs, dout = inputs(1, n=n)
+    padding = torch.from_numpy(np.arange(n)[None, :] >= lengths[:, None])
+    ref = bridge.torch_value_and_grads(tm, xs, dout, is_causal=causal, key_padding_mask=padding)
+    if framework == "nnx":
+        m = bridge.torch_to_nnx(tm, nnx_module(mix=mix, num_kv_heads=2))
+        got = bridge.nnx_value_and_grads(m, xs, dout, is_causal=causal, seq_lengths=jnp.asarray(lengths))
+    else:
+        m = linen_module(mix=mix, num_kv_heads=2)
+        got = bridge.linen_value_and_grads(m, bridge.torch_to_linen(tm), xs, dout, is_causal=causal,
+                                           seq_lengths=jnp.asarray(lengths))
+    _compare(ref, got, _abs_1e10)
