@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
-import tempfile
 import time
 import traceback
 from datetime import timedelta
 
 import numpy as np
 import pytest
+
+from parity_tests._spawn import spawn_ranks
 
 torch = pytest.importorskip("torch")
 
@@ -173,24 +173,7 @@ def _worker(rank, world, init_file, out_dir):
 
 @functools.cache
 def _results(world: int) -> list[dict]:
-    import torch.multiprocessing as mp
-
-    tmp = tempfile.mkdtemp(prefix=f"ring_torch_faults_p{world}_")
-    ctx = mp.start_processes(_worker, args=(world, os.path.join(tmp, "init"), tmp),
-                             nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_DEADLINE_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{world}-process fault scenarios exceeded {SPAWN_DEADLINE_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    try:
-        return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return spawn_ranks(_worker, world, deadline_s=SPAWN_DEADLINE_S, label="fault scenarios")
 
 
 def _per_rank(world, scenario):

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
-import tempfile
-import time
 import traceback
 from datetime import timedelta
 
@@ -25,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ring_torch
+from parity_tests._spawn import spawn_ranks
 from parity_tests.oracle import dilated_attention as oracle_attention
 from parity_tests.reference import reference_attention
 
@@ -381,25 +379,8 @@ def _worker(rank, world, init_file, out_dir, names):
 @functools.cache
 def _dist_results(world):
     """Every case of ``world`` in one spawn, under a hard deadline; each rank's results."""
-    import torch.multiprocessing as mp
-
     names = [name for name, c in DIST_CASES.items() if c["world"] == world]
-    tmp = tempfile.mkdtemp(prefix=f"ring_torch_pad_p{world}_")
-    ctx = mp.start_processes(_worker, args=(world, os.path.join(tmp, "init"), tmp, names),
-                             nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_DEADLINE_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{world}-process padding tests exceeded {SPAWN_DEADLINE_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    try:
-        return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return spawn_ranks(_worker, world, names, deadline_s=SPAWN_DEADLINE_S, label="padding tests")
 
 
 def _per_rank(name):
