@@ -102,3 +102,17 @@ def test_plan_is_cached():
     b = build_ring_plan(config, 16, 4, 4, 2)
     assert a is b
     assert ring_torch.get_stats()["pattern"]["hits"] >= 1
+
+
+@pytest.mark.parametrize("w, r", [((8, 32), (1, 2)), ((16, 96), (1, 2)), ((12, 40, 64), (3, 4, 8)), ((64,), (4,))])
+def test_padded_lengths_agree_with_the_jax_plan(w, r):
+    """Both frameworks pad a sequence to the same length, on one device and for a simulated ring."""
+    jax_plan = pytest.importorskip("ring_jax._plan")
+    from ring_jax._config import DilatedConfig as JaxConfig
+    from ring_torch._ring_plan import ring_padded_length
+
+    jax_config, torch_config = JaxConfig(w, r), ring_torch.DilatedConfig(w, r)
+    for n in list(range(1, 130)) + [997, 1000, 4097]:
+        assert torch_config.padded_length(n) == jax_plan.padded_length(jax_config, n), n
+        for P in (2, 3, 4):
+            assert ring_padded_length(torch_config, n, P) == jax_plan.padded_length(jax_config, n, 1, P), (n, P)
