@@ -185,15 +185,12 @@ def main():
         meta["jax"], meta["jax_devices"] = jax.__version__, [str(x) for x in jax.devices()]
         run_jax(cfg, args, rows)
     if "torch" in frameworks:
-        run_torch = globals().get("run_torch")
-        if run_torch is None:
-            print("torch: no run_torch in benchmarks/padding.py yet, skipped")
-        else:
-            import torch
+        import torch
 
-            args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            meta["torch"] = torch.__version__
-            run_torch(cfg, args, rows)
+        args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        meta["torch"] = torch.__version__
+        meta["torch_device"] = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+        run_torch(cfg, args, rows)
     summary = summarize(rows)
     print(json.dumps(summary, indent=1))
     with open(args.out, "w") as f:

@@ -256,10 +256,8 @@ def sharded_dilated_attention(query, key, value, *, mesh, seq_axis="sp", batch_a
     check_mesh_axes(query, key, value, mesh, seq_axis, batch_axis)
     seq_lengths = check_seq_lengths(seq_lengths, query.shape[0])
     lengths = jnp.zeros((query.shape[0],), jnp.int32) if seq_lengths is None else jnp.asarray(seq_lengths)
-    P = jax.sharding.PartitionSpec
-    spec, lse_spec = P(batch_axis, seq_axis, None, None), P(batch_axis, seq_axis, None)
     if jax.sharding.AxisType.Explicit in tuple(mesh.axis_types):  # explicit meshes do not reshard implicitly
-        sharding = jax.sharding.NamedSharding(mesh, spec)
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch_axis, seq_axis, None, None))
         query, key, value = (jax.sharding.reshard(x, sharding) for x in (query, key, value))
     seed = jnp.uint32(0) if dropout_seed is None else as_seed(dropout_seed)  # an explicit, replicated input
     static = tuple(sorted((name, tuple(x) if isinstance(x, list) else x) for name, x in kwargs.items()))
