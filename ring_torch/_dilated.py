@@ -224,10 +224,9 @@ def dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
             that of the undropped weights.
         dropout_seed: the mask's seed (default: a draw from torch's RNG).
         seq_lengths: an integer ``[batch]`` tensor (any device; ``0 <= len <= seq``; lists
-            accepted) or None (all
-            ``seq``): positions ``p >= seq_lengths[b]`` are right padding, never a key; their
-            output is 0, their LSE ``-inf`` and the gradients of their q, k, v exactly 0. They
-            may hold any finite values (a NaN there reaches real rows as ``0 * NaN``). Causal
+            accepted) or None (all ``seq``): positions ``p >= seq_lengths[b]`` are right
+            padding, never a key; their output is 0, their LSE ``-inf`` and the gradients of
+            their q, k, v exactly 0. They may hold any finite values (a NaN there reaches real rows as ``0 * NaN``). Causal
             padding keeps the fused kernels; non-causal padding (and a ``seq`` the patterns do
             not tile, padded with zeros internally) hides padded keys in the math kernel.
 
