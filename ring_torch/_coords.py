@@ -4,7 +4,8 @@ A kernel block is ``q [B, m, H, d]`` against ``k``/``v [B, m, H_kv, d]``: ``B`` 
 (one per batch entry and segment on one device, or per batch entry and shard in a ring hop) of
 ``m`` selected rows each. Query row ``i`` of the block starting at ``start`` sits, under head
 column ``c``, at global position ``start + offsets[c] + i * rate``; its keys likewise from the
-key block's start. Position and batch tensors are built only when a mask asks for them
+key block's start. A block of several pieces (the balanced layout's slots) has a tuple of starts,
+its rows the pieces' rows concatenated. Position and batch tensors are built only when a mask asks for them
 (dropout, padding): the fused kernels read nothing but :attr:`BlockCoords.is_causal`.
 
 Padding (:attr:`MaskSpec.lengths`): position ``p`` of batch entry ``b`` is real iff
@@ -34,7 +35,9 @@ class MaskSpec:
     ``is_causal``; ``dropout`` (None: off); ``base``: global position of local row 0 (a ring
     shard starts at ``rank * L``); ``batch_base``: global batch index of local batch entry 0;
     ``lengths``: int64 ``[batch]`` real length of each global batch entry (None: no padding);
-    ``key_mask``: whether blocks must hide padded keys (padding with ``is_causal=False``).
+    ``key_mask``: whether blocks must hide padded keys (padding with ``is_causal=False``);
+    ``pieces``: when the local rows are not one run from ``base`` (the balanced layout), the
+    global start of each consecutive run of ``piece_len`` local rows.
     """
 
     is_causal: bool
@@ -43,6 +46,22 @@ class MaskSpec:
     batch_base: int = 0
     lengths: torch.Tensor | None = None
     key_mask: bool = False
+    pieces: tuple[int, ...] | None = None
+    piece_len: int = 0
+
+    def global_start(self, local: int) -> int:
+        """Global position of local row ``local``."""
+        if self.pieces is None:
+            return self.base + local
+        return self.pieces[local // self.piece_len] + local % self.piece_len
+
+    def row_positions(self, seq_len: int, device) -> torch.Tensor:
+        """``[seq_len]`` int64 global positions of the local rows."""
+        local = torch.arange(seq_len, device=device)
+        if self.pieces is None:
+            return self.base + local
+        starts = torch.tensor(self.pieces, dtype=torch.int64, device=device)
+        return starts[local // self.piece_len] + local % self.piece_len
 
     @property
     def needs_key_mask(self) -> bool:
@@ -59,9 +78,9 @@ class BlockCoords:
     """Global coordinates of one folded kernel block (see the module docstring).
 
     ``heads``/``offsets``: global query head and offset of each head column ``[H]``;
-    ``batch``: local batch size ``b``; ``q_starts``: global start of each block's rows (one per
-    segment or shard); ``k_starts``: the key blocks' starts, None when the keys are the block's
-    own query rows; ``batch_outer``: folded order ``[b, blocks]`` (one device) or
+    ``rows``: selected rows per piece; ``batch``: local batch size ``b``; ``q_starts``: global
+    start of each block's rows (one per segment or shard; a tuple per block of several pieces);
+    ``k_starts``: the key blocks' starts, None when the keys are the block's own query rows; ``batch_outer``: folded order ``[b, blocks]`` (one device) or
     ``[blocks, b]`` (a ring hop).
     """
 
@@ -82,16 +101,25 @@ class BlockCoords:
         lower triangle; keys of an earlier block (a ring hop) need no mask."""
         return self.spec.is_causal and self.k_starts is None
 
+    @property
+    def q_len(self) -> int:
+        """Query rows of one block: ``rows`` times its pieces."""
+        first = self.q_starts[0]
+        return self.rows * (1 if isinstance(first, int) else len(first))
+
     def at(self, q_starts: Sequence[int], k_starts: Sequence[int] | None) -> BlockCoords:
         """The same unit's coordinates for other row blocks (a ring hop)."""
         return replace(self, q_starts=q_starts, k_starts=k_starts)
 
     def positions(self, starts: Sequence[int], device) -> torch.Tensor:
-        """``[B, H, m]`` int64 global positions of the rows of blocks starting at ``starts``."""
-        start = torch.tensor(list(starts), dtype=torch.int64, device=device)  # [blocks]
+        """``[B, H, m]`` int64 global positions of the rows of blocks starting at ``starts``
+        (an int per block, or a tuple of its pieces' starts)."""
+        pieces = [(s,) if isinstance(s, int) else tuple(s) for s in starts]
+        start = torch.tensor(pieces, dtype=torch.int64, device=device)  # [blocks, k]
         offsets = torch.tensor(self.offsets, dtype=torch.int64, device=device)  # [H]
-        rows = torch.arange(self.rows, device=device) * self.rate  # [m]
-        pos = start[:, None, None] + offsets[None, :, None] + rows  # [blocks, H, m]
+        rows = torch.arange(self.rows, device=device) * self.rate  # [m / k]
+        pos = start[:, :, None, None] + offsets[None, None, :, None] + rows  # [blocks, k, H, m / k]
+        pos = pos.transpose(1, 2).reshape(len(pieces), len(self.offsets), -1)  # [blocks, H, m]
         return pos.repeat(self.batch, 1, 1) if self.batch_outer else pos.repeat_interleave(self.batch, 0)
 
     def batch_index(self, device) -> torch.Tensor:
@@ -106,7 +134,7 @@ def unit_coords(unit: Unit, spec: MaskSpec, batch: int, seq_len: int) -> BlockCo
     """Coordinates of a single-device unit's rows ``[b * S, m, H, d]`` (``S = n / w'``
     segments, keys = the segment's own rows)."""
     heads = tuple(range(*unit.q_heads))
-    starts = range(spec.base, spec.base + seq_len, unit.segment)
+    starts = [spec.global_start(s) for s in range(0, seq_len, unit.segment)]
     return BlockCoords(spec, unit.pattern, unit.rate, unit.rows, heads, (unit.offset,) * len(heads),
                        batch, starts)
 
@@ -120,7 +148,7 @@ def block_masks(coords: BlockCoords, device) -> tuple[torch.Tensor | None, torch
     ``keep [B, H, m_q, m_k]``: dropout's keep-mask on the probabilities. None where nothing is
     masked.
     """
-    hide = causal_mask(coords.rows, device) if coords.is_causal else None
+    hide = causal_mask(coords.q_len, device) if coords.is_causal else None
     keep = None
     drop, spec = coords.spec.dropout, coords.spec
     if drop is None and not spec.needs_key_mask:
@@ -138,10 +166,10 @@ def block_masks(coords: BlockCoords, device) -> tuple[torch.Tensor | None, torch
     return hide, keep
 
 
-def real_rows(lengths: torch.Tensor, base: int, seq_len: int) -> torch.Tensor:
-    """``[b, seq_len]`` bool, True where global position ``base + i`` of batch entry ``b`` is
-    real (``< lengths[b]``); ``lengths`` int64 ``[b]``."""
-    pos = base + torch.arange(seq_len, device=lengths.device)
+def real_rows(lengths: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``[b, seq_len]`` bool, True where the global position ``positions[i]`` of batch entry
+    ``b`` is real (``< lengths[b]``); ``lengths`` int64 ``[b]``, ``positions [seq_len]``."""
+    pos = positions.to(lengths.device)
     return pos[None, :] < lengths[:, None]
 
 

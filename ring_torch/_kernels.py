@@ -141,9 +141,10 @@ class GradInputs(NamedTuple):
     dlse: torch.Tensor | None
     delta: torch.Tensor | None
 
-    def fold(self, lo: int) -> GradInputs:
-        """``[G, gl, b, m, ...]`` operands -> the group-ranks ``[lo:]`` folded into the batch."""
-        return GradInputs(*(None if x is None else x[:, lo:].reshape(-1, *x.shape[3:]) for x in self))
+    def select(self, lo: int, hi: int, rows: slice) -> GradInputs:
+        """``[G, gl, b, m, ...]`` operands -> the group-ranks ``[lo:hi)`` and ``rows`` of each,
+        folded into the batch: ``[G * (hi - lo) * b, |rows|, ...]``."""
+        return GradInputs(*(None if x is None else x[:, lo:hi, :, rows].flatten(0, 2) for x in self))
 
 
 class Kernel(Protocol):
@@ -221,7 +222,7 @@ def _math_grads(g: GradInputs, k, v, scale, coords: BlockCoords):
     lse_t = lse.transpose(1, 2).unsqueeze(-1)
     for c0 in range(0, m, rows):
         c1 = min(m, c0 + rows)
-        kend = c1 if coords.is_causal else m  # causal: keys after the chunk's last row are masked
+        kend = c1 if coords.is_causal else k.shape[1]  # causal: keys after the chunk's last row are masked
         qc, dc = q[:, c0:c1], dout[:, c0:c1]
         kc, vc = k[:, :kend], v[:, :kend]
         s = torch.einsum("bihd,bjhd->bhij", qc, kc) * scale  # [B, H, c, kend]

@@ -9,6 +9,7 @@ from ring_torch._config import DilatedConfig, check_ring_size, lengths_from_padd
 from ring_torch._kernels import BACKENDS
 from ring_torch._comm import COMMS, CommStats
 from ring_torch._decode import DecodeCache, decode, init_cache
+from ring_torch._layout import check_layout
 from ring_torch._ring import ring_dilated_attention
 
 __all__ = ["RingDilatedAttention", "MultiheadDilatedAttention"]
@@ -30,6 +31,11 @@ class RingDilatedAttention(nn.Module):
       single-device result.
     * otherwise the single-device :func:`ring_torch.dilated_attention`.
 
+    ``layout``: ``"contiguous"`` or ``"balanced"`` (:func:`ring_torch.ring_dilated_attention`):
+    with a process group each rank's inputs and outputs are its balanced shard (chunks ``rank``
+    and ``2P-1-rank``, :func:`ring_torch.to_balanced`); with ``ring_size`` they stay in natural
+    order.
+
     ``comm_stats`` (:class:`ring_torch.CommStats`) accumulates the bytes this rank sends per
     phase and pattern; :meth:`reset_comm_stats` clears it. ``timeout`` (seconds) bounds each call's
     cross-rank consistency exchange (:func:`ring_torch.ring_dilated_attention`).
@@ -45,9 +51,10 @@ class RingDilatedAttention(nn.Module):
     def __init__(self, segment_lengths, dilation_rates, *, mix: str = "head_groups",
                  dropout: float = 0.0, softmax_scale: float | None = None,
                  ring_size: int | None = None, process_group=None, comm: str = "ring",
-                 backend: str = "auto", timeout: float = 300.0):
+                 backend: str = "auto", timeout: float = 300.0, layout: str = "contiguous"):
         super().__init__()
         config = DilatedConfig(segment_lengths, dilation_rates, mix, False, softmax_scale)
+        self.layout = check_layout(layout)
         ring_size = check_ring_size(ring_size)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"{dropout=} must be in [0, 1)")
@@ -71,7 +78,7 @@ class RingDilatedAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"segment_lengths={self.segment_lengths}, dilation_rates={self.dilation_rates}, "
                 f"mix={self.mix!r}, dropout={self.dropout}, ring_size={self.ring_size}, "
-                f"comm={self.comm!r}, backend={self.backend!r}")
+                f"comm={self.comm!r}, backend={self.backend!r}, layout={self.layout!r}")
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 is_causal: bool = False, return_lse: bool = False,
@@ -96,7 +103,7 @@ class RingDilatedAttention(nn.Module):
             softmax_scale=self.softmax_scale, return_lse=return_lse, backend=self.backend,
             ring_size=self.ring_size, process_group=self.process_group, comm=self.comm,
             stats=self.comm_stats, dropout_p=dropout_p, seq_lengths=seq_lengths,
-            timeout=self.timeout)
+            timeout=self.timeout, layout=self.layout)
 
 
 class MultiheadDilatedAttention(nn.Module):
@@ -115,7 +122,10 @@ class MultiheadDilatedAttention(nn.Module):
     ``v_proj``/``out_proj``, biases zero, LayerNorm weight 1 and bias 0.
 
     ``dropout``: attention-probability dropout in training mode (see
-    :class:`RingDilatedAttention`).
+    :class:`RingDilatedAttention`). ``layout``: the ring layout (see
+    :class:`RingDilatedAttention`); with a process group and ``"balanced"`` each rank's
+    ``query`` (and output) is its balanced shard, ``seq_lengths``/``key_padding_mask`` stay
+    global and in natural order.
 
     Parameter names: ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``, ``norm`` (None without
     ``layer_norm``). In a process group every rank holds the full parameters and its shard of
@@ -132,7 +142,8 @@ class MultiheadDilatedAttention(nn.Module):
                  layer_norm: bool = True, layer_norm_eps: float = 1e-5, gamma_init: float = 1.0,
                  mix: str = "head_groups", softmax_scale: float | None = None,
                  ring_size: int | None = None, process_group=None, comm: str = "ring",
-                 backend: str = "auto", timeout: float = 300.0, device=None, dtype=None):
+                 backend: str = "auto", timeout: float = 300.0, layout: str = "contiguous",
+                 device=None, dtype=None):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
@@ -153,7 +164,7 @@ class MultiheadDilatedAttention(nn.Module):
         self.attention = RingDilatedAttention(
             segment_lengths, dilation_rates, mix=mix, dropout=dropout,
             softmax_scale=softmax_scale, ring_size=ring_size, process_group=process_group,
-            comm=comm, backend=backend, timeout=timeout)
+            comm=comm, backend=backend, timeout=timeout, layout=layout)
         self._check_heads()
         self.reset_parameters()
 

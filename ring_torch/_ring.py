@@ -14,6 +14,12 @@ Rank ``i`` of ``P`` holds global positions ``[i*L, (i+1)*L)``. The ring plan
   hop by hop as its communicator (:mod:`ring_torch._comm`) delivers them: ``g - 1`` K/V messages
   per rank forward, ``g - 1`` K/V and ``g - 1`` dK/dV messages in ``g`` exchanges backward.
 
+``layout="balanced"`` (:mod:`ring_torch._layout`): rank ``i`` holds the chunks ``i`` and
+``2P-1-i`` of ``C = n / (2P)`` tokens; ``w' <= C`` is local, spanning units run on sub-rings of
+``P`` ranks (``w' = n``) or ``w' / C`` ranks and their schedule gives every rank equal causal work
+per hop. The layout is decided once per call: it picks the ring plan, each unit's schedule and
+the mask coordinates.
+
 ``head_groups`` units fill in their own heads; ``longnet`` patterns are merged by their LSE.
 Dropout (``dropout_p > 0``) draws each block's mask from global positions
 (:mod:`ring_torch._dropout`), so the ring equals the single-device layer for the same seed.
@@ -28,11 +34,13 @@ import numpy as np
 
 import torch
 
-from ring_torch._comm import COMMS, CommStats, check_consistent, make_communicator
+from ring_torch._comm import COMMS, CommStats, make_communicator
+from ring_torch._consistency import check_consistent
 from ring_torch._config import DilatedConfig, check_ring_size, check_seq_lengths, check_shapes
 from ring_torch._coords import BlockCoords, MaskSpec
 from ring_torch._dilated import dilated_attention, make_executor, resolve_backend
 from ring_torch._dropout import Dropout, make_dropout
+from ring_torch._layout import balanced_order, check_layout, from_balanced, to_balanced
 from ring_torch._plan import index_tensor
 from ring_torch._ring_plan import RingPlan, RingUnit, build_ring_plan, ring_padded_length
 from ring_torch._ring_unit import RingUnitFunction
@@ -54,9 +62,9 @@ def _span_unit(ru: RingUnit, q, k, v, local_len, comm, scale, kernel, spec: Mask
     pair_index = index_tensor(ru.q_to_pair, dev)
     rows = [to_ring(x, idx, ru.rate, local_len, len(comm.js))
             for x, idx in ((q, idx_q), (k, idx_kv), (v, idx_kv))]  # [G, gl, b, m, X, d]
-    coords = BlockCoords(spec, ru.pattern, ru.rate, local_len // ru.rate, ru.heads, ru.offsets, b,
-                         batch_outer=False)
-    out, lse = RingUnitFunction.apply(*rows, comm, pair_index, scale, kernel, coords)
+    coords = BlockCoords(spec, ru.pattern, ru.rate, local_len // ru.rate // ru.schedule.pieces,
+                         ru.heads, ru.offsets, b, batch_outer=False)  # rows per piece
+    out, lse = RingUnitFunction.apply(*rows, comm, pair_index, scale, kernel, coords, ru.schedule)
     return from_ring(out, lse, idx_out, ru.rate, Hu)
 
 
@@ -100,10 +108,11 @@ def _ring_world(comm: str, ring_size, world: int) -> tuple[int, bool]:
 
 @dataclass(frozen=True)
 class _Prepared:
-    """A validated call: ring size, config, plan, backend, dropout and padding."""
+    """A validated call: ring size, layout, config, plan, backend, dropout and padding."""
 
     ranks: int
     simulated: bool
+    layout: str = "contiguous"
     config: DilatedConfig | None = None
     rplan: RingPlan | None = None
     backend: str = ""
@@ -114,24 +123,39 @@ class _Prepared:
 
 
 def _prepare(query, key, value, config_args: dict, backend: str, comm: str, ring_size, world: int,
-             dropout_p: float, dropout_seed, seq_lengths) -> _Prepared:
+             dropout_p: float, dropout_seed, seq_lengths, layout: str) -> _Prepared:
     """Every local check of a call (``ValueError`` / ``TypeError``), nothing communicated. A
     simulated ring pads the sequence to :func:`ring_padded_length`; a process group's length
     ``n = L * P`` is the caller's."""
+    layout = check_layout(layout)
     ranks, simulated = _ring_world(comm, ring_size, world)
     if ranks == 1:
-        return _Prepared(1, False)
+        return _Prepared(1, False, layout)
     config = DilatedConfig(**config_args)
     b, nl, h, h_kv, _ = check_shapes(query, key, value)
     n = nl if simulated else nl * ranks
     lengths = check_seq_lengths(seq_lengths, b, n, query.device)
-    N = ring_padded_length(config, n, ranks) if simulated else n
+    N = ring_padded_length(config, n, ranks, layout) if simulated else n
     L = N // ranks
     backend, compute = resolve_backend(backend, query.device, query.dtype)
-    rplan = build_ring_plan(config, L, ranks, h, h_kv)
+    rplan = build_ring_plan(config, L, ranks, h, h_kv, layout)
     dropout = make_dropout(dropout_p, dropout_seed)
     padding = make_padding(lengths, b, n, N, config.is_causal, query.device)
-    return _Prepared(ranks, simulated, config, rplan, backend, compute, L, dropout, padding)
+    return _Prepared(ranks, simulated, layout, config, rplan, backend, compute, L, dropout, padding)
+
+
+def _mask_spec(prepared: _Prepared, rank: int) -> MaskSpec:
+    """Where this process's rows sit globally: rank ``rank``'s shard (a process group) or the
+    ``R`` shards of a simulated ring, each in the call's layout."""
+    P, L, padding = prepared.ranks, prepared.local_len, prepared.padding
+    pieces, piece_len = None, 0
+    if prepared.layout == "balanced":
+        order = balanced_order(P)
+        chunks = order if prepared.simulated else order[2 * rank:2 * rank + 2]
+        pieces, piece_len = tuple(c * (L // 2) for c in chunks), L // 2
+    return MaskSpec(prepared.config.is_causal, prepared.dropout, base=rank * L,
+                    lengths=padding.lengths, key_mask=padding.key_mask, pieces=pieces,
+                    piece_len=piece_len)
 
 
 def _canonical(x):
@@ -169,16 +193,16 @@ def _shared_seed(process_group, dropout: Dropout | None, timeout: float) -> Drop
 
 def _checked(process_group, query, key, value, config_args: dict, backend: str, comm: str,
              ring_size, world: int, dropout_p: float, dropout_seed, timeout: float,
-             seq_lengths) -> _Prepared:
+             seq_lengths, layout: str) -> _Prepared:
     """:func:`_prepare` on every rank, then the consistency exchange *before* raising: a rank
     whose own arguments are invalid still reaches it, so every rank raises (a rank raising alone
     would leave the others waiting in their first hop). Shares rank 0's dropout seed."""
     args = dict(config_args, backend=backend, ring_size=ring_size, comm=comm, dropout_p=dropout_p,
-                seq_lengths_given=seq_lengths is not None)
+                seq_lengths_given=seq_lengths is not None, layout=layout)
     codes, values = _fingerprint(query, key, args)
     try:
         prepared, error = _prepare(query, key, value, config_args, backend, comm, ring_size, world,
-                                   dropout_p, dropout_seed, seq_lengths), None
+                                   dropout_p, dropout_seed, seq_lengths, layout), None
     except (ValueError, TypeError) as e:
         prepared, error = None, e
     dropout = None if prepared is None else prepared.dropout
@@ -199,7 +223,7 @@ def ring_dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
                            comm: str = "ring", stats: CommStats | None = None,
                            check_consistency: bool = True, dropout_p: float = 0.0,
                            dropout_seed: int | None = None, timeout: float = 300.0,
-                           seq_lengths: torch.Tensor | None = None):
+                           seq_lengths: torch.Tensor | None = None, layout: str = "contiguous"):
     """Dilated attention (the definition of :func:`ring_torch.dilated_attention`) over a ring.
 
     * ``process_group`` with world size ``P > 1``: each rank passes its local shard
@@ -213,13 +237,24 @@ def ring_dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
       patterns computed hop by hop exactly as the distributed ring (bounded memory); any ``n``
       and ``R``: the sequence is padded to the smallest length ``R`` shards can run
       (:func:`ring_torch._ring_plan.ring_padded_length`) and the result cut back.
-    * otherwise: :func:`ring_torch.dilated_attention`.
+    * otherwise: :func:`ring_torch.dilated_attention` (``layout`` is then only validated).
+
+    ``layout``: ``"contiguous"`` (the default: rank ``i`` holds ``[i*L, (i+1)*L)``) or
+    ``"balanced"`` (:func:`ring_torch.to_balanced`): with a process group rank ``i`` passes, and
+    gets back its shards of out and LSE in, the balanced order: chunk ``i`` then chunk
+    ``2P-1-i`` of ``C = n / (2P)`` tokens, so causal work is equal on every rank; with
+    ``ring_size=R`` the inputs and outputs stay in natural order (permuted inside). Its rules:
+    ``n % (2P) == 0``, the contiguous rules on ``2P`` chunks of ``C``, and every pattern with
+    ``w' > C`` spans ``g = w' / C`` chunks with ``g == 2P`` or ``P % g == 0`` (else a
+    ``ValueError`` naming the pattern, ``n``, ``C`` and ``P``). Outputs, LSE, gradients and
+    dropout masks are those of the contiguous layout (the same global definition).
 
     Checks in a process group (``check_consistency=True``, the default): every rank validates
     its own arguments (its sharding too: ``ValueError`` naming pattern, ``L`` and ``P``)
     *without raising yet*, then one small ``all_gather`` exchanges each rank's ok / error status
     and codes of its local shapes, dtype and every pattern, mix, causality, scale, backend,
-    ``comm``, ``ring_size`` and ``dropout_p`` argument, and whether ``seq_lengths`` is given. If any rank failed or any field differs,
+    ``comm``, ``ring_size``, ``layout`` and ``dropout_p`` argument, and whether ``seq_lengths``
+    is given. If any rank failed or any field differs,
     every rank raises: a ``ValueError`` (:class:`ring_torch._comm.RingCheckError`) naming each
     differing field with its per-rank values and each failing rank's error, or, when every rank
     failed alike, its own error. Only then is any block sent.
@@ -258,10 +293,10 @@ def ring_dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     world = _world_size(process_group)
     if world > 1 and check_consistency:
         prepared = _checked(process_group, query, key, value, config_args, backend, comm,
-                            ring_size, world, dropout_p, dropout_seed, timeout, seq_lengths)
+                            ring_size, world, dropout_p, dropout_seed, timeout, seq_lengths, layout)
     else:
         prepared = _prepare(query, key, value, config_args, backend, comm, ring_size, world,
-                            dropout_p, dropout_seed, seq_lengths)
+                            dropout_p, dropout_seed, seq_lengths, layout)
         if world > 1:
             prepared = replace(prepared, dropout=_shared_seed(process_group, prepared.dropout, timeout))
     if prepared.ranks == 1:
@@ -270,23 +305,26 @@ def ring_dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
                                  softmax_scale=softmax_scale, return_lse=return_lse,
                                  backend=backend, dropout_p=dropout_p, dropout_seed=dropout_seed,
                                  seq_lengths=seq_lengths)
-    config, rplan, dropout, padding = prepared.config, prepared.rplan, prepared.dropout, prepared.padding
+    config, rplan, padding = prepared.config, prepared.rplan, prepared.padding
     backend, compute, L, simulated = prepared.backend, prepared.compute, prepared.local_len, prepared.simulated
-    d, dtype = query.shape[-1], query.dtype
-    base = 0
+    d, dtype, R = query.shape[-1], query.dtype, prepared.ranks
+    rank = 0
     if not simulated:
         import torch.distributed as dist
 
-        base = dist.get_rank(process_group) * L
+        rank = dist.get_rank(process_group)
     scale = config.scale(d)
-    executor = make_executor(backend, query.device, compute, d, dropout, padding.key_mask)
-    make_comm = make_communicator(comm, process_group, prepared.ranks if simulated else None, L,
-                                  stats)
+    executor = make_executor(backend, query.device, compute, d, prepared.dropout, padding.key_mask)
+    make_comm = make_communicator(comm, process_group, R if simulated else None, L, stats)
     q, k, v = pad_inputs(padding, [x.to(compute) for x in (query, key, value)])
-    spec = MaskSpec(config.is_causal, dropout, base=base, lengths=padding.lengths,
-                    key_mask=padding.key_mask)
-    out, lse = unpad_outputs(padding, *_ring_forward(rplan, q, k, v, scale, executor, spec, make_comm),
-                             base)
+    spec = _mask_spec(prepared, rank)
+    permute = simulated and prepared.layout == "balanced"  # natural order in and out
+    if permute:
+        q, k, v = (to_balanced(x, R) for x in (q, k, v))
+    out, lse = _ring_forward(rplan, q, k, v, scale, executor, spec, make_comm)
+    if permute:
+        out, lse = from_balanced(out, R), from_balanced(lse, R)
+    out, lse = unpad_outputs(padding, out, lse, None if simulated else spec)
     out = out.to(dtype)
     if not return_lse:
         return out

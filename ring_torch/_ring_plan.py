@@ -5,9 +5,11 @@ some query heads, each head at its offset; ``w`` the effective segment ``min(w_i
 ``w <= L`` (``L % w == 0``) runs locally on each shard; ``w > L`` (``n % w == 0``, ``w % L == 0``,
 ``L % r == 0``: no partial segment spans ranks) spans ``g = w / L`` consecutive ranks (a
 sub-ring), whose selected rows of each *distinct* ``(kv head, offset)`` pair travel ``g - 1``
-hops. :func:`ring_padded_length` is the smallest length a ring of ``R`` shards in one process
-can pad a sequence to. Pure Python, cached; the same units, pairs and
-hops as ``ring_jax``'s plan.
+hops. With ``layout="balanced"`` (:mod:`ring_torch._layout`) ``w' <= C = L / 2`` is local and a
+spanning pattern runs on a sub-ring of ``P`` ranks (``w' = n``) or ``w' / C`` ranks, each unit
+with its :class:`ring_torch._layout.Schedule`. :func:`ring_padded_length` is the smallest length
+a ring of ``R`` shards in one process can pad a sequence to. Pure Python, cached; the same units,
+pairs and hops as ``ring_jax``'s plan.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from ring_torch._config import DilatedConfig
+from ring_torch._layout import Schedule, balanced_error, make_schedule, span_of
 from ring_torch._plan import PATTERN_CACHE, DilatedPlan, Unit, build_plan
 
 __all__ = ["RingUnit", "RingPlan", "check_sharding", "sharding_error", "ring_padded_length",
@@ -28,7 +31,8 @@ class RingUnit:
     """One unit as a rank sees it.
 
     ``heads``: the unit's query heads (absolute), in output order; ``offsets``: each head's offset.
-    ``group`` (g): ranks one segment spans; 1 = local, run by the single-device ``local_units``.
+    ``group`` (G): ranks of the unit's sub-ring; 1 = local, run by the single-device
+    ``local_units``. ``schedule``: the blocks each rank computes per hop (None when local).
     ``pairs``: the distinct ``(kv head, offset)`` pairs on the wire (sorted, as in ring_jax);
     ``q_to_pair``: the pair each query head reads.
     """
@@ -42,6 +46,7 @@ class RingUnit:
     pairs: tuple[tuple[int, int], ...]
     q_to_pair: tuple[int, ...]
     local_units: tuple[Unit, ...]
+    schedule: Schedule | None = None
 
     def rows(self, local_len: int) -> int:
         """Selected rows per rank of a spanning unit: ``L / r``."""
@@ -55,12 +60,13 @@ class RingUnit:
 @dataclass(frozen=True)
 class RingPlan:
     """The single-device ``plan`` of the global sequence, sharded as ``world`` ranks of
-    ``local_len`` rows, and its ring units."""
+    ``local_len`` rows in ``layout``, and its ring units."""
 
     plan: DilatedPlan
     local_len: int
     world: int
     units: tuple[RingUnit, ...]  # head_groups: in head order; longnet: one per pattern
+    layout: str = "contiguous"
 
     def forward_bytes(self, batch: int, head_dim: int, itemsize: int) -> dict[int, int]:
         """Bytes one rank sends in the forward, per pattern: ``(g - 1)`` hops of
@@ -102,59 +108,82 @@ def sharding_error(config: DilatedConfig, local_len: int, world: int) -> str | N
     return None
 
 
-def check_sharding(config: DilatedConfig, local_len: int, world: int):
-    """``ValueError`` naming the pattern, ``n``, ``L`` and ``P`` when the sharding cannot run the
-    plan (:func:`sharding_error`)."""
-    error = sharding_error(config, local_len, world)
+def check_sharding(config: DilatedConfig, local_len: int, world: int,
+                   layout: str = "contiguous"):
+    """``ValueError`` naming the pattern, ``n``, ``L`` (balanced: ``C``) and ``P`` when the
+    sharding cannot run the plan (:func:`sharding_error`,
+    :func:`ring_torch._layout.balanced_error`)."""
+    error = (sharding_error(config, local_len, world) if layout == "contiguous"
+             else balanced_error(config, local_len * world, world))
     if error is not None:
         raise ValueError(error)
 
 
 @functools.lru_cache(maxsize=256)
-def ring_padded_length(config: DilatedConfig, seq_len: int, ring_size: int) -> int:
+def ring_padded_length(config: DilatedConfig, seq_len: int, ring_size: int,
+                       layout: str = "contiguous") -> int:
     """The smallest ``N >= seq_len`` that ``ring_size`` shards of ``N / ring_size`` rows can run
     (:func:`sharding_error`), among the plan lengths (:meth:`DilatedConfig.padded_length`);
-    a multiple of ``ring_size * lcm(w)`` always can, so the search is short."""
+    a multiple of ``ring_size * lcm(w)`` always can, so the search is short. ``"balanced"``:
+    the length ``2 * ring_size`` contiguous chunks can run (the balanced layout may still refuse
+    it, :func:`check_sharding`)."""
+    if layout == "balanced":
+        return ring_padded_length(config, seq_len, 2 * ring_size)
     N = config.padded_length(seq_len)
     while N % ring_size or sharding_error(config, N // ring_size, ring_size) is not None:
         N = config.padded_length(N + 1)
     return N
 
 
-def _ring_unit(pattern, segment, rate, heads, offsets, group_size, local_len, local_units):
+def _ring_unit(pattern, segment, rate, heads, offsets, group_size, local_len, local_units,
+               world, layout, causal):
     """The :class:`RingUnit` of one pattern over ``heads`` at ``offsets``."""
     kv = [j // group_size for j in heads]
-    span = segment // local_len if segment > local_len else 1
+    span, kind = span_of(layout, segment, local_len, world)
     if span == 1:
         return RingUnit(pattern, segment, rate, tuple(heads), tuple(offsets), 1, (), (),
                         tuple(local_units))
     pairs = tuple(sorted(set(zip(kv, offsets))))
     q_to_pair = tuple(pairs.index(p) for p in zip(kv, offsets))
+    piece_len = local_len if kind == "contiguous" else local_len // 2
+    schedule = make_schedule(kind, span, world, piece_len, causal)
     return RingUnit(pattern, segment, rate, tuple(heads), tuple(offsets), span, pairs, q_to_pair,
-                    tuple(local_units))
+                    tuple(local_units), schedule)
 
 
-def _build_ring(plan: DilatedPlan, local_len: int, world: int) -> RingPlan:
+def _build_ring(plan: DilatedPlan, local_len: int, world: int, layout: str) -> RingPlan:
     """The ring units of ``plan``: per unit (``head_groups``) or per pattern (``longnet``)."""
     group_size = plan.num_heads // plan.num_kv_heads
+    where = (world, layout, plan.is_causal)
     units = []
     if not plan.merged:  # one ring unit per single-device unit, in head order
         for u in plan.units:
             heads = range(*u.q_heads)
             units.append(_ring_unit(u.pattern, u.segment, u.rate, heads, [u.offset] * len(heads),
-                                    group_size, local_len, (u,)))
+                                    group_size, local_len, (u,), *where))
     else:  # one ring unit per pattern, over all heads
         for i, (w, r) in enumerate(zip(plan.segment_lengths, plan.dilation_rates)):
             heads = range(plan.num_heads)
             units.append(_ring_unit(i, w, r, heads, [j % r for j in heads], group_size, local_len,
-                                    plan.pattern_units(i)))
-    return RingPlan(plan, local_len, world, tuple(units))
+                                    plan.pattern_units(i), *where))
+    return RingPlan(plan, local_len, world, tuple(units), layout)
 
 
 def build_ring_plan(config: DilatedConfig, local_len: int, world: int, num_heads: int,
-                    num_kv_heads: int) -> RingPlan:
-    """The (cached) ring plan; checks the sharding, then the head counts, before anything runs."""
-    check_sharding(config, local_len, world)
+                    num_kv_heads: int, layout: str = "contiguous") -> RingPlan:
+    """The (cached) ring plan; checks the sharding, then the head counts, before anything runs.
+
+    Args:
+        config: the validated patterns.
+        local_len: ``L``, rows per rank.
+        world: ``P``, ranks of the ring.
+        num_heads, num_kv_heads: head counts of ``[batch, seq, heads, head_dim]`` inputs.
+        layout: ``"contiguous"`` or ``"balanced"`` (:mod:`ring_torch._layout`).
+
+    Returns:
+        The :class:`RingPlan`.
+    """
+    check_sharding(config, local_len, world, layout)
     plan = build_plan(config, local_len * world, num_heads, num_kv_heads)
-    key = ("ring", plan, local_len, world)
-    return PATTERN_CACHE.get_or_create(key, lambda: _build_ring(plan, local_len, world))
+    key = ("ring", plan, local_len, world, layout)
+    return PATTERN_CACHE.get_or_create(key, lambda: _build_ring(plan, local_len, world, layout))

@@ -4,9 +4,10 @@
 Tensors carry two leading axes ``[G, gl]``: the sub-rings and the group-ranks this process
 holds (``[1, 1]`` distributed, ``[R / g, g]`` simulated). At hop ``t`` the queries of group-rank
 ``j`` hold the K/V block of group-rank ``(j - t) mod g`` (the communicator decides how it
-arrives); partial ``(out, lse)`` are merged by LSE in float32 or better. Causal: blocks of later
-ranks (``t > j``) are skipped (no compute, still forwarded), earlier blocks need no mask, only
-the own block is masked (:class:`ring_torch._coords.BlockCoords` says which).
+arrives); the unit's :class:`ring_torch._layout.Schedule` says which rows attend which rows of
+it (contiguous and causal: later blocks are skipped, still forwarded, earlier blocks need no
+mask, only the own block is masked; balanced: a slot of one against both, or slot against
+slot); partial ``(out, lse)`` are merged by LSE in float32 or better.
 
 The backward feeds every block the final global ``(out, lse)`` of its rows (``dS = P * (dP - D
 + dlse)``, ``P = exp(S - lse)``, ``D = rowsum(dO * O)``) through the call's kernel (the fused
@@ -21,26 +22,41 @@ import torch
 from ring_torch._comm import _Comm
 from ring_torch._coords import BlockCoords
 from ring_torch._kernels import Kernel
+from ring_torch._layout import Schedule
 from ring_torch._rows import lse_merge
 
 __all__ = ["ring_unit_forward", "ring_unit_backward", "RingUnitFunction"]
 
 
-def _fold(x, lo):
-    """``[G, gl, b, m, X, d]`` -> the active group-ranks ``[lo:]`` folded into the batch."""
-    return x[:, lo:].reshape(-1, *x.shape[3:])
+def _rows(x, lo: int, hi: int, rows: slice):
+    """``[G, gl, b, m, X, d]`` -> the group-ranks ``[lo:hi)`` and ``rows`` of each, folded into
+    the batch: ``[G * (hi - lo) * b, |rows|, X, d]``."""
+    return x[:, lo:hi, :, rows].flatten(0, 2)
 
 
-def _first_active(js, t, causal):
-    """Index of the first local group-rank that attends the block of hop ``t`` (causal: the
-    block of ``j - t`` is in the future when ``t > j``)."""
-    return sum(1 for j in js if j < t) if causal else 0
+def _slice(pieces: tuple[int, int], piece_rows: int) -> slice:
+    return slice(pieces[0] * piece_rows, pieces[1] * piece_rows)
 
 
-def _hop_coords(coords: BlockCoords, comm: _Comm, t: int, lo: int) -> BlockCoords:
-    """The coordinates of hop ``t``'s block for the group-ranks ``[lo:]``: keys are the own
-    rows at hop 0, the block of another shard after."""
-    return coords.at(comm.block_starts(0, lo), None if t == 0 else comm.block_starts(t, lo))
+def _hop_calls(schedule: Schedule, comm: _Comm, m: int, coords: BlockCoords):
+    """Per hop ``t``: ``(lo, hi, q rows, k rows, coords)`` of each kernel call of the held
+    group-ranks ``[lo, hi)`` (the schedule's blocks, with their global row starts)."""
+    piece_rows = m // schedule.pieces
+    own = [s for row in comm.block_shards(0) for s in row]
+    gl = len(comm.js)
+    hops = []
+    for t in range(schedule.group):
+        held = [s for row in comm.block_shards(t) for s in row]
+        calls = []
+        for lo, hi, blk in schedule.calls(comm.js, t):
+            # Sub-rings outer, then the held group-ranks [lo, hi).
+            idx = [s * gl + i for s in range(len(own) // gl) for i in range(lo, hi)]
+            q_starts = [schedule.piece_starts(own[i])[slice(*blk.q)] for i in idx]
+            k_starts = None if blk.own else [schedule.piece_starts(held[i])[slice(*blk.k)] for i in idx]
+            calls.append((lo, hi, _slice(blk.q, piece_rows), _slice(blk.k, piece_rows),
+                          coords.at(q_starts, k_starts)))
+        hops.append(calls)
+    return hops
 
 
 def _sum_into_pairs(dk_h, dv_h, pair_index, num_pairs):
@@ -52,7 +68,7 @@ def _sum_into_pairs(dk_h, dv_h, pair_index, num_pairs):
 
 
 def ring_unit_forward(q, k, v, comm: _Comm, pair_index, scale: float, kernel: Kernel,
-                      coords: BlockCoords):
+                      coords: BlockCoords, schedule: Schedule):
     """Attention of the held rows over every block of the sub-ring.
 
     Args:
@@ -62,35 +78,36 @@ def ring_unit_forward(q, k, v, comm: _Comm, pair_index, scale: float, kernel: Ke
         pair_index: ``[H]`` int64, the pair each query head reads.
         scale: softmax scale.
         kernel: the call's kernel.
-        coords: the unit's coordinates (row starts filled in per hop).
+        coords: the unit's coordinates (row starts filled in per call).
+        schedule: the blocks each group-rank computes per hop.
 
     Returns:
         ``out [G, gl, b, m, H, d]``, ``lse [G, gl, b, m, H]``, both float32 or wider.
     """
     compute = torch.promote_types(q.dtype, torch.float32)
     G, gl, b, m, H, d = q.shape
+    hops = _hop_calls(schedule, comm, m, coords)
     kv = torch.stack([k, v]).contiguous()  # the wire buffer: K and V of every pair
     out = torch.zeros(G, gl, b, m, H, d, dtype=compute, device=q.device)
     lse = torch.full((G, gl, b, m, H), float("-inf"), dtype=compute, device=q.device)
     for t, block in comm.forward_blocks(kv):
-        lo = _first_active(comm.js, t, coords.spec.is_causal)
-        if lo == gl:
-            continue
-        ke, ve = block[0].index_select(4, pair_index), block[1].index_select(4, pair_index)
-        o, l = kernel.forward(_fold(q, lo), _fold(ke, lo), _fold(ve, lo), scale,
-                              _hop_coords(coords, comm, t, lo))
-        shape = (G, gl - lo, b, m, H)
-        o, l = o.reshape(*shape, d).to(compute), l.reshape(shape).to(compute)
-        out[:, lo:], lse[:, lo:] = lse_merge([out[:, lo:], o], [lse[:, lo:], l])
+        for lo, hi, qs, ks, hop_coords in hops[t]:
+            ke, ve = (x[:, lo:hi, :, ks].index_select(4, pair_index).flatten(0, 2) for x in block)
+            o, l = kernel.forward(_rows(q, lo, hi, qs), ke, ve, scale, hop_coords)
+            shape = (G, hi - lo, b, o.shape[1], H)
+            o, l = o.reshape(*shape, d).to(compute), l.reshape(shape).to(compute)
+            part = (slice(None), slice(lo, hi), slice(None), qs)
+            out[part], lse[part] = lse_merge([out[part], o], [lse[part], l])
     return out, lse
 
 
 def ring_unit_backward(q, k, v, out, lse, dout, dlse, comm: _Comm, pair_index, scale: float,
-                       kernel: Kernel, coords: BlockCoords):
-    """Gradients of :func:`ring_unit_forward` from its global ``(out, lse)``.
+                       kernel: Kernel, coords: BlockCoords, schedule: Schedule):
+    """Gradients of :func:`ring_unit_forward` from its global ``(out, lse)``: the same blocks.
 
     Args:
-        q, k, v, comm, pair_index, scale, kernel, coords: as in :func:`ring_unit_forward`.
+        q, k, v, comm, pair_index, scale, kernel, coords, schedule: as in
+            :func:`ring_unit_forward`.
         out: ``[G, gl, b, m, H, d]``, lse: ``[G, gl, b, m, H]``: the forward's float32+ results.
         dout: ``[G, gl, b, m, H, d]`` or None (zero); dlse: ``[G, gl, b, m, H]`` or None (zero).
 
@@ -100,21 +117,21 @@ def ring_unit_backward(q, k, v, out, lse, dout, dlse, comm: _Comm, pair_index, s
     compute = out.dtype
     G, gl, b, m, H, d = q.shape
     Np = k.shape[4]
+    hops = _hop_calls(schedule, comm, m, coords)
     unit = kernel.grad_inputs(q, out, lse, dout, dlse)  # in the kernel's dtypes, once per unit
     dq = torch.zeros(q.shape, dtype=compute, device=q.device)
 
     def block_grads(block, t):
         """Adds to dq in place; returns the ``[2, G, gl, b, m, Np, d]`` dK/dV of ``block``."""
         dkv = torch.zeros(2, G, gl, b, m, Np, d, dtype=compute, device=q.device)
-        lo = _first_active(comm.js, t, coords.spec.is_causal)
-        if lo < gl:
-            ke, ve = block[0].index_select(4, pair_index), block[1].index_select(4, pair_index)
+        for lo, hi, qs, ks, hop_coords in hops[t]:
+            ke, ve = (x[:, lo:hi, :, ks].index_select(4, pair_index).flatten(0, 2) for x in block)
             dq_t, dk_h, dv_h = (x.to(compute) for x in kernel.backward(
-                unit.fold(lo), _fold(ke, lo), _fold(ve, lo), scale, _hop_coords(coords, comm, t, lo)))
+                unit.select(lo, hi, qs), ke, ve, scale, hop_coords))
             dk_t, dv_t = _sum_into_pairs(dk_h, dv_h, pair_index, Np)
-            dq[:, lo:] += dq_t.reshape(G, gl - lo, b, m, H, d)
-            dkv[0, :, lo:] = dk_t.reshape(G, gl - lo, b, m, Np, d)
-            dkv[1, :, lo:] = dv_t.reshape(G, gl - lo, b, m, Np, d)
+            dq[:, lo:hi, :, qs] += dq_t.reshape(G, hi - lo, b, -1, H, d)
+            dkv[0, :, lo:hi, :, ks] += dk_t.reshape(G, hi - lo, b, -1, Np, d)
+            dkv[1, :, lo:hi, :, ks] += dv_t.reshape(G, hi - lo, b, -1, Np, d)
         return dkv
 
     dkv = comm.backward_exchange(torch.stack([k, v]).contiguous(), block_grads)
@@ -127,10 +144,10 @@ class RingUnitFunction(torch.autograd.Function):
     float32+ ``(out, lse)`` for :func:`ring_unit_backward`."""
 
     @staticmethod
-    def forward(ctx, q, k, v, comm, pair_index, scale, kernel, coords):
-        out, lse = ring_unit_forward(q, k, v, comm, pair_index, scale, kernel, coords)
+    def forward(ctx, q, k, v, comm, pair_index, scale, kernel, coords, schedule):
+        out, lse = ring_unit_forward(q, k, v, comm, pair_index, scale, kernel, coords, schedule)
         ctx.save_for_backward(q, k, v, out, lse, pair_index)
-        ctx.args = (comm, scale, kernel, coords)
+        ctx.args = (comm, scale, kernel, coords, schedule)
         ctx.set_materialize_grads(False)
         return out.to(q.dtype), lse
 
@@ -138,6 +155,7 @@ class RingUnitFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, pair_index = ctx.saved_tensors
-        comm, scale, kernel, coords = ctx.args
-        grads = ring_unit_backward(q, k, v, out, lse, dout, dlse, comm, pair_index, scale, kernel, coords)
-        return (*grads, None, None, None, None, None)
+        comm, scale, kernel, coords, schedule = ctx.args
+        grads = ring_unit_backward(q, k, v, out, lse, dout, dlse, comm, pair_index, scale, kernel,
+                                   coords, schedule)
+        return (*grads, None, None, None, None, None, None)

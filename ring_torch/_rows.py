@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ring_torch._coords import mask_rows, real_rows
+from ring_torch._coords import MaskSpec, mask_rows, real_rows
 from ring_torch._plan import Unit, index_tensor
 
 __all__ = ["gather_rows", "q_rows", "kv_rows", "blank", "lse_merge", "merge_rows", "to_ring",
@@ -55,11 +55,14 @@ def pad_inputs(padding: Padding, xs):
     return [F.pad(x, (0, 0, 0, 0, 0, extra)) if extra else x for x in xs]
 
 
-def unpad_outputs(padding: Padding, out: torch.Tensor, lse: torch.Tensor, base: int = 0):
-    """``out [b, nl, h, d]``, ``lse [b, nl, h]`` (global rows from ``base``) with padded rows
-    ``0`` / ``-inf`` (``mask_rows``), cut back to ``nl - (padded_len - seq_len)`` rows."""
+def unpad_outputs(padding: Padding, out: torch.Tensor, lse: torch.Tensor, spec: MaskSpec | None = None):
+    """``out [b, nl, h, d]``, ``lse [b, nl, h]`` (local rows at the global positions of ``spec``,
+    None: from 0) with padded rows ``0`` / ``-inf`` (``mask_rows``), cut back to
+    ``nl - (padded_len - seq_len)`` rows."""
     if padding.mask_rows:
-        out, lse = mask_rows(out, lse, real_rows(padding.lengths, base, out.shape[1]))
+        nl = out.shape[1]
+        positions = torch.arange(nl, device=out.device) if spec is None else spec.row_positions(nl, out.device)
+        out, lse = mask_rows(out, lse, real_rows(padding.lengths, positions))
     keep = out.shape[1] - (padding.padded_len - padding.seq_len)
     return out[:, :keep], lse[:, :keep]
 
