@@ -61,24 +61,33 @@ def test_simulated_ring_equals_single_device(mix, ring_size):
         assert max_abs_err(a, b) <= 1e-12
 
 
-def test_custom_backward_equals_autodiff_of_the_ring():
-    """The product backward against plain autodiff through the forward hops (the fallback)."""
-    from ring_jax._coords import make_origin, unit_coords
+@pytest.mark.parametrize("layout", ["contiguous", "joint", "split"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_custom_backward_equals_autodiff_of_the_ring(layout, causal):
+    """The product backward against plain autodiff through the forward hops (the fallback), for
+    the contiguous hop blocks and both balanced ones."""
+    from ring_jax._coords import Coords, make_origin, unit_coords
     from ring_jax._kernels import BlockSpec, XlaKernel
     from ring_jax._ring import _Hops, ring_forward, ring_unit_attention
+    from ring_jax._ring_plan import CONTIGUOUS, JOINT, SPLIT
 
+    calls, dirs = {"contiguous": (CONTIGUOUS, (1,)), "joint": (JOINT, (1, -1)), "split": (SPLIT, (1, -1))}[layout]
+    k = len(dirs)
     mesh = mesh_of(4)
     spec = jax.sharding.PartitionSpec("sp")
-    hops = _Hops("sp", 4, ((0, 1), (1, 2), (2, 3), (3, 0)), (0, 0, 1), BlockSpec(XlaKernel(), 0.3, causal=True),
-                 local_len=8)
+    hops = _Hops("sp", 4, ((0, 1), (1, 2), (2, 3), (3, 0)), (0, 0, 1), BlockSpec(XlaKernel(), 0.3, causal=causal),
+                 8 // k, 0, calls, dirs)
     kq, kk = jax.random.split(jax.random.PRNGKey(0))
-    q = jax.random.normal(kq, (4 * 2, 8, 3, 4))  # per device: [b=2, m=8, H=3, d=4]
-    kv = jax.random.normal(kk, (4 * 2, 8, 2, 2, 4))  # pairs = 2
+    q = jax.random.normal(kq, (4 * 2, k, 8 // k, 3, 4))  # per device: [b=2, k, m, H=3, d=4]
+    kv = jax.random.normal(kk, (4 * 2, k, 8 // k, 2, 2, 4))  # pairs = 2
 
     def loss(f):
         def per_device(q, kv):
-            origin = make_origin(pos_base=jax.lax.axis_index("sp") * 8)
-            out, lse = f(q, kv, hops, unit_coords(origin, 2, 1, 8, 1, (0, 1, 2), (0, 0, 0)))
+            j = jax.lax.axis_index("sp")
+            origin = make_origin(pos_base=j * 8 // k, half_base=None if k == 1 else (7 - j) * 4)
+            c = unit_coords(origin, 2, k, 8 // k, 1, (0, 1, 2), (0, 0, 0))
+            qpos = c.qpos.reshape(2, k, 3, 8 // k)
+            out, lse = f(q, kv, hops, Coords(c.seed, c.batch[::k], c.heads, qpos, qpos))
             return (jnp.sum(out * jnp.cos(out)) + jnp.sum(jnp.sin(lse)))[None]
 
         return lambda q, kv: jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec), out_specs=spec,
@@ -221,7 +230,7 @@ def test_communication_is_what_the_plan_says(mix):
     expected = collections.Counter()
     for ru in plan.units:
         if ru.group > 1:
-            shape = f"f32[{b},{L // ru.unit.r},2,{len(ru.pair_heads)},{d}]"
+            shape = f"f32[{b},{ru.slots},{L // ru.slots // ru.unit.r},2,{len(ru.pair_heads)},{d}]"
             expected[shape] += ru.group - 1
             assert _bytes(shape) == ru.hop_bytes(b, d, 4)
     assert fwd == expected
@@ -235,7 +244,7 @@ def test_gqa_pairs_are_not_replicated_on_the_wire():
     plan = ring_jax.get_ring_plan(ring_jax.DilatedConfig((128, 128), (2, 2)), 32, 4, 8, 2)
     assert [len(ru.pair_heads) for ru in plan.units] == [1, 1]
     fwd = _compiled_permutes(4, 32, dict(segment_lengths=(128, 128), dilation_rates=(2, 2)), h=8, h_kv=2, b=1)
-    assert fwd == collections.Counter({"f32[1,16,2,1,16]": 2 * 3})
+    assert fwd == collections.Counter({"f32[1,1,16,2,1,16]": 2 * 3})
 
 
 def test_local_patterns_communicate_nothing():
@@ -246,7 +255,7 @@ def test_local_patterns_communicate_nothing():
 def test_bytes_per_device_do_not_grow_with_n_at_fixed_L():
     cfg = dict(segment_lengths=(16, 1024), dilation_rates=(1, 4), mix="longnet")
     per_hop = [set(_compiled_permutes(P, 64, cfg)) for P in (2, 4, 8)]
-    assert per_hop[0] == per_hop[1] == per_hop[2] == {"f32[2,16,2,6,16]"}
+    assert per_hop[0] == per_hop[1] == per_hop[2] == {"f32[2,1,16,2,6,16]"}
 
 
 def _temp_bytes(f, *args):

@@ -4,6 +4,7 @@ Shapes everywhere: ``[batch, seq, heads, head_dim]``.
 
 Layout (one file per step; lower layers never import higher ones):
   ``_config``     pattern config (frozen, self-validating) and input checks
+  ``_layout``     the contiguous and balanced token placements of a sharded sequence
   ``_plan``       static NumPy plan of units and layers, memoised at trace time
   ``_dropout``    the counter hash shared with ``ring_torch``
   ``_coords``     a block's global coordinates; causal, dropout and padding masks derived in one place
@@ -24,6 +25,7 @@ from ring_jax._attention_fn import make_attention_fn
 from ring_jax._config import DilatedConfig
 from ring_jax._decode import DecodeCache, decode, init_cache
 from ring_jax._kernels import block_attention, get_block_kernel, set_block_kernel
+from ring_jax._layout import from_balanced, to_balanced
 from ring_jax._plan import Plan, build_count, get_plan
 from ring_jax._ring_plan import RingPlan, get_ring_plan
 
@@ -36,6 +38,7 @@ __all__ = [
     "build_count",
     "decode",
     "dilated_attention",
+    "from_balanced",
     "get_block_kernel",
     "get_plan",
     "get_ring_plan",
@@ -44,6 +47,7 @@ __all__ = [
     "ring_dilated_attention",
     "set_block_kernel",
     "sharded_dilated_attention",
+    "to_balanced",
 ]
 
 

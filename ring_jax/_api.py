@@ -16,9 +16,11 @@ from ring_jax._coords import Origin, make_origin, real_rows
 from ring_jax._dilated import kept_rows_attention, keeps_rows, saved_attention
 from ring_jax._dropout import as_seed, check_dropout
 from ring_jax._kernels import BlockSpec, make_spec
+from ring_jax._layout import (check_layout, from_balanced, shard_from_balanced, shard_to_balanced,
+                              to_balanced)
 from ring_jax._plan import Plan, get_plan, padded_length
 from ring_jax._ring import attend_sharded_unit, attend_simulated_unit
-from ring_jax._ring_plan import get_ring_plan
+from ring_jax._ring_plan import balanced_padded_length, get_ring_plan
 from ring_jax._rows import run_layers
 
 
@@ -122,9 +124,35 @@ def simulated_ring_attention(query, key, value, config: DilatedConfig, ring_size
     return finish(result, True, origin, n)
 
 
+_SIM_AXIS = "ring_jax_simulated_ring"
+
+
+def balanced_simulated_attention(query, key, value, seed, lengths, ring_size: int, padded_len: int, static: tuple):
+    """The balanced ring on one device: the (padded) sequence permuted to the balanced layout, cut
+    into ``ring_size`` shards that play the devices under ``vmap`` (``ppermute`` between them), and
+    permuted back; ``(out, lse)`` cut to the input length."""
+    P, (b, n) = ring_size, query.shape[:2]
+
+    def shards(x):  # [b, n, ...] -> [P, b, L, ...], device j's balanced shard at index j
+        x = to_balanced(pad_to(x, padded_len), P)
+        return jnp.moveaxis(x.reshape(b, P, padded_len // P, *x.shape[2:]), 1, 0)
+
+    def natural(x):  # inverse of shards, cut to n
+        x = jnp.moveaxis(x, 0, 1)
+        return from_balanced(x.reshape(b, padded_len, *x.shape[3:]), P)[:, :n]
+
+    def device(q, k, v):
+        return ring_dilated_attention(q, k, v, axis_name=_SIM_AXIS, return_lse=True, layout="balanced",
+                                      dropout_seed=seed, seq_lengths=lengths, **dict(static))
+
+    out, lse = jax.vmap(device, axis_name=_SIM_AXIS)(*(shards(x) for x in (query, key, value)))
+    return natural(out), natural(lse)
+
+
 def dilated_attention(query, key, value, *, segment_lengths, dilation_rates, mix="head_groups",
                       is_causal=False, softmax_scale=None, return_lse=False, ring_size=None,
-                      dropout_rate=0.0, dropout_seed=None, chunk_size=None, seq_lengths=None):
+                      dropout_rate=0.0, dropout_seed=None, chunk_size=None, seq_lengths=None,
+                      layout="contiguous"):
     """Dilated attention (LongNet) on one device.
 
     Args:
@@ -153,6 +181,8 @@ def dilated_attention(query, key, value, *, segment_lengths, dilation_rates, mix
       seq_lengths: optional integer ``[batch]`` (may be traced: one compiled program for all
         values): positions ``p >= seq_lengths[b]`` are padding, never a key; their output rows are
         0 (LSE ``-inf``) and their q, k, v get zero gradients. Values are clipped to ``[0, seq]``.
+      layout: with ``ring_size``, how the simulated devices hold the sequence: ``"contiguous"``
+        or ``"balanced"`` (as :func:`ring_dilated_attention`; arrays stay in natural order).
 
     Returns:
       ``out [batch, seq, heads, head_dim]`` in the input dtype (rows with no key are 0), or
@@ -168,6 +198,16 @@ def dilated_attention(query, key, value, *, segment_lengths, dilation_rates, mix
         raise ValueError(f"{chunk_size=} and {ring_size=}: pick one way of cutting the sequence")
     check_chunk_type(chunk_size)
     config.validate_shapes(n, h, h_kv)  # errors name the whole sequence, not a chunk
+    if check_layout(layout) == "balanced" and ring:
+        N = balanced_padded_length(config, n, ring_size)
+        lengths = _lengths(seq_lengths, b, n, seq_lengths is not None or N > n)
+        seed = jnp.uint32(0) if not rate else as_seed(dropout_seed)
+        static = (("segment_lengths", config.segment_lengths), ("dilation_rates", config.dilation_rates),
+                  ("mix", mix), ("is_causal", config.is_causal), ("softmax_scale", softmax_scale),
+                  ("dropout_rate", rate))
+        run = _compiled(balanced_simulated_attention, (5, 6, 7), query, key, value, seed, lengths)
+        out, lse = run(query, key, value, seed if rate else None, lengths, ring_size, N, static)
+        return (out, lse) if return_lse else out
     N = padded_length(config, n, chunk_size or 1, ring_size if ring else 1)
     padded = seq_lengths is not None or N > n
     origin = make_origin(dropout_seed if rate else None, lengths=_lengths(seq_lengths, b, n, padded))
@@ -183,13 +223,16 @@ def dilated_attention(query, key, value, *, segment_lengths, dilation_rates, mix
 
 def ring_dilated_attention(query, key, value, *, axis_name, segment_lengths, dilation_rates,
                            mix="head_groups", is_causal=False, softmax_scale=None, return_lse=False,
-                           dropout_rate=0.0, dropout_seed=None, batch_axis=None, seq_lengths=None):
+                           dropout_rate=0.0, dropout_seed=None, batch_axis=None, seq_lengths=None,
+                           layout="contiguous"):
     """Dilated attention over a sequence sharded along ``axis_name``; call inside ``shard_map``.
 
     Args:
-      query: the local shard ``[batch, L, heads, head_dim]``; device ``i`` of the axis holds global
-        positions ``[i*L, (i+1)*L)``. A pattern whose segments span devices needs ``n = P*L`` to be a
-        multiple of its ``w`` (or ``w >= n``): partial segments spanning devices are not supported.
+      query: the local shard ``[batch, L, heads, head_dim]``. ``layout="contiguous"``: device ``i``
+        of the axis holds global positions ``[i*L, (i+1)*L)``; ``"balanced"``: it holds chunks ``i``
+        and ``2P-1-i`` of ``C = L/2`` positions (:func:`ring_jax.to_balanced` makes that order). A
+        pattern whose segments span devices needs ``n = P*L`` to be a multiple of its ``w`` (or
+        ``w >= n``): partial segments spanning devices are not supported.
       key, value: local shards ``[batch, L, kv_heads, head_dim]``.
       axis_name: the mesh axis the sequence is sharded over.
       segment_lengths, dilation_rates, mix, is_causal, softmax_scale, return_lse, dropout_rate,
@@ -199,20 +242,26 @@ def ring_dilated_attention(query, key, value, *, axis_name, segment_lengths, dil
       seq_lengths: optional integer ``[global batch]``, the same array on every device (as in
         :func:`dilated_attention`, clipped to ``[0, n]``); with ``batch_axis`` each device reads
         the entries of its batch shard.
+      layout: ``"contiguous"`` (default) or ``"balanced"``: causal work equal on every device
+        (the README's "Balanced layout" says which patterns then communicate); rules: ``n %
+        (2P) == 0``, the contiguous rules on ``2P`` chunks, and each pattern spanning chunks has
+        ``w >= n`` or ``w / C`` dividing ``P``.
 
     Returns:
       The local shard of ``dilated_attention`` on the global sequence, ``[batch, L, heads,
-      head_dim]`` (and its LSE ``[batch, L, heads]`` with ``return_lse``).
+      head_dim]`` (and its LSE ``[batch, L, heads]`` with ``return_lse``), in ``layout``'s order.
     """
     config = DilatedConfig(segment_lengths, dilation_rates, mix, is_causal, softmax_scale)
     b, L, h, h_kv, _ = check_inputs(query, key, value)
     P = lax.axis_size(axis_name)
     global_batch = b * (1 if batch_axis is None else lax.axis_size(batch_axis))
     seq_lengths = check_seq_lengths(seq_lengths, global_batch)
-    plan = get_ring_plan(config, L, P, h, h_kv)
+    plan = get_ring_plan(config, L, P, h, h_kv, layout)
     rate = check_dropout(dropout_rate, dropout_seed)
+    j = lax.axis_index(axis_name)
+    bases = (j * L, None) if layout == "contiguous" else (j * (L // 2), (2 * P - 1 - j) * (L // 2))
     origin = make_origin(dropout_seed if rate else None, 0 if batch_axis is None else lax.axis_index(batch_axis) * b,
-                         lax.axis_index(axis_name) * L, _lengths(seq_lengths, global_batch, L * P, False))
+                         bases[0], _lengths(seq_lengths, global_batch, L * P, False), bases[1])
     attend = functools.partial(attend_sharded_unit, axis_name=axis_name, num_devices=P,
                                spec=_spec(config, query, rate, seq_lengths is not None), origin=origin)
     result = finish(run_layers(query, key, value, plan.layers, attend), True, origin, L)
@@ -237,7 +286,7 @@ def check_mesh_axes(query, key, value, mesh, seq_axis, batch_axis) -> None:
 
 
 def sharded_dilated_attention(query, key, value, *, mesh, seq_axis="sp", batch_axis=None, return_lse=False,
-                              dropout_seed=None, seq_lengths=None, **kwargs):
+                              dropout_seed=None, seq_lengths=None, layout="contiguous", **kwargs):
     """Global arrays in, global arrays out: :func:`ring_dilated_attention` under ``jax.shard_map``.
 
     Args:
@@ -249,6 +298,11 @@ def sharded_dilated_attention(query, key, value, *, mesh, seq_axis="sp", batch_a
         each device (a head's pattern depends on its index).
       return_lse, dropout_seed, seq_lengths, **kwargs: as in :func:`dilated_attention` (patterns,
         mix, causal, scale, dropout rate); ``seq_lengths [batch]`` is replicated on every device.
+      layout: ``"contiguous"`` or ``"balanced"`` (:func:`ring_dilated_attention`). The arrays stay
+        in natural order either way: with ``"balanced"`` each device's shard is moved to its
+        balanced chunks and back inside the program (two ``ppermute``s of half a shard for each
+        of q, k, v and out, lse). To keep data in balanced order, permute once with
+        :func:`ring_jax.to_balanced` and call :func:`ring_dilated_attention` in your ``shard_map``.
 
     Returns:
       ``out [batch, seq, heads, head_dim]`` (and ``lse [batch, seq, heads]``), sharded like the inputs.
@@ -261,22 +315,29 @@ def sharded_dilated_attention(query, key, value, *, mesh, seq_axis="sp", batch_a
         query, key, value = (jax.sharding.reshard(x, sharding) for x in (query, key, value))
     seed = jnp.uint32(0) if dropout_seed is None else as_seed(dropout_seed)  # an explicit, replicated input
     static = tuple(sorted((name, tuple(x) if isinstance(x, list) else x) for name, x in kwargs.items()))
-    program = _sharded_program(mesh, seq_axis, batch_axis, dropout_seed is not None, seq_lengths is not None, static)
+    program = _sharded_program(mesh, seq_axis, batch_axis, dropout_seed is not None, seq_lengths is not None,
+                               check_layout(layout), static)
     out, lse = _compiled(program, (), query, key, value, seed, lengths)(query, key, value, seed, lengths)
     return (out, lse) if return_lse else out
 
 
 @functools.cache
-def _sharded_program(mesh, seq_axis, batch_axis, with_seed: bool, with_lengths: bool, static: tuple):
+def _sharded_program(mesh, seq_axis, batch_axis, with_seed: bool, with_lengths: bool, layout: str, static: tuple):
     """The ``shard_map`` of :func:`ring_dilated_attention` for one mesh and configuration (one
     function object per configuration, so an eager call's ``jit`` is compiled once)."""
     P = jax.sharding.PartitionSpec
     spec, lse_spec = P(batch_axis, seq_axis, None, None), P(batch_axis, seq_axis, None)
+    num = mesh.shape[seq_axis]
 
     def f(q, k, v, seed, lengths):
-        return ring_dilated_attention(q, k, v, axis_name=seq_axis, batch_axis=batch_axis, return_lse=True,
-                                      dropout_seed=seed if with_seed else None,
-                                      seq_lengths=lengths if with_lengths else None, **dict(static))
+        if layout == "balanced":
+            q, k, v = (shard_to_balanced(x, seq_axis, num) for x in (q, k, v))
+        out, lse = ring_dilated_attention(q, k, v, axis_name=seq_axis, batch_axis=batch_axis, return_lse=True,
+                                          dropout_seed=seed if with_seed else None, layout=layout,
+                                          seq_lengths=lengths if with_lengths else None, **dict(static))
+        if layout == "balanced":
+            out, lse = (shard_from_balanced(x, seq_axis, num) for x in (out, lse))
+        return out, lse
 
     return jax.shard_map(f, mesh=mesh, in_specs=(spec, spec, spec, P(), P()), out_specs=(spec, lse_spec),
                          check_vma=False)

@@ -30,15 +30,25 @@ class Origin(NamedTuple):
     batch_base: jax.Array  # int32 []: global batch index of local batch entry 0
     pos_base: jax.Array  # int32 []: global position of local position 0
     lengths: jax.Array | None = None  # int32 [global batch]: real positions of each entry (None: all)
+    half_base: jax.Array | None = None  # int32 []: global position of the second half's first row
+    # (the balanced ring layout, whose shards hold two chunks); None: the rows are one stretch
 
     def at(self, start) -> Origin:
         """The origin of the stretch that starts ``start`` positions further on."""
         return self._replace(pos_base=self.pos_base + start)
 
+    def positions(self, index, rows: int):
+        """Global positions of local rows ``index`` (any shape) of a call holding ``rows`` rows."""
+        if self.half_base is None:
+            return self.pos_base + index
+        half = rows // 2
+        return jnp.where(index < half, self.pos_base + index, self.half_base + (index - half))
 
-def make_origin(seed=None, batch_base=0, pos_base=0, lengths=None) -> Origin:
+
+def make_origin(seed=None, batch_base=0, pos_base=0, lengths=None, half_base=None) -> Origin:
     return Origin(as_seed(0 if seed is None else seed), jnp.asarray(batch_base, jnp.int32),
-                  jnp.asarray(pos_base, jnp.int32), None if lengths is None else jnp.asarray(lengths, jnp.int32))
+                  jnp.asarray(pos_base, jnp.int32), None if lengths is None else jnp.asarray(lengths, jnp.int32),
+                  None if half_base is None else jnp.asarray(half_base, jnp.int32))
 
 
 def real_rows(origin: Origin, batch: int, rows: int):
@@ -47,7 +57,7 @@ def real_rows(origin: Origin, batch: int, rows: int):
     if origin.lengths is None:
         return None
     lengths = origin.lengths[origin.batch_base + jnp.arange(batch)]  # [batch]
-    return origin.pos_base + jnp.arange(rows)[None, :] < lengths[:, None]
+    return origin.positions(jnp.arange(rows), rows)[None, :] < lengths[:, None]
 
 
 class Coords(NamedTuple):
@@ -89,8 +99,9 @@ class Mods:
 def unit_coords(origin: Origin, batch: int, segments: int, w: int, r: int, heads, offsets) -> Coords:
     """The coordinates of a unit's folded blocks ``[batch * segments, m = w / r]`` (keys = queries)."""
     blocks = jnp.arange(batch * segments)
-    qpos = (origin.pos_base + (blocks % segments)[:, None, None] * w
-            + jnp.arange(w // r)[None, None, :] * r + jnp.asarray(offsets)[None, :, None])  # [B, H, m]
+    local = ((blocks % segments)[:, None, None] * w
+             + jnp.arange(w // r)[None, None, :] * r + jnp.asarray(offsets)[None, :, None])  # [B, H, m]
+    qpos = origin.positions(local, segments * w)
     batch_index = origin.batch_base + blocks // segments
     klen = None if origin.lengths is None else origin.lengths[batch_index]
     return Coords(origin.seed, batch_index, jnp.asarray(heads), qpos, qpos, klen)

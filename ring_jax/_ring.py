@@ -30,7 +30,7 @@ from jax import lax
 from ring_jax._coords import Coords, Origin, unit_coords
 from ring_jax._kernels import BlockSpec
 from ring_jax._plan import Unit
-from ring_jax._ring_plan import RingUnit
+from ring_jax._ring_plan import CONTIGUOUS, HopCalls, RingUnit, Slots
 from ring_jax._rows import attend_unit, gather_rows, merge_by_lse, scatter_rows
 
 
@@ -38,17 +38,19 @@ from ring_jax._rows import attend_unit, gather_rows, merge_by_lse, scatter_rows
 class _Hops:
     """Static description of one unit's sub-ring (hashable: a ``custom_vjp`` non-diff argument).
 
-    With ``axis_name`` the ``g`` blocks of a segment live on ``g`` devices of that mesh axis and
-    move by ``ppermute``; with ``axis_name=None`` (the simulated ring) they are the leading axis of
-    one device's arrays and move by ``roll``."""
+    With ``axis_name`` the ``group`` devices of a sub-ring are devices of that mesh axis and
+    blocks move by ``ppermute``; with ``axis_name=None`` (the simulated ring) they are the
+    leading axis of one device's arrays and move by ``roll``."""
 
     axis_name: Hashable | None
     group: int
     perm: tuple[tuple[int, int], ...]
     q_to_pair: tuple[int, ...]
     spec: BlockSpec
-    local_len: int  # L: global positions of one block to the next
+    chunk_len: int  # global positions from one device's chunk to the next device's
     pattern: int = 0
+    calls: HopCalls = CONTIGUOUS
+    directions: tuple[int, ...] = (1,)  # per chunk: +1 / -1 as its global index rises / falls with the device
 
 
 def _position(hops: _Hops):
@@ -69,19 +71,51 @@ def _per_block(f, hops: _Hops):
     return f if hops.axis_name is not None else jax.vmap(f)
 
 
+def _rows(x, slots: Slots):
+    """``[b, k, m, ...]`` → ``[b, s*m, ...]``: the rows of chunks ``[lo, hi)``, in order."""
+    lo, hi = slots
+    x = x if (lo, hi) == (0, x.shape[1]) else x[:, lo:hi]
+    return x.reshape(x.shape[0], -1, *x.shape[3:])
+
+
+def _chunks(x, slots: Slots):
+    """Inverse of :func:`_rows`: ``[b, s*m, ...]`` → ``[b, s, m, ...]``."""
+    return x.reshape(x.shape[0], slots[1] - slots[0], -1, *x.shape[2:])
+
+
+def _put(acc, slots: Slots, y, add: bool = False):
+    """``acc [b, k, ...]`` with chunks ``[lo, hi)`` replaced by (or, ``add``, increased by) ``y``."""
+    lo, hi = slots
+    if (lo, hi) == (0, acc.shape[1]):
+        return acc + y if add else y
+    return acc.at[:, lo:hi].add(y) if add else acc.at[:, lo:hi].set(y)
+
+
+def _shifts(hops: _Hops, t, j):
+    """Global position shift of each chunk of the block in hand at hop ``t``: it came from
+    position ``j - t`` (mod the group)."""
+    return jnp.asarray(hops.directions) * ((((j - t) % hops.group) - j) * hops.chunk_len)
+
+
+def _call_coords(coords: Coords, qs: Slots, ks: Slots, shifts) -> Coords:
+    """The kernel's coordinates of the block (query chunks ``qs``, key chunks ``ks`` shifted by
+    ``shifts``, None for the own rows) from the own rows' ``qpos [b, k, H, m]``."""
+    def flat(p, slots):  # [b, k, H, m] -> [b, H, s*m]
+        p = p[:, slots[0]:slots[1]]
+        return jnp.moveaxis(p, 1, 2).reshape(p.shape[0], p.shape[2], -1)
+
+    kpos = coords.qpos if shifts is None else coords.qpos + shifts[None, :, None, None]
+    return coords._replace(qpos=flat(coords.qpos, qs), kpos=flat(kpos, ks))
+
+
 def _expand(kv, hops: _Hops):
     """``kv [b, m, 2, pairs, d]`` → ``k, v [b, m, H, d]``: each query head's pair."""
     idx = np.asarray(hops.q_to_pair)
     return jnp.take(kv[:, :, 0], idx, axis=2), jnp.take(kv[:, :, 1], idx, axis=2)
 
 
-def _at_hop(coords: Coords, hops: _Hops, t, j) -> Coords:
-    """Coordinates of the block in hand at hop ``t``: its keys belong to position ``j - t``."""
-    return coords.keys_shifted((((j - t) % hops.group) - j) * hops.local_len)
-
-
 def _mods(hops: _Hops, own: bool):
-    """The own block is the only masked one; earlier blocks lie wholly in the past."""
+    """The own rows are the only masked block; other blocks lie wholly in the past."""
     return hops.spec.mods(hops.pattern, causal=hops.spec.causal and own)
 
 
@@ -90,34 +124,64 @@ def _attend(q, kv, hops: _Hops, own: bool, coords: Coords):
     return o.astype(jnp.promote_types(o.dtype, jnp.float32)), lse
 
 
+def _attend_calls(calls, q, kv, acc, hops: _Hops, coords: Coords, shifts):
+    """The blocks ``calls`` of ``q [b, k, m, H, d]`` over ``kv [b, k, m, 2, pairs, d]`` merged into
+    ``acc = (out, lse)`` by LSE; ``shifts=None``: the own rows (``acc`` None), each query chunk set once."""
+    out, lse = acc if acc is not None else (None, None)
+    pieces = []
+    for qs, ks in calls:
+        o, l = _attend(_rows(q, qs), _rows(kv, ks), hops, shifts is None, _call_coords(coords, qs, ks, shifts))
+        if shifts is None:
+            pieces.append((_chunks(o, qs), _chunks(l, qs)))
+            continue
+        o, l = merge_by_lse([_rows(out, qs), o], [_rows(lse, qs), l])
+        out, lse = _put(out, qs, _chunks(o, qs)), _put(lse, qs, _chunks(l, qs))
+    if shifts is None:
+        return tuple(jnp.concatenate(x, axis=1) if len(x) > 1 else x[0] for x in zip(*pieces))
+    return out, lse
+
+
 def _block_grads(q, kv, out, lse, dout, dlse, hops: _Hops, own: bool, coords: Coords):
-    """float32 ``(dq [b, m, H, d], dkv [b, m, 2, pairs, d])`` of one block, heads summed into pairs."""
+    """float32 ``(dq [b, m, H, d], dkv [b, m_k, 2, pairs, d])`` of one block, heads summed into pairs."""
     dq, dk, dv = hops.spec.backward(q, *_expand(kv, hops), out, lse, dout, dlse, _mods(hops, own), coords)
     onehot = np.eye(kv.shape[3])[np.asarray(hops.q_to_pair)].astype(dk.dtype)  # [H, pairs]
     return dq, jnp.einsum("bmshd,hp->bmspd", jnp.stack([dk, dv], axis=2), onehot)
 
 
+def _grad_calls(calls, q, kv, res, grads, hops: _Hops, coords: Coords, shifts):
+    """The blocks ``calls``' gradients added into ``grads = (dq [b, k, m, H, d], dkv [b, k, m, 2,
+    pairs, d])``; ``res = (out, lse, dout, dlse)`` of the own rows; ``shifts=None``: the own rows."""
+    dq, dkv = grads
+    for qs, ks in calls:
+        dq_t, dkv_t = _block_grads(_rows(q, qs), _rows(kv, ks), *(_rows(x, qs) for x in res), hops,
+                                   shifts is None, _call_coords(coords, qs, ks, shifts))
+        dq, dkv = _put(dq, qs, _chunks(dq_t, qs), add=True), _put(dkv, ks, _chunks(dkv_t, ks), add=True)
+    return dq, dkv
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def ring_unit_attention(q, kv, hops: _Hops, coords: Coords):
-    """``q [b, m, H, d]`` (this device's selected rows), ``kv [b, m, 2, pairs, d]`` → ``(out, lse)``
-    over the whole segment, whose ``g`` blocks live on the ``g`` devices of the sub-ring (with
-    ``hops.axis_name=None``: all arguments carry a leading block axis ``[g, ...]``). ``coords``:
-    those of the rows' own block (keys = queries)."""
+    """``q [b, k, m, H, d]`` (this device's selected rows in its ``k`` chunks), ``kv [b, k, m, 2,
+    pairs, d]`` → ``(out, lse)`` over the whole segment(s), whose chunks live on the devices of the
+    sub-ring (with ``hops.axis_name=None``: all arguments carry a leading block axis ``[g, ...]``).
+    ``coords``: those of the own rows, ``qpos [b, k, H, m]`` (keys = queries)."""
     return ring_forward(q, kv, hops, coords)
 
 
 def ring_forward(q, kv, hops: _Hops, coords: Coords):
     """The ring unit's forward hops (autodiff through them is the reference for the backward)."""
-    own = lambda q, kv, c: _attend(q, kv, hops, True, c)  # noqa: E731
+    own = lambda q, kv, c: _attend_calls(hops.calls.same, q, kv, None, hops, c, None)  # noqa: E731
     out, lse = _per_block(own, hops)(q, kv, coords)
 
     def step(t, q, kv, out, lse, coords, j):
-        def merge(acc):
-            o, l = _attend(q, kv, hops, False, _at_hop(coords, hops, t, j))
-            return merge_by_lse([acc[0], o], [acc[1], l])
+        def run(calls):
+            return lambda acc: _attend_calls(calls, q, kv, acc, hops, coords, _shifts(hops, t, j))
 
-        # Causal: the block of position j - t < 0 (mod g) lies in the future: skipped, no compute.
-        return lax.cond(t <= j, merge, lambda acc: acc, (out, lse)) if hops.spec.causal else merge((out, lse))
+        if not hops.spec.causal:
+            return run(hops.calls.same)((out, lse))
+        # Causal: keys from an earlier position (t <= j) or a later one (mod g); contiguous: a later
+        # position's block lies in the future, no compute.
+        return lax.cond(t <= j, run(hops.calls.early), run(hops.calls.late), (out, lse))
 
     def hop(t, carry):
         kv, out, lse = carry
@@ -167,30 +231,35 @@ def unpack_hop(buf, kv_dtype, acc_dtype):
 def _ring_bwd(hops, residuals, cotangents):
     q, kv, out, lse, coords = residuals
     dout, dlse = cotangents
-    own = lambda *a: _block_grads(*a[:-1], hops=hops, own=True, coords=a[-1])  # noqa: E731
-    dq, dkv_own = _per_block(own, hops)(q, kv, out, lse, dout, dlse, coords)
-    acc_dtype = dkv_own.dtype
+    res = (out, lse, dout, dlse)
+    acc_dtype = jnp.promote_types(q.dtype, jnp.float32)
+
+    def own(q, kv, res, c):
+        zeros = (jnp.zeros(q.shape, acc_dtype), jnp.zeros(kv.shape, acc_dtype))
+        return _grad_calls(hops.calls.same, q, kv, res, zeros, hops, c, None)
+
+    dq, dkv_own = _per_block(own, hops)(q, kv, res, coords)
     # K/V (in their own dtype) and the dK/dV accumulator of the block in hand travel as one buffer
     # (pack_hop): one permute a hop, and no operand XLA could share with the forward's hops, which
     # would keep the whole segment's K/V alive until here.
     buf = pack_hop(kv, jnp.zeros_like(dkv_own))
 
-    def step(t, q, buf, out, lse, dout, dlse, dq, coords, j):
+    def step(t, q, buf, res, dq, coords, j):
         kv_t, acc = unpack_hop(buf, kv.dtype, acc_dtype)
 
-        def add(a):
-            dq_t, dkv_t = _block_grads(q, kv_t, out, lse, dout, dlse, hops, False, _at_hop(coords, hops, t, j))
-            return a[0] + dq_t, a[1] + dkv_t
+        def run(calls):
+            return lambda g: _grad_calls(calls, q, kv_t, res, g, hops, coords, _shifts(hops, t, j))
 
-        # Causal: the block of position j - t < 0 (mod g) lies in the future: no compute.
-        dq, acc = lax.cond(t <= j, add, lambda a: a, (dq, acc)) if hops.spec.causal else add((dq, acc))
+        if not hops.spec.causal:
+            dq, acc = run(hops.calls.same)((dq, acc))
+        else:  # the forward's blocks: earlier or later position (contiguous: later ones not computed)
+            dq, acc = lax.cond(t <= j, run(hops.calls.early), run(hops.calls.late), (dq, acc))
         return pack_hop(kv_t, acc), dq
 
     def hop(t, carry):
         buf, dq = carry
         buf = _shift(buf, hops)  # the block of position j - t, with its dK/dV so far
-        return _per_block(functools.partial(step, t), hops)(q, buf, out, lse, dout, dlse, dq, coords,
-                                                            _position(hops))
+        return _per_block(functools.partial(step, t), hops)(q, buf, res, dq, coords, _position(hops))
 
     if hops.group > 1:
         buf, dq = lax.fori_loop(1, hops.group, hop, (buf, dq))
@@ -208,22 +277,27 @@ def _pairs_unit(ru: RingUnit, unit: Unit) -> Unit:
 
 def _hops(ru: RingUnit, axis_name, num_devices, spec: BlockSpec) -> _Hops:
     return _Hops(axis_name, ru.group, ru.perm(num_devices) if axis_name is not None else (), ru.q_to_pair, spec,
-                 ru.local.w, ru.unit.pattern)
+                 ru.local.w, ru.unit.pattern, ru.calls, ru.directions)
 
 
 def attend_sharded_unit(query, key, value, ru: RingUnit, axis_name, num_devices, spec: BlockSpec, origin: Origin):
-    """A unit on this device's shard ``[b, L, ...]``: local, or over its sub-ring of devices;
-    ``(out [b, L, H, d], lse [b, L, H])``."""
+    """A unit on this device's shard ``[b, L, ...]`` (``ru.slots`` chunks of ``c = L / slots``
+    rows): local, or over its sub-ring of devices; ``(out [b, L, H, d], lse [b, L, H])``."""
     if ru.group == 1:
         return attend_unit(query, key, value, ru.unit, spec, origin)
-    b, L = query.shape[:2]
+    (b, L), k = query.shape[:2], ru.slots
+    chunks = lambda x: x.reshape(b * k, L // k, *x.shape[2:])  # noqa: E731  # [b*k, c, ...]
+    by_chunk = lambda x: x.reshape(b, k, *x.shape[1:])  # noqa: E731  # [b*k, ...] -> [b, k, ...]
     pairs = _pairs_unit(ru, ru.local)
-    k = gather_rows(key, pairs, ru.pair_heads)  # [b, L/r, pairs, d]
-    v = gather_rows(value, pairs, ru.pair_heads)
-    q = gather_rows(query, ru.local, ru.unit.heads)  # [b, L/r, H, d]
-    coords = unit_coords(origin, b, 1, L, ru.unit.r, ru.unit.heads, ru.unit.offsets)
-    o, lse = ring_unit_attention(q, jnp.stack([k, v], axis=2), _hops(ru, axis_name, num_devices, spec), coords)
-    return scatter_rows(o, ru.local, L, 0.0), scatter_rows(lse, ru.local, L, -jnp.inf)
+    kv = jnp.stack([gather_rows(chunks(x), pairs, ru.pair_heads) for x in (key, value)], axis=2)  # [b*k, m, 2, p, d]
+    q = gather_rows(chunks(query), ru.local, ru.unit.heads)  # [b*k, m, H, d]
+    c = unit_coords(origin, b, k, L // k, ru.unit.r, ru.unit.heads, ru.unit.offsets)  # qpos [b*k, H, m]
+    first = lambda x: None if x is None else by_chunk(x)[:, 0]  # noqa: E731
+    coords = Coords(c.seed, first(c.batch), c.heads, by_chunk(c.qpos), by_chunk(c.qpos), first(c.klen))
+    o, lse = ring_unit_attention(by_chunk(q), by_chunk(kv), _hops(ru, axis_name, num_devices, spec), coords)
+    o, lse = o.reshape(b * k, *o.shape[2:]), lse.reshape(b * k, *lse.shape[2:])
+    unchunk = lambda x: x.reshape(b, L, *x.shape[2:])  # noqa: E731
+    return unchunk(scatter_rows(o, ru.local, L // k, 0.0)), unchunk(scatter_rows(lse, ru.local, L // k, -jnp.inf))
 
 
 def attend_simulated_unit(query, key, value, ru: RingUnit, spec: BlockSpec, origin: Origin):
@@ -243,8 +317,9 @@ def attend_simulated_unit(query, key, value, ru: RingUnit, spec: BlockSpec, orig
     kv = jnp.stack([gather_rows(key, pairs, ru.pair_heads), gather_rows(value, pairs, ru.pair_heads)], axis=2)
     q = gather_rows(query, ru.unit, ru.unit.heads)  # [b*S, m, H, d]
     c = unit_coords(origin, b, n // u.w, u.w, u.r, u.heads, u.offsets)
-    qpos = jnp.moveaxis(blocks(jnp.moveaxis(c.qpos, 2, 1)), 2, 3)  # [B, H, m] -> [g, B, H, m/g]
+    qpos = jnp.moveaxis(blocks(jnp.moveaxis(c.qpos, 2, 1)), 2, 3)[:, :, None]  # [B, H, m] -> [g, B, 1, H, m/g]
     tile = lambda x: None if x is None else jnp.broadcast_to(x, (g, *jnp.shape(x)))  # noqa: E731
     coords = Coords(tile(c.seed), tile(c.batch), tile(c.heads), qpos, qpos, tile(c.klen))
-    o, lse = ring_unit_attention(blocks(q), blocks(kv), _hops(ru, None, g, spec), coords)
-    return scatter_rows(unblock(o), ru.unit, n, 0.0), scatter_rows(unblock(lse), ru.unit, n, -jnp.inf)
+    one = lambda x: blocks(x)[:, :, None]  # noqa: E731  # one chunk per block: [g, B, 1, m/g, ...]
+    o, lse = ring_unit_attention(one(q), one(kv), _hops(ru, None, g, spec), coords)
+    return scatter_rows(unblock(o[:, :, 0]), ru.unit, n, 0.0), scatter_rows(unblock(lse[:, :, 0]), ru.unit, n, -jnp.inf)
