@@ -243,11 +243,15 @@ def ring_dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     ``"balanced"`` (:func:`ring_torch.to_balanced`): with a process group rank ``i`` passes, and
     gets back its shards of out and LSE in, the balanced order: chunk ``i`` then chunk
     ``2P-1-i`` of ``C = n / (2P)`` tokens, so causal work is equal on every rank; with
-    ``ring_size=R`` the inputs and outputs stay in natural order (permuted inside). Its rules:
+    ``ring_size=R`` the inputs and outputs stay in natural order (permuted inside, after padding
+    ``n`` to a length ``2R`` chunks can run, as the contiguous ring pads for ``R``). Its rules:
     ``n % (2P) == 0``, the contiguous rules on ``2P`` chunks of ``C``, and every pattern with
     ``w' > C`` spans ``g = w' / C`` chunks with ``g == 2P`` or ``P % g == 0`` (else a
     ``ValueError`` naming the pattern, ``n``, ``C`` and ``P``). Outputs, LSE, gradients and
-    dropout masks are those of the contiguous layout (the same global definition).
+    dropout masks are those of the contiguous layout (the same global definition). Per hop a
+    rank sends the K/V of its whole shard, so a pattern with ``w' = n`` sends what the
+    contiguous layout sends (``P - 1`` hops) and a split one takes ``g - 1`` hops; ``comm``
+    ``"ring"`` and ``"all_gather"`` both run it.
 
     Checks in a process group (``check_consistency=True``, the default): every rank validates
     its own arguments (its sharding too: ``ValueError`` naming pattern, ``L`` and ``P``)
@@ -255,7 +259,7 @@ def ring_dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     and codes of its local shapes, dtype and every pattern, mix, causality, scale, backend,
     ``comm``, ``ring_size``, ``layout`` and ``dropout_p`` argument, and whether ``seq_lengths``
     is given. If any rank failed or any field differs,
-    every rank raises: a ``ValueError`` (:class:`ring_torch._comm.RingCheckError`) naming each
+    every rank raises: a ``ValueError`` (:class:`ring_torch.RingCheckError`) naming each
     differing field with its per-rank values and each failing rank's error, or, when every rank
     failed alike, its own error. Only then is any block sent.
 
