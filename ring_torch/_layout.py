@@ -22,6 +22,7 @@ two mirrored segments): every rank computes the same work at every hop
 from __future__ import annotations
 
 import functools
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +44,7 @@ def check_layout(layout) -> str:
 
 def _chunk_len(seq_len: int, num_devices) -> int:
     """``C = seq_len / (2 * num_devices)``; ``ValueError`` naming both when it is not whole."""
-    if isinstance(num_devices, bool) or not isinstance(num_devices, int) or num_devices < 1:
+    if isinstance(num_devices, bool) or not isinstance(num_devices, numbers.Integral) or num_devices < 1:
         raise ValueError(f"{num_devices=} must be a positive int")
     if seq_len % (2 * num_devices):
         raise ValueError(f"{seq_len=} is not a multiple of 2 * {num_devices=}: the balanced layout "
@@ -53,7 +54,7 @@ def _chunk_len(seq_len: int, num_devices) -> int:
 
 def balanced_order(num_devices: int) -> list[int]:
     """The chunk order of the balanced layout: ``[0, 2P-1, 1, 2P-2, ..., P-1, P]``."""
-    P = num_devices
+    P = int(num_devices)
     return [c for j in range(P) for c in (j, 2 * P - 1 - j)]
 
 
