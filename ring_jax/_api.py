@@ -16,8 +16,7 @@ from ring_jax._coords import Origin, make_origin, real_rows
 from ring_jax._dilated import kept_rows_attention, keeps_rows, saved_attention
 from ring_jax._dropout import as_seed, check_dropout
 from ring_jax._kernels import BlockSpec, make_spec
-from ring_jax._layout import (check_layout, from_balanced, shard_from_balanced, shard_to_balanced,
-                              to_balanced)
+from ring_jax._layout import check_layout, shard_from_balanced, shard_to_balanced
 from ring_jax._plan import Plan, get_plan, padded_length
 from ring_jax._ring import attend_sharded_unit, attend_simulated_unit
 from ring_jax._ring_plan import balanced_padded_length, get_ring_plan
@@ -111,42 +110,17 @@ def one_device_attention(mode, plan: Plan, spec: BlockSpec, with_lse: bool, padd
 
 
 def simulated_ring_attention(query, key, value, config: DilatedConfig, ring_size: int, spec: BlockSpec,
-                             origin: Origin, padded_len: int | None = None):
+                             origin: Origin, padded_len: int | None = None, layout: str = "contiguous"):
     """The ring on one device: ``(out, lse)`` with the sequence (padded to ``padded_len`` tokens, a
     multiple of ``ring_size``) cut into ``ring_size`` blocks that play the devices, K/V blocks moving
     by the same hops (``roll`` for ``ppermute``) with the same merges; peak memory falls with
     ``ring_size``, since one hop's blocks are live at a time."""
     _, n, h, h_kv, _ = check_inputs(query, key, value)
     N = n if padded_len is None else padded_len
-    plan = get_ring_plan(config, N // ring_size, ring_size, h, h_kv)
-    attend = functools.partial(attend_simulated_unit, spec=spec, origin=origin)
+    plan = get_ring_plan(config, N // ring_size, ring_size, h, h_kv, layout)
+    attend = functools.partial(attend_simulated_unit, spec=spec, origin=origin, num_devices=ring_size)
     result = run_layers(*(pad_to(x, N) for x in (query, key, value)), plan.layers, attend)
     return finish(result, True, origin, n)
-
-
-_SIM_AXIS = "ring_jax_simulated_ring"
-
-
-def balanced_simulated_attention(query, key, value, seed, lengths, ring_size: int, padded_len: int, static: tuple):
-    """The balanced ring on one device: the (padded) sequence permuted to the balanced layout, cut
-    into ``ring_size`` shards that play the devices under ``vmap`` (``ppermute`` between them), and
-    permuted back; ``(out, lse)`` cut to the input length."""
-    P, (b, n) = ring_size, query.shape[:2]
-
-    def shards(x):  # [b, n, ...] -> [P, b, L, ...], device j's balanced shard at index j
-        x = to_balanced(pad_to(x, padded_len), P)
-        return jnp.moveaxis(x.reshape(b, P, padded_len // P, *x.shape[2:]), 1, 0)
-
-    def natural(x):  # inverse of shards, cut to n
-        x = jnp.moveaxis(x, 0, 1)
-        return from_balanced(x.reshape(b, padded_len, *x.shape[3:]), P)[:, :n]
-
-    def device(q, k, v):
-        return ring_dilated_attention(q, k, v, axis_name=_SIM_AXIS, return_lse=True, layout="balanced",
-                                      dropout_seed=seed, seq_lengths=lengths, **dict(static))
-
-    out, lse = jax.vmap(device, axis_name=_SIM_AXIS)(*(shards(x) for x in (query, key, value)))
-    return natural(out), natural(lse)
 
 
 def dilated_attention(query, key, value, *, segment_lengths, dilation_rates, mix="head_groups",
@@ -198,23 +172,17 @@ def dilated_attention(query, key, value, *, segment_lengths, dilation_rates, mix
         raise ValueError(f"{chunk_size=} and {ring_size=}: pick one way of cutting the sequence")
     check_chunk_type(chunk_size)
     config.validate_shapes(n, h, h_kv)  # errors name the whole sequence, not a chunk
-    if check_layout(layout) == "balanced" and ring:
+    layout = check_layout(layout)
+    if ring and layout == "balanced":
         N = balanced_padded_length(config, n, ring_size)
-        lengths = _lengths(seq_lengths, b, n, seq_lengths is not None or N > n)
-        seed = jnp.uint32(0) if not rate else as_seed(dropout_seed)
-        static = (("segment_lengths", config.segment_lengths), ("dilation_rates", config.dilation_rates),
-                  ("mix", mix), ("is_causal", config.is_causal), ("softmax_scale", softmax_scale),
-                  ("dropout_rate", rate))
-        run = _compiled(balanced_simulated_attention, (5, 6, 7), query, key, value, seed, lengths)
-        out, lse = run(query, key, value, seed if rate else None, lengths, ring_size, N, static)
-        return (out, lse) if return_lse else out
-    N = padded_length(config, n, chunk_size or 1, ring_size if ring else 1)
+    else:
+        N = padded_length(config, n, chunk_size or 1, ring_size if ring else 1)
     padded = seq_lengths is not None or N > n
     origin = make_origin(dropout_seed if rate else None, lengths=_lengths(seq_lengths, b, n, padded))
     spec = _spec(config, query, rate, padded)
     if ring:
-        run = _compiled(simulated_ring_attention, (3, 4, 5, 7), query, key, value, origin)
-        out, lse = run(query, key, value, config, ring_size, spec, origin, N)
+        run = _compiled(simulated_ring_attention, (3, 4, 5, 7, 8), query, key, value, origin)
+        out, lse = run(query, key, value, config, ring_size, spec, origin, N, layout)
         return (out, lse) if return_lse else out
     plan = get_plan(config, check_chunk_size(chunk_size, N, config), h, h_kv)  # the plan of one chunk
     run = _compiled(one_device_attention, (0, 1, 2, 3, 4), query, key, value, origin)

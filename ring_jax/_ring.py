@@ -29,6 +29,7 @@ from jax import lax
 
 from ring_jax._coords import Coords, Origin, unit_coords
 from ring_jax._kernels import BlockSpec
+from ring_jax._layout import from_balanced, to_balanced
 from ring_jax._plan import Unit
 from ring_jax._ring_plan import CONTIGUOUS, HopCalls, RingUnit, Slots
 from ring_jax._rows import attend_unit, gather_rows, merge_by_lse, scatter_rows
@@ -300,10 +301,47 @@ def attend_sharded_unit(query, key, value, ru: RingUnit, axis_name, num_devices,
     return unchunk(scatter_rows(o, ru.local, L // k, 0.0)), unchunk(scatter_rows(lse, ru.local, L // k, -jnp.inf))
 
 
-def attend_simulated_unit(query, key, value, ru: RingUnit, spec: BlockSpec, origin: Origin):
-    """A unit on the whole sequence of one device, spanning units cut into ``g`` ring blocks."""
+def _attend_simulated_balanced(query, key, value, ru: RingUnit, spec: BlockSpec, origin: Origin, P: int):
+    """A spanning unit of the balanced layout on one device: the natural-order sequence put in
+    balanced order, the ``P`` simulated devices' chunks ``[G, b * P/G, 2, m, ...]`` (sub-rings in
+    the batch), the hops, and the rows scattered back in natural order."""
+    (b, N), G, u = query.shape[:2], ru.group, ru.unit
+    C, S = N // (2 * P), P // G
+
+    def blocks(x):  # natural [b, N, ...] -> [G, b*S, 2, C, ...]: device s*G + a at [a, b*S + s]
+        x = to_balanced(x, P).reshape(b, S, G, 2, C, *x.shape[2:])
+        return jnp.moveaxis(x, 2, 0).reshape(G, b * S, 2, C, *x.shape[5:])
+
+    def natural(y, fill):  # [G, b*S, 2, m, ...] rows -> natural [b, N, ...]
+        y = jnp.moveaxis(y.reshape(G, b, S, *y.shape[2:]), 0, 2).reshape(b * 2 * P, *y.shape[3:])
+        return from_balanced(scatter_rows(y, ru.local, C, fill).reshape(b, N, *y.shape[2:]), P)
+
+    def rows(x, unit, heads):  # [G, B, 2, C, hx, d] -> [G, B, 2, m, H, d]
+        return gather_rows(x.reshape(-1, *x.shape[3:]), unit, heads).reshape(*x.shape[:3], C // u.r, len(heads), -1)
+
+    pairs = _pairs_unit(ru, ru.local)
+    kv = jnp.stack([rows(blocks(x), pairs, ru.pair_heads) for x in (key, value)], axis=4)  # [G, B, 2, m, 2, p, d]
+    q = rows(blocks(query), ru.local, u.heads)
+    j = jnp.arange(S)[None, :] * G + jnp.arange(G)[:, None]  # [G, S]: the simulated device
+    base = origin.pos_base + jnp.stack([j * C, (2 * P - 1 - j) * C], axis=-1)  # [G, S, 2]
+    within = jnp.arange(C // u.r)[None, :] * u.r + jnp.asarray(u.offsets)[:, None]  # [H, m]
+    qpos = jnp.broadcast_to(base[:, None, :, :, None, None] + within, (G, b, S, 2, *within.shape))
+    qpos = qpos.reshape(G, b * S, 2, *within.shape)  # [G, b*S, 2, H, m]
+    batch = origin.batch_base + jnp.repeat(jnp.arange(b), S)  # [b*S]
+    klen = None if origin.lengths is None else origin.lengths[batch]
+    tile = lambda x: None if x is None else jnp.broadcast_to(x, (G, *jnp.shape(x)))  # noqa: E731
+    coords = Coords(tile(origin.seed), tile(batch), tile(jnp.asarray(u.heads)), qpos, qpos, tile(klen))
+    o, lse = ring_unit_attention(q, kv, _hops(ru, None, G, spec), coords)
+    return natural(o, 0.0), natural(lse, -jnp.inf)
+
+
+def attend_simulated_unit(query, key, value, ru: RingUnit, spec: BlockSpec, origin: Origin, num_devices: int = 1):
+    """A unit on the whole sequence of one device, spanning units cut into ``g`` ring blocks (the
+    balanced layout's: ``num_devices`` devices of two chunks)."""
     if ru.group == 1:
         return attend_unit(query, key, value, ru.unit, spec, origin)
+    if ru.slots == 2:
+        return _attend_simulated_balanced(query, key, value, ru, spec, origin, num_devices)
     (b, n), g, u = query.shape[:2], ru.group, ru.unit
 
     def blocks(x):  # [b*S, m, ...] -> [g, b*S, m/g, ...]: block j = the rows of ring position j
