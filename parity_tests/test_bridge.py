@@ -187,3 +187,33 @@ def test_padding_same_as_torch_float64(framework, mix, causal, n):
         got = bridge.linen_value_and_grads(m, bridge.torch_to_linen(tm), xs, dout, is_causal=causal,
                                            seq_lengths=jnp.asarray(lengths))
     _compare(ref, got, _abs_1e10)
+
+
+@pytest.mark.parametrize("framework", ["nnx", "linen"])
+@pytest.mark.parametrize("mix", ["head_groups", "longnet"])
+def test_balanced_layout_same_as_torch_float64(framework, mix):
+    """The balanced ring in every layer (Flax: the mesh of 4 for NNX, a simulated ring of 4 for
+    Linen; torch: a simulated ring of 4) against torch's single-device layer, same weights."""
+    tm = torch_module(mix=mix, num_kv_heads=2)
+    xs, dout = inputs(1)
+    ref = bridge.torch_value_and_grads(tm, xs, dout, is_causal=True)
+    ring = torch_module(mix=mix, num_kv_heads=2, ring_size=4, layout="balanced")
+    ring.load_state_dict(tm.state_dict())
+    _compare(ref, bridge.torch_value_and_grads(ring, xs, dout, is_causal=True), _abs_1e10)
+    if framework == "nnx":
+        m = bridge.torch_to_nnx(tm, nnx_module(mix=mix, num_kv_heads=2, mesh=mesh4(), layout="balanced"))
+        got = bridge.nnx_value_and_grads(m, xs, dout, is_causal=True)
+    else:
+        m = linen_module(mix=mix, num_kv_heads=2, ring_size=4, layout="balanced")
+        got = bridge.linen_value_and_grads(m, bridge.torch_to_linen(tm), xs, dout, is_causal=True)
+    _compare(ref, got, _abs_1e10)
+
+
+def test_to_balanced_same_permutation_in_both_frameworks():
+    import ring_jax
+
+    x = np.arange(3 * 48 * 2).reshape(3, 48, 2)
+    for P in (1, 2, 3, 4, 6, 8, 12, 24):
+        got = np.asarray(ring_jax.to_balanced(jnp.asarray(x), P))
+        assert np.array_equal(got, ring_torch.to_balanced(torch.from_numpy(x), P).numpy())
+        assert np.array_equal(np.asarray(ring_jax.from_balanced(jnp.asarray(got), P)), x)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from ring_jax._api import check_chunk_type, dilated_attention, sharded_dilated_attention
 from ring_jax._config import DilatedConfig, check_bool, check_ring_size
+from ring_jax._layout import check_layout
 
 __all__ = ["make_attention_fn", "seed_from_key", "attend", "check_placement"]
 
@@ -20,8 +21,10 @@ def seed_from_key(key) -> jax.Array:
     return jax.random.bits(key, dtype=jnp.uint32)
 
 
-def check_placement(mesh, ring_size, chunk_size=None) -> None:
-    """At most one way of cutting the sequence: a mesh ring, a simulated ring or chunks."""
+def check_placement(mesh, ring_size, chunk_size=None, layout="contiguous") -> None:
+    """At most one way of cutting the sequence: a mesh ring, a simulated ring or chunks; a known
+    ``layout`` of the ring."""
+    check_layout(layout)
     ring_size = check_ring_size(ring_size)
     if mesh is not None and ring_size is not None and ring_size > 1:
         raise ValueError(f"{ring_size=} simulates a ring on one device; with a mesh the ring is "
@@ -41,17 +44,17 @@ def check_dropout_rate(rate) -> float:
 
 def attend(query, key, value, *, config: DilatedConfig, is_causal: bool = False, mesh=None,
            seq_axis="sp", batch_axis=None, ring_size=None, chunk_size=None, dropout_rate: float = 0.0,
-           dropout_seed=None, seq_lengths=None):
+           dropout_seed=None, seq_lengths=None, layout="contiguous"):
     """Dilated attention of ``[b, n, h, d]`` arrays with the pattern of ``config``: the single
     device core (in chunks with ``chunk_size``), the simulated ring (``ring_size``) or the mesh
-    ring (``mesh``).
+    ring (``mesh``), the rings' devices holding the sequence in ``layout``.
 
     ``dropout_rate > 0`` needs ``dropout_seed`` (the core checks both); the dropout arguments
     are passed to the core only when dropout is on. ``seq_lengths [b]``: per-example lengths
     (positions past them are padding), as in the core."""
     kwargs = dict(segment_lengths=config.segment_lengths, dilation_rates=config.dilation_rates,
                   mix=config.mix, is_causal=check_bool("is_causal", is_causal) or config.is_causal,
-                  softmax_scale=config.softmax_scale, seq_lengths=seq_lengths)
+                  softmax_scale=config.softmax_scale, seq_lengths=seq_lengths, layout=layout)
     if dropout_rate > 0.0:
         kwargs.update(dropout_rate=float(dropout_rate), dropout_seed=dropout_seed)
     if mesh is not None:
@@ -62,7 +65,7 @@ def attend(query, key, value, *, config: DilatedConfig, is_causal: bool = False,
 
 def make_attention_fn(segment_lengths, dilation_rates, *, mix="head_groups", is_causal=False,
                       softmax_scale=None, ring_size=None, mesh=None, seq_axis="sp",
-                      batch_axis=None, chunk_size=None):
+                      batch_axis=None, chunk_size=None, layout="contiguous"):
     """An ``attention_fn`` for ``flax.nnx.MultiHeadAttention`` and
     ``flax.linen.MultiHeadDotProductAttention`` that runs dilated attention.
 
@@ -88,10 +91,11 @@ def make_attention_fn(segment_lengths, dilation_rates, *, mix="head_groups", is_
     ``ring_size`` runs the simulated ring on one device; ``mesh`` the ring over
     ``mesh[seq_axis]`` (global arrays in and out, :func:`ring_jax.sharded_dilated_attention`);
     ``chunk_size`` runs one device's sequence in independent chunks (bounded memory, see
-    :func:`ring_jax.dilated_attention`).
+    :func:`ring_jax.dilated_attention`); ``layout``: ``"contiguous"`` or ``"balanced"`` placement
+    of the rings' tokens (arrays stay in natural order).
     """
     config = DilatedConfig(segment_lengths, dilation_rates, mix, is_causal, softmax_scale)
-    check_placement(mesh, ring_size, chunk_size)
+    check_placement(mesh, ring_size, chunk_size, layout)
 
     def dilated_attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True,
                              dropout_rng=None, dropout_rate=0.0, deterministic=False, dtype=None,
@@ -123,6 +127,7 @@ def make_attention_fn(segment_lengths, dilation_rates, *, mix="head_groups", is_
             rate = 0.0
         return attend(query, key, value, config=config, is_causal=is_causal, mesh=mesh,
                       seq_axis=seq_axis, batch_axis=batch_axis, ring_size=ring_size,
-                      chunk_size=chunk_size, dropout_rate=rate, dropout_seed=seed, seq_lengths=seq_lengths)
+                      chunk_size=chunk_size, dropout_rate=rate, dropout_seed=seed, seq_lengths=seq_lengths,
+                      layout=layout)
 
     return dilated_attention_fn

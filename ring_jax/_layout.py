@@ -13,6 +13,7 @@ tokens and causal work is equal on every device::
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -46,8 +47,10 @@ def balanced_order(num_devices: int) -> np.ndarray:
 def _permute_chunks(x, num_devices: int, axis: int, order):
     axis = axis % x.ndim
     C = check_balanced_length(x.shape[axis], num_devices)
-    chunks = x.reshape(*x.shape[:axis], 2 * num_devices, C, *x.shape[axis + 1:])
-    return jnp.take(chunks, order, axis=axis).reshape(x.shape)
+    chunks = jnp.asarray(x).reshape(*x.shape[:axis], 2 * num_devices, C, *x.shape[axis + 1:])
+    index = (slice(None),) * axis + (jnp.asarray(order),)
+    # The input's sharding for the output: explicitly sharded arrays (jax.make_mesh) need it named.
+    return chunks.at[index].get(out_sharding=jax.typeof(chunks).sharding).reshape(x.shape)
 
 
 def to_balanced(x, num_devices: int, axis: int = 1):

@@ -28,7 +28,8 @@ __all__ = ["CachedDecode", "DilatedAttention", "MultiHeadDilatedAttention"]
 class DilatedAttention(nn.Module):
     """Dilated attention (LongNet) over ``[batch, seq, heads, head_dim]`` arrays; no parameters.
 
-    ``mesh``: the ring over ``mesh[seq_axis]`` (global arrays in and out); ``ring_size``: the
+    ``mesh``: the ring over ``mesh[seq_axis]`` (global arrays in and out; ``layout``:
+    ``"contiguous"`` or ``"balanced"`` placement of the ring's tokens); ``ring_size``: the
     simulated ring on one device; otherwise :func:`ring_jax.dilated_attention` (with
     ``chunk_size``: in independent chunks, for sequences that do not fit in one pass). ``dropout``:
     attention-probability dropout (the core's hashed mask, seed ``jax.random.bits(key, uint32)``
@@ -47,10 +48,11 @@ class DilatedAttention(nn.Module):
     ring_size: int | None = None
     chunk_size: int | None = None
     deterministic: bool | None = None
+    layout: str = "contiguous"
 
     def __post_init__(self):
         pattern_config(self.segment_lengths, self.dilation_rates, self.mix, self.softmax_scale)
-        check_placement(self.mesh, self.ring_size, self.chunk_size)
+        check_placement(self.mesh, self.ring_size, self.chunk_size, self.layout)
         check_dropout_rate(self.dropout)
         super().__post_init__()
 
@@ -76,7 +78,7 @@ class DilatedAttention(nn.Module):
         return attend(query, key, value, config=self.config, is_causal=is_causal,
                       mesh=self.mesh, seq_axis=self.seq_axis, batch_axis=self.batch_axis,
                       ring_size=self.ring_size, chunk_size=self.chunk_size, dropout_rate=rate,
-                      dropout_seed=seed, seq_lengths=seq_lengths)
+                      dropout_seed=seed, seq_lengths=seq_lengths, layout=self.layout)
 
 
 class CachedDecode(nn.Module):
@@ -140,12 +142,13 @@ class MultiHeadDilatedAttention(nn.Module):
     param_dtype: Any = jnp.float32
     deterministic: bool | None = None
     decode: bool = False
+    layout: str = "contiguous"
 
     def __post_init__(self):
         config = pattern_config(self.segment_lengths, self.dilation_rates, self.mix,
                                 self.softmax_scale)
         check_heads(self.in_features, self.num_heads, self.num_kv_heads, config)
-        check_placement(self.mesh, self.ring_size, self.chunk_size)
+        check_placement(self.mesh, self.ring_size, self.chunk_size, self.layout)
         check_dropout_rate(self.dropout)
         super().__post_init__()
 
@@ -177,7 +180,7 @@ class MultiHeadDilatedAttention(nn.Module):
             tuple(self.segment_lengths), tuple(self.dilation_rates), mix=self.mix,
             softmax_scale=self.softmax_scale, dropout=self.dropout, mesh=self.mesh,
             seq_axis=self.seq_axis, batch_axis=self.batch_axis, ring_size=self.ring_size,
-            chunk_size=self.chunk_size, deterministic=self.deterministic)
+            chunk_size=self.chunk_size, deterministic=self.deterministic, layout=self.layout)
         self.cached = CachedDecode(tuple(self.segment_lengths), tuple(self.dilation_rates),
                                    mix=self.mix, softmax_scale=self.softmax_scale)
 

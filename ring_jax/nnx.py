@@ -45,7 +45,8 @@ class DilatedAttention(nnx.Module):
 
     The pattern is ``self.config`` (a frozen :class:`ring_jax.DilatedConfig`; causality is the
     call's ``is_causal``). ``mesh``: the ring over ``mesh[seq_axis]``
-    (:func:`ring_jax.sharded_dilated_attention`, global arrays in and out); ``ring_size``: the
+    (:func:`ring_jax.sharded_dilated_attention`, global arrays in and out; ``layout``:
+    ``"contiguous"`` or ``"balanced"`` placement of the ring's tokens); ``ring_size``: the
     simulated ring on one device; otherwise :func:`ring_jax.dilated_attention` (with
     ``chunk_size``: in independent chunks, for sequences that do not fit in one pass).
 
@@ -59,9 +60,10 @@ class DilatedAttention(nnx.Module):
                  softmax_scale: float | None = None, dropout: float = 0.0, mesh=None,
                  seq_axis: str = "sp", batch_axis=None, ring_size: int | None = None,
                  chunk_size: int | None = None, deterministic: bool | None = False,
-                 rngs: nnx.Rngs | None = None):
+                 rngs: nnx.Rngs | None = None, layout: str = "contiguous"):
         self.config = pattern_config(segment_lengths, dilation_rates, mix, softmax_scale)
-        check_placement(mesh, ring_size, chunk_size)
+        check_placement(mesh, ring_size, chunk_size, layout)
+        self.layout = layout
         self.dropout = check_dropout_rate(dropout)
         self.mesh, self.seq_axis, self.batch_axis = mesh, seq_axis, batch_axis
         self.ring_size, self.chunk_size = ring_size, chunk_size
@@ -89,7 +91,7 @@ class DilatedAttention(nnx.Module):
         return attend(query, key, value, config=self.config, is_causal=is_causal,
                       mesh=self.mesh, seq_axis=self.seq_axis, batch_axis=self.batch_axis,
                       ring_size=self.ring_size, chunk_size=self.chunk_size, dropout_rate=rate,
-                      dropout_seed=seed, seq_lengths=seq_lengths)
+                      dropout_seed=seed, seq_lengths=seq_lengths, layout=self.layout)
 
 
 class MultiHeadDilatedAttention(nnx.Module):
@@ -119,7 +121,7 @@ class MultiHeadDilatedAttention(nnx.Module):
                  mix: str = "head_groups", softmax_scale: float | None = None, mesh=None,
                  seq_axis: str = "sp", batch_axis=None, ring_size: int | None = None,
                  chunk_size: int | None = None, dtype=None, param_dtype=jnp.float32, deterministic: bool | None = False,
-                 decode: bool = False, rngs: nnx.Rngs):
+                 decode: bool = False, rngs: nnx.Rngs, layout: str = "contiguous"):
         config = pattern_config(segment_lengths, dilation_rates, mix, softmax_scale)
         self.num_kv_heads, self.head_dim = check_heads(in_features, num_heads, num_kv_heads,
                                                        config)
@@ -143,7 +145,7 @@ class MultiHeadDilatedAttention(nnx.Module):
         self.attention = DilatedAttention(
             config.segment_lengths, config.dilation_rates, mix=mix, softmax_scale=softmax_scale,
             dropout=dropout, mesh=mesh, seq_axis=seq_axis, batch_axis=batch_axis,
-            ring_size=ring_size, chunk_size=chunk_size, deterministic=deterministic, rngs=rngs)
+            ring_size=ring_size, chunk_size=chunk_size, deterministic=deterministic, rngs=rngs, layout=layout)
         self.decode = decode
         self.cache = nnx.data(None)
 
