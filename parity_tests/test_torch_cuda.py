@@ -130,7 +130,8 @@ def test_cuda_flop_counter_matches_plan(mix):
 @pytest.mark.parametrize("mix", ["head_groups", "longnet"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("with_lse", [False, True], ids=["out_only", "with_lse"])
-def test_cuda_simulated_ring_fused_backward(mix, dtype, with_lse):
+@pytest.mark.parametrize("layout", ["contiguous", "balanced"])
+def test_cuda_simulated_ring_fused_backward(mix, dtype, with_lse, layout):
     """The ring backward on CUDA (fused kernels fed the global out/lse) against the float64
     reference, with and without an LSE cotangent."""
     n, h, h_kv, d = 64, 6, 3, 16
@@ -146,7 +147,8 @@ def test_cuda_simulated_ring_fused_backward(mix, dtype, with_lse):
         ((out.double() * w_out.to(out.device)).sum() + (lse.double() * w_lse.to(lse.device)).sum()).backward()
         return [t.grad.cpu().double() for t in x]
 
-    got = grads(lambda *x: ring_torch.ring_dilated_attention(*x, ring_size=4, return_lse=True, backend="torch", **kw),
+    got = grads(lambda *x: ring_torch.ring_dilated_attention(*x, ring_size=4, return_lse=True, backend="torch",
+                                                             layout=layout, **kw),
                 *(t.cuda().to(dtype) for t in (q, k, v)))
     ref = grads(lambda *x: reference_attention(*x, **kw), q, k, v)
     for name, a, b in zip("qkv", got, ref):
