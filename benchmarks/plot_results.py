@@ -6,7 +6,9 @@ seed system):
   of q, k, v, o and the gradients;
 * ``2xh100_ring_scaling_<date>.png``: weak and strong scaling of both rings;
 * ``h200_bench_2026-11-30.png``: the README's Performance plot: time and time / floor vs n, both
-  frameworks and both mixes, from ``h200_bench_2026-11-30.json`` (one process, one H200).
+  frameworks and both mixes, from ``h200_bench_2026-11-30.json`` (one process, one H200);
+* ``h200_balanced_projection_2026-12-01.png``: strong-scaling efficiency vs P of causal rings,
+  contiguous against balanced, projected from the plan and kernel times on one H200.
 
     python -m benchmarks.plot_results [--results benchmarks/results]
 """
@@ -187,6 +189,33 @@ def plot_h200(plt, results):
     return fig, f"{H200}.png"
 
 
+BALANCED = "h200_balanced_jax_2026-12-01"
+
+
+def plot_balanced(plt, results):
+    """Projected strong-scaling efficiency (``--project`` rows) of both layouts, fwd and fwd+bwd."""
+    rows = [r for r in read(results, f"{BALANCED}.json")["rows"] if r.get("projected")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, case in zip(axes, ("dense_causal_256K", "longnet_1M")):
+        mine = [r for r in rows if r["case"] == case]
+        base = next(r for r in mine if r["P"] == 1 and r["layout"] == "contiguous")
+        for layout, style in (("contiguous", "--"), ("balanced", "-")):
+            pts = sorted((r["P"], r) for r in mine if r["layout"] == layout)
+            for field, marker in (("fwd_ms", "o"), ("fwdbwd_ms", "s")):
+                eff = [base[field] / (P * r[field]) for P, r in pts]
+                ax.plot([P for P, _ in pts], eff, style, marker=marker, label=f"{layout} {field[:-3]}")
+        ax.axhline(1.0, color="grey", lw=0.5)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(0, 1.1)
+        ax.set_xlabel("devices P")
+        ax.set_ylabel("time(1) / (P time(P))")
+        ax.set_title(case, fontsize=10)
+        ax.legend(fontsize=8)
+    fig.suptitle("Causal ring strong scaling, projected: plan blocks per device timed on one H200 "
+                 "(no communication)", fontsize=9)
+    return fig, f"{BALANCED.replace('jax', 'projection')}.png"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -196,7 +225,7 @@ def main():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for plot in (plot_timing, plot_memory, plot_rings, plot_h200):
+    for plot in (plot_timing, plot_memory, plot_rings, plot_h200, plot_balanced):
         fig, name = plot(plt, args.results)
         fig.tight_layout()
         out = os.path.join(args.results, name)
