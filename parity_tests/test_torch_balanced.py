@@ -189,14 +189,17 @@ def test_errors():
         with pytest.raises(ValueError, match="layout='zigzag'"):
             ring_torch.ring_dilated_attention(q, k, v, ring_size=ring_size, layout="zigzag", **kw)
     # P=3, n=48 -> C=8: w'=16 spans g=2 chunks, neither 2P=6 nor a divisor of 3.
-    q3, k3, v3, _, _ = _inputs(48, 2, 2, 8)
+    from ring_torch._ring_plan import check_sharding
+
     with pytest.raises(ValueError, match=r"pattern 1 .*n=48, chunk C=8 on P=3.*g=w'/C=2.*"
                                          r"layout=\"contiguous\""):
-        ring_torch.ring_dilated_attention(q3, k3, v3, segment_lengths=(8, 16), dilation_rates=(1, 1),
-                                          ring_size=3, layout="balanced")
-    # the contiguous layout runs it
-    ring_torch.ring_dilated_attention(q3, k3, v3, segment_lengths=(8, 16), dilation_rates=(1, 1),
-                                      ring_size=3)
+        check_sharding(ring_torch.DilatedConfig((8, 16), (1, 1)), 16, 3, "balanced")
+    # a simulated ring pads such an n further, to a length the balanced layout holds (n=96: both
+    # patterns local), and equals the contiguous layout
+    q3, k3, v3, _, _ = _inputs(48, 2, 2, 8)
+    outs = [ring_torch.ring_dilated_attention(q3, k3, v3, segment_lengths=(8, 16), dilation_rates=(1, 1),
+                                              ring_size=3, layout=layout) for layout in ("balanced", "contiguous")]
+    assert torch.allclose(outs[0], outs[1], atol=1e-12)
     config = ring_torch.DilatedConfig(w, r, "head_groups", True)
     with pytest.raises(ValueError, match=r"n=36 is not a multiple of 2P=8 \(P=4 ranks\)"):
         build_ring_plan(config, 9, 4, h, h_kv, layout="balanced")

@@ -109,6 +109,7 @@ def test_padded_lengths_agree_with_the_jax_plan(w, r):
     """Both frameworks pad a sequence to the same length, on one device and for a simulated ring."""
     jax_plan = pytest.importorskip("ring_jax._plan")
     from ring_jax._config import DilatedConfig as JaxConfig
+    from ring_jax._ring_plan import balanced_padded_length
     from ring_torch._ring_plan import ring_padded_length
 
     jax_config, torch_config = JaxConfig(w, r), ring_torch.DilatedConfig(w, r)
@@ -116,3 +117,5 @@ def test_padded_lengths_agree_with_the_jax_plan(w, r):
         assert torch_config.padded_length(n) == jax_plan.padded_length(jax_config, n), n
         for P in (2, 3, 4):
             assert ring_padded_length(torch_config, n, P) == jax_plan.padded_length(jax_config, n, 1, P), (n, P)
+            assert (ring_padded_length(torch_config, n, P, "balanced")
+                    == balanced_padded_length(jax_config, n, P)), (n, P, "balanced")

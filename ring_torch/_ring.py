@@ -244,7 +244,7 @@ def ring_dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     gets back its shards of out and LSE in, the balanced order: chunk ``i`` then chunk
     ``2P-1-i`` of ``C = n / (2P)`` tokens, so causal work is equal on every rank; with
     ``ring_size=R`` the inputs and outputs stay in natural order (permuted inside, after padding
-    ``n`` to a length ``2R`` chunks can run, as the contiguous ring pads for ``R``). Its rules:
+    ``n`` to the smallest length the balanced layout of ``R`` shards holds). Its rules:
     ``n % (2P) == 0``, the contiguous rules on ``2P`` chunks of ``C``, and every pattern with
     ``w' > C`` spans ``g = w' / C`` chunks with ``g == 2P`` or ``P % g == 0`` (else a
     ``ValueError`` naming the pattern, ``n``, ``C`` and ``P``). Outputs, LSE, gradients and

@@ -125,10 +125,13 @@ def ring_padded_length(config: DilatedConfig, seq_len: int, ring_size: int,
     """The smallest ``N >= seq_len`` that ``ring_size`` shards of ``N / ring_size`` rows can run
     (:func:`sharding_error`), among the plan lengths (:meth:`DilatedConfig.padded_length`);
     a multiple of ``ring_size * lcm(w)`` always can, so the search is short. ``"balanced"``:
-    the length ``2 * ring_size`` contiguous chunks can run (the balanced layout may still refuse
-    it, :func:`check_sharding`)."""
+    the smallest length ``2 * ring_size`` contiguous chunks can run that the balanced layout
+    accepts (:func:`ring_torch._layout.balanced_error`; ``2 * ring_size * lcm(w)`` always is)."""
     if layout == "balanced":
-        return ring_padded_length(config, seq_len, 2 * ring_size)
+        N = ring_padded_length(config, seq_len, 2 * ring_size)
+        while balanced_error(config, N, ring_size) is not None:
+            N = ring_padded_length(config, N + 1, 2 * ring_size)
+        return N
     N = config.padded_length(seq_len)
     while N % ring_size or sharding_error(config, N // ring_size, ring_size) is not None:
         N = config.padded_length(N + 1)
