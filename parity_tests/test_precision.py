@@ -130,12 +130,12 @@ def test_jax_ring_backward_sends_bf16_kv():
     ops = _permutes(lowered, r"collective_permute.*: \(tensor<([0-9x]+)x(\w+)>\)")
     # Forward K/V hop in bf16; backward K/V (bf16 bits) + dK/dV (float32 bits) as one uint16
     # buffer, last axis d + 2d; the accumulators' last hop home in float32.
-    assert sorted(ops) == sorted([("1x8x2x2x16", "bf16"), ("1x8x2x2x48", "ui16"), ("1x8x2x2x16", "f32")]), ops
+    assert sorted(ops) == sorted([("1x1x8x2x2x16", "bf16"), ("1x1x8x2x2x48", "ui16"), ("1x1x8x2x2x16", "f32")]), ops
     # The compiled program keeps the backward buffer at 16 bits (XLA on CPU upcasts bf16 permutes
     # to float32, which the uint16 buffer avoids).
     compiled_ops = _permutes(compiled, r"= (\w+)\[([\d,]+)\]\S* collective-permute(?:-start)?\(")
-    backward = [op for op in compiled_ops if op[1] == "1,8,2,2,48"]
-    assert backward == [("u16", "1,8,2,2,48")], compiled_ops
+    backward = [op for op in compiled_ops if op[1] == "1,1,8,2,2,48"]
+    assert backward == [("u16", "1,1,8,2,2,48")], compiled_ops
     old, new = 1 * 8 * 4 * 2 * 16 * 4, 1 * 8 * 2 * 2 * 48 * 2  # f32 [.., 4, 2, 16] vs u16 [.., 2, 2, 48]
     assert new == old * 3 // 4
 
@@ -145,7 +145,7 @@ def test_jax_ring_backward_float32_buffer_unchanged():
         pytest.skip("needs 4 (simulated) devices")
     lowered, _ = _ring_grad_program(jnp.float32)
     ops = _permutes(lowered, r"collective_permute.*: \(tensor<([0-9x]+)x(\w+)>\)")
-    assert sorted(ops) == sorted([("1x8x2x2x16", "f32"), ("1x8x4x2x16", "f32"), ("1x8x2x2x16", "f32")]), ops
+    assert sorted(ops) == sorted([("1x1x8x2x2x16", "f32"), ("1x1x8x4x2x16", "f32"), ("1x1x8x2x2x16", "f32")]), ops
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "float64"])
