@@ -34,3 +34,47 @@ def spawn_ranks(worker, world: int, *args, deadline_s: float, label: str) -> lis
         return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_named_cases(rank, world, init_file, out_dir, module: str, names):
+    """A spawned rank: joins a gloo group, runs ``module._run_case(case, rank, world)`` for each
+    case of ``module.ALL_CASES`` named in ``names`` (an exception is recorded with its traceback,
+    for the comparing test to report), and saves the results as ``out_dir/rank{rank}.pt``."""
+    import importlib
+    import traceback
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    mod = importlib.import_module(module)
+    cases = {c.name: c for c in mod.ALL_CASES}
+    results = {}
+    for name in names:
+        start = time.perf_counter()
+        try:
+            results[name] = mod._run_case(cases[name], rank, world)
+        except Exception:  # noqa: BLE001 -- recorded; the comparing test reports it
+            results[name] = {"exception": traceback.format_exc()}
+        results[name]["seconds"] = time.perf_counter() - start
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def spawn_cases(module: str, cases, world: int, *, deadline_s: float, label: str) -> list[dict]:
+    """Every case of ``cases`` with ``case.world == world`` in one spawn of ``world`` ranks
+    (:func:`run_named_cases`); each rank's ``{name: result}``."""
+    names = [c.name for c in cases if c.world == world]
+    return spawn_ranks(run_named_cases, world, module, names, deadline_s=deadline_s, label=label)
+
+
+def case_results(per_rank: list[dict], name: str) -> list[dict]:
+    """Each rank's result of case ``name``; fails naming the rank whose case raised."""
+    results = [res[name] for res in per_rank]
+    for rank, res in enumerate(results):
+        assert "exception" not in res, f"rank {rank}:\n{res['exception']}"
+    return results

@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
-import time
-import traceback
-from datetime import timedelta
 
 import numpy as np
 import pytest
 import torch
 
-from parity_tests._spawn import spawn_ranks
+from parity_tests._spawn import case_results, spawn_cases
 from parity_tests.oracle import dilated_attention as oracle_attention
 from parity_tests.reference import reference_attention
 
@@ -209,38 +205,14 @@ def _subgroup_case(case: DistCase, s: int) -> DistCase:
     return dataclasses.replace(case, world=2, seed=case.seed + s, kind="grad")
 
 
-def _worker(rank, world, init_file, out_dir, names):
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=60))
-    cases = {c.name: c for c in ALL_CASES}
-    results = {}
-    for name in names:
-        start = time.perf_counter()
-        try:
-            results[name] = _run_case(cases[name], rank, world)
-        except Exception:  # recorded; the comparing test reports it
-            results[name] = {"exception": traceback.format_exc()}
-        results[name]["seconds"] = time.perf_counter() - start
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 @functools.cache
 def _results(world: int) -> list[dict]:
     """Runs every case of ``world`` in one spawn; returns each rank's results."""
-    names = [c.name for c in ALL_CASES if c.world == world]
-    return spawn_ranks(_worker, world, names, deadline_s=SPAWN_DEADLINE_S, label="ring tests")
+    return spawn_cases(__name__, ALL_CASES, world, deadline_s=SPAWN_DEADLINE_S, label="ring tests")
 
 
 def _case_results(case: DistCase) -> list[dict]:
-    per_rank = [res[case.name] for res in _results(case.world)]
-    for rank, res in enumerate(per_rank):
-        assert "exception" not in res, f"rank {rank}:\n{res['exception']}"
-    return per_rank
+    return case_results(_results(case.world), case.name)
 
 
 def _cat(per_rank, key):
