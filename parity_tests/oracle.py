@@ -52,22 +52,29 @@ def multiplicity(n, num_heads, segment_lengths, dilation_rates, mix, is_causal):
     return C
 
 
-def length_mask(n, seq_lengths, batch):
-    """``[b, n, n]`` (query p, key q) True where both positions are real: ``p, q < seq_lengths[b]``
-    (all True for ``seq_lengths=None``). Padding is never a key and, as a query, has no key."""
+def length_mask(n, seq_lengths, batch, segment_ids=None):
+    """``[b, n, n]`` (query p, key q) True where both positions are real, ``p, q < seq_lengths[b]``
+    (all True for ``seq_lengths=None``), and in the same document, ``segment_ids[b, p] ==
+    segment_ids[b, q]`` (one document for ``segment_ids=None``). Padding is never a key and, as
+    a query, has no key."""
     lengths = np.full(batch, n) if seq_lengths is None else np.asarray(seq_lengths).reshape(batch)
     real = np.arange(n)[None, :] < lengths[:, None]  # [b, n]
-    return real[:, :, None] & real[:, None, :]
+    mask = real[:, :, None] & real[:, None, :]
+    if segment_ids is not None:
+        ids = np.asarray(segment_ids).reshape(batch, n)
+        mask &= ids[:, :, None] == ids[:, None, :]
+    return mask
 
 
 def dilated_attention(query, key, value, *, segment_lengths, dilation_rates, mix="head_groups",
-                      is_causal=False, softmax_scale=None, seq_lengths=None):
+                      is_causal=False, softmax_scale=None, seq_lengths=None, segment_ids=None):
     """Returns ``(out [b, n, h, d], lse [b, n, h])`` in float64.
 
     ``out_j[p] = sum_q C_j[p,q] e^{s_pq} v_q / sum_q C_j[p,q] e^{s_pq}``, ``s_pq = tau <q_p, k_q>``;
     ``lse_j[p] = log sum_q C_j[p,q] e^{s_pq}``; rows with no key: ``out = 0``, ``lse = -inf``.
     ``seq_lengths [b]``: positions ``p >= seq_lengths[b]`` are padding (``C`` is 0 in their rows
-    and columns).
+    and columns). ``segment_ids [b, n]`` (packed documents): ``C[p, q]`` is 0 unless
+    ``segment_ids[b, p] == segment_ids[b, q]``; the patterns keep their global positions.
     """
     q = np.asarray(query, dtype=np.float64)
     k = np.asarray(key, dtype=np.float64)
@@ -76,7 +83,7 @@ def dilated_attention(query, key, value, *, segment_lengths, dilation_rates, mix
     h_kv = k.shape[2]
     tau = d ** -0.5 if softmax_scale is None else softmax_scale
     C = multiplicity(n, h, segment_lengths, dilation_rates, mix, is_causal)
-    real = length_mask(n, seq_lengths, b)  # [b, n, n]
+    real = length_mask(n, seq_lengths, b, segment_ids)  # [b, n, n]
     out = np.zeros((b, n, h, d))
     lse = np.full((b, n, h), -np.inf)
     for j in range(h):

@@ -14,15 +14,16 @@ __all__ = ["reference_attention"]
 
 
 def reference_attention(query, key, value, *, segment_lengths, dilation_rates, mix="head_groups",
-                        is_causal=False, softmax_scale=None, seq_lengths=None):
+                        is_causal=False, softmax_scale=None, seq_lengths=None, segment_ids=None):
     """Differentiable ``(out [b, n, h, d], lse [b, n, h])`` for float64 torch tensors;
-    ``seq_lengths [b]`` as in the oracle."""
+    ``seq_lengths [b]`` and ``segment_ids [b, n]`` as in the oracle."""
     b, n, h, d = query.shape
     group = h // key.shape[2]
     tau = d ** -0.5 if softmax_scale is None else softmax_scale
     C = multiplicity(n, h, segment_lengths, dilation_rates, mix, is_causal)[None]  # [1, h, n, n]
     lengths = None if seq_lengths is None else torch.as_tensor(seq_lengths).cpu().numpy()
-    C = torch.from_numpy(C * length_mask(n, lengths, b)[:, None])  # [b, h, n, n]
+    ids = None if segment_ids is None else torch.as_tensor(segment_ids).cpu().numpy()
+    C = torch.from_numpy(C * length_mask(n, lengths, b, ids)[:, None])  # [b, h, n, n]
     bias = torch.log(C.to(query.dtype))  # -inf where C = 0
     empty = C.sum(-1) == 0  # [b, h, n]: rows with no key
     k = key.repeat_interleave(group, dim=2)  # [b, n, h, d]
