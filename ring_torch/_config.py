@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 __all__ = ["MIXES", "DilatedConfig", "check_shapes", "check_ring_size", "check_bool",
-           "check_softmax_scale", "check_int_tuple", "check_seq_lengths", "FLOAT_DTYPES"]
+           "check_softmax_scale", "check_int_tuple", "check_seq_lengths", "check_segment_ids",
+           "FLOAT_DTYPES"]
 
 MIXES = ("head_groups", "longnet")
 
@@ -265,6 +266,25 @@ def check_seq_lengths(seq_lengths, batch: int, seq_len: int, device: torch.devic
         if bool(bad.any()):
             raise ValueError(f"seq_lengths={seq_lengths.tolist()} must lie in [0, {seq_len=}]")
     return seq_lengths.to(device=device, dtype=torch.int64, non_blocking=True).clamp(0, seq_len)
+
+
+def check_segment_ids(segment_ids, batch: int, seq_len: int, device: torch.device):
+    """``segment_ids`` (None, or an integer tensor or array-like of shape ``[batch, seq_len]``:
+    the document of each position of the global sequence; any integers, negative ones too) as
+    an int64 tensor on ``device`` (None stays None); ``TypeError`` for a non-integer dtype
+    (bool included), ``ValueError`` for another shape. Values are not read."""
+    if segment_ids is None:
+        return None
+    if not isinstance(segment_ids, torch.Tensor):
+        segment_ids = torch.as_tensor(np.asarray(segment_ids))
+    dtype = segment_ids.dtype
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        raise TypeError(f"segment_ids has dtype {dtype_name(dtype)}; expected an integer array of "
+                        f"shape [batch, seq]")
+    if tuple(segment_ids.shape) != (batch, seq_len):
+        raise ValueError(f"segment_ids must have shape [batch, seq]=({batch}, {seq_len}) (the global "
+                         f"sequence), got {tuple(segment_ids.shape)}")
+    return segment_ids.to(device=device, dtype=torch.int64, non_blocking=True)
 
 
 def lengths_from_padding_mask(key_padding_mask, batch: int, seq_len: int) -> torch.Tensor:

@@ -13,6 +13,13 @@ Padding (:attr:`MaskSpec.lengths`): position ``p`` of batch entry ``b`` is real 
 causality does not already hide it (:attr:`MaskSpec.key_mask`: right padding comes after every
 real query, so causal calls need no key mask and keep the fused kernels); padded query rows are
 zeroed afterwards by :func:`mask_rows`.
+
+Documents (:attr:`MaskSpec.segment_ids`, packed sequences): a key counts for a query only when
+both positions carry the same id. :func:`block_masks` hides the other keys from every query row,
+from the rows' global positions (the dilated pattern keeps its global segments and offsets), so
+no fused kernel can take such a block: a call with ``segment_ids`` runs the math kernel. A row
+always keeps its own key on one device (its key block holds its own rows); a ring hop's block
+may hide every key of a row, which the math kernel returns as ``out = 0``, ``lse = -inf``.
 """
 
 from __future__ import annotations
@@ -37,7 +44,10 @@ class MaskSpec:
     ``lengths``: int64 ``[batch]`` real length of each global batch entry (None: no padding);
     ``key_mask``: whether blocks must hide padded keys (padding with ``is_causal=False``);
     ``pieces``: when the local rows are not one run from ``base`` (the balanced layout), the
-    global start of each consecutive run of ``piece_len`` local rows.
+    global start of each consecutive run of ``piece_len`` local rows; ``segment_ids``: int64
+    ``[global batch, padded global length]`` document id of each position in natural order (None:
+    one document), positions past the caller's sequence holding any id (they are padding, hidden
+    by causality or the key mask).
     """
 
     is_causal: bool
@@ -48,6 +58,7 @@ class MaskSpec:
     key_mask: bool = False
     pieces: tuple[int, ...] | None = None
     piece_len: int = 0
+    segment_ids: torch.Tensor | None = None
 
     def global_start(self, local: int) -> int:
         """Global position of local row ``local``."""
@@ -64,9 +75,15 @@ class MaskSpec:
         return starts[local // self.piece_len] + local % self.piece_len
 
     @property
-    def needs_key_mask(self) -> bool:
-        """True when the kernels must take a key mask (then only the math kernel can)."""
+    def hides_padding(self) -> bool:
+        """True when blocks hide padded keys (padding without causality)."""
         return self.lengths is not None and self.key_mask
+
+    @property
+    def needs_key_mask(self) -> bool:
+        """True when the kernels must take a per-key mask (padded keys, documents): then only
+        the math kernel can."""
+        return self.hides_padding or self.segment_ids is not None
 
     @property
     def dropout_p(self) -> float:
@@ -143,8 +160,9 @@ def block_masks(coords: BlockCoords, device) -> tuple[torch.Tensor | None, torch
     """Every mask of one block, from its coordinates: ``(hide, keep)``.
 
     ``hide``: boolean, broadcastable to ``[B, H, m_q, m_k]``, True where a score is masked out
-    (causal: the cached upper triangle; padding with :attr:`MaskSpec.needs_key_mask`: keys at
-    or beyond their batch entry's length, for real query rows only, so no row is empty);
+    (causal: the cached upper triangle; padding with :attr:`MaskSpec.hides_padding`: keys at
+    or beyond their batch entry's length, for real query rows only; documents: keys whose
+    ``segment_ids`` differ from the query's);
     ``keep [B, H, m_q, m_k]``: dropout's keep-mask on the probabilities. None where nothing is
     masked.
     """
@@ -156,10 +174,16 @@ def block_masks(coords: BlockCoords, device) -> tuple[torch.Tensor | None, torch
     qpos = coords.positions(coords.q_starts, device)
     kpos = qpos if coords.k_starts is None else coords.positions(coords.k_starts, device)
     batch = coords.batch_index(device)
-    if spec.needs_key_mask:
+    if spec.hides_padding:
         length = spec.lengths.to(device)[batch][:, None, None, None]  # [B, 1, 1, 1]
         padded = (kpos[:, :, None, :] >= length) & (qpos[:, :, :, None] < length)  # [B, H, m_q, m_k]
         hide = padded if hide is None else padded | hide
+    if spec.segment_ids is not None:
+        ids = spec.segment_ids.to(device)
+        rows = batch[:, None, None]  # [B, 1, 1]
+        q_doc, k_doc = ids[rows, qpos], ids[rows, kpos]  # [B, H, m_q], [B, H, m_k]
+        other = q_doc[:, :, :, None] != k_doc[:, :, None, :]  # [B, H, m_q, m_k]
+        hide = other if hide is None else other | hide
     if drop is not None:
         heads = torch.tensor(coords.heads, dtype=torch.int64, device=device)
         keep = keep_mask(drop.seed, coords.pattern, batch, heads, qpos, kpos, drop.p)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ring_torch._config import DilatedConfig, check_seq_lengths
+from ring_torch._config import DilatedConfig, check_segment_ids, check_seq_lengths
 from ring_torch._coords import MaskSpec, unit_coords
 from ring_torch._dropout import Dropout, make_dropout
 from ring_torch._kernels import GradInputs, Kernel, check_backend, kernel_for, select_backend
@@ -177,7 +177,9 @@ class FusedExecutor:
 def make_executor(backend: str, device: torch.device, compute: torch.dtype, head_dim: int,
                   dropout: Dropout | None, key_mask: bool = False) -> AutogradExecutor | FusedExecutor:
     """The kernel and executor of one call, chosen once: ``backend`` resolved, ``compute`` the
-    dtype the kernels see, ``key_mask``: whether blocks hide padded keys (math kernel)."""
+    dtype the kernels see, ``key_mask``: whether blocks take a per-key mask
+    (:attr:`ring_torch._coords.MaskSpec.needs_key_mask`: padding without causality, documents),
+    which only the math kernel can."""
     kernel = kernel_for(backend, device, compute, head_dim, needs_dropout=dropout is not None,
                         needs_key_mask=key_mask)
     return (FusedExecutor if kernel.fused_backward else AutogradExecutor)(kernel)
@@ -198,7 +200,8 @@ def dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
                       is_causal: bool = False, softmax_scale: float | None = None,
                       return_lse: bool = False, backend: str = "auto",
                       dropout_p: float = 0.0, dropout_seed: int | None = None,
-                      seq_lengths: torch.Tensor | None = None):
+                      seq_lengths: torch.Tensor | None = None,
+                      segment_ids: torch.Tensor | None = None):
     """Dilated attention of ``query [batch, seq, heads, head_dim]`` against
     ``key``/``value [batch, seq, kv_heads, head_dim]`` (``heads % kv_heads == 0``).
 
@@ -229,6 +232,13 @@ def dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
             their q, k, v exactly 0. They may hold any finite values (a NaN there reaches real rows as ``0 * NaN``). Causal
             padding keeps the fused kernels; non-causal padding (and a ``seq`` the patterns do
             not tile, padded with zeros internally) hides padded keys in the math kernel.
+        segment_ids: an integer ``[batch, seq]`` tensor (any device and integers, negative ones
+            too; lists accepted) or None (one document): packed documents, position ``p`` attends
+            key ``q`` only if ``segment_ids[b, p] == segment_ids[b, q]``, on top of the pattern
+            (whose segments and offsets keep their global positions: it does not restart per
+            document), causality and ``seq_lengths``. Dropout masks of the kept scores are
+            unchanged. The fused ``torch``/``xformers`` kernels take no such mask yet: a call
+            with ``segment_ids`` runs the masked math kernel, whatever ``backend``.
 
     Returns:
         ``out [batch, seq, heads, head_dim]`` in the input dtype, and with ``return_lse`` also
@@ -237,21 +247,24 @@ def dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
     Raises:
         TypeError: an argument of the wrong type (tensors of a non-floating dtype, a non-bool
-            ``is_causal``, patterns that are not ints, ``seq_lengths`` not an int tensor).
+            ``is_causal``, patterns that are not ints, ``seq_lengths`` or ``segment_ids`` not an
+            int tensor).
         ValueError: a wrong value. All checks run before any compute.
     """
     config = DilatedConfig(segment_lengths, dilation_rates, mix, is_causal, softmax_scale)
     b, n, h, h_kv, d = config.validate_inputs(query, key, value)
     lengths = check_seq_lengths(seq_lengths, b, n, query.device)
+    docs = check_segment_ids(segment_ids, b, n, query.device)
     dtype = query.dtype
     backend, compute = resolve_backend(backend, query.device, dtype)
-    padding = make_padding(lengths, b, n, config.padded_length(n), config.is_causal, query.device)
+    padding = make_padding(lengths, b, n, config.padded_length(n), config.is_causal, query.device,
+                           docs)
     plan = build_plan(config, padding.padded_len, h, h_kv)
     scale = config.scale(d)
     dropout = make_dropout(dropout_p, dropout_seed)
-    executor = make_executor(backend, query.device, compute, d, dropout, padding.key_mask)
+    spec = MaskSpec(config.is_causal, dropout, **padding.mask_fields())
+    executor = make_executor(backend, query.device, compute, d, dropout, spec.needs_key_mask)
     q, k, v = pad_inputs(padding, [x.to(compute) for x in (query, key, value)])
-    spec = MaskSpec(config.is_causal, dropout, lengths=padding.lengths, key_mask=padding.key_mask)
     out, lse = unpad_outputs(padding, *executor.run(plan, q, k, v, scale, spec))
     out = out.to(dtype)
     if not return_lse:

@@ -82,7 +82,7 @@ class RingDilatedAttention(nn.Module):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 is_causal: bool = False, return_lse: bool = False,
-                seq_lengths: torch.Tensor | None = None):
+                seq_lengths: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None):
         """Dilated attention of one call.
 
         Args:
@@ -92,6 +92,10 @@ class RingDilatedAttention(nn.Module):
             return_lse: also return the log-sum-exp.
             seq_lengths: integer ``[b]`` real (global) lengths, or None: positions beyond are
                 right padding (:func:`ring_torch.dilated_attention`).
+            segment_ids: integer ``[b, global seq]`` document ids (packed documents; the same
+                tensor on every rank of a process group, in natural order), or None: a key
+                counts only for queries of its document; runs the masked math kernel
+                (:func:`ring_torch.ring_dilated_attention`).
 
         Returns:
             ``out [b, seq, h, d]``, and ``lse [b, seq, h]`` with ``return_lse``.
@@ -103,7 +107,7 @@ class RingDilatedAttention(nn.Module):
             softmax_scale=self.softmax_scale, return_lse=return_lse, backend=self.backend,
             ring_size=self.ring_size, process_group=self.process_group, comm=self.comm,
             stats=self.comm_stats, dropout_p=dropout_p, seq_lengths=seq_lengths,
-            timeout=self.timeout, layout=self.layout)
+            timeout=self.timeout, layout=self.layout, segment_ids=segment_ids)
 
 
 class MultiheadDilatedAttention(nn.Module):
@@ -211,7 +215,8 @@ class MultiheadDilatedAttention(nn.Module):
     def forward(self, query: torch.Tensor, key: torch.Tensor | None = None,
                 value: torch.Tensor | None = None, is_causal: bool = False,
                 cache: DecodeCache | None = None, seq_lengths: torch.Tensor | None = None,
-                key_padding_mask: torch.Tensor | None = None):
+                key_padding_mask: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None):
         """The layer on one batch.
 
         Args:
@@ -227,6 +232,10 @@ class MultiheadDilatedAttention(nn.Module):
                 the same mask on every rank of a process group): accepted when it is right
                 padding, converted to ``seq_lengths``; ``ValueError`` otherwise, and with
                 ``seq_lengths`` too.
+            segment_ids: integer ``[b, global seq]`` document ids of packed sequences (the same
+                tensor on every rank of a process group, natural order), or None (one document):
+                a position attends only keys of its own document (:class:`RingDilatedAttention`;
+                the masked math kernel).
 
         Returns:
             ``[b, seq, embed_dim]``; with ``cache`` ``(out, cache)``.
@@ -238,6 +247,9 @@ class MultiheadDilatedAttention(nn.Module):
         if cache is not None and (key_padding_mask is not None or seq_lengths is not None):
             raise ValueError("cache= decodes unpadded sequences: seq_lengths and key_padding_mask "
                              "are not supported with a cache")
+        if cache is not None and segment_ids is not None:
+            raise ValueError("cache= decodes one document per sequence: segment_ids is not "
+                             "supported with a cache")
         if query.dim() != 3 or query.shape[-1] != self.embed_dim:
             raise ValueError(f"query must be [batch, seq, embed_dim={self.embed_dim}], got "
                              f"{tuple(query.shape)}")
@@ -259,7 +271,8 @@ class MultiheadDilatedAttention(nn.Module):
         k = self.k_proj(key).view(b, n, self.num_kv_heads, self.head_dim)
         v = self.v_proj(value).view(b, n, self.num_kv_heads, self.head_dim)
         if cache is None:
-            out = self.attention(q, k, v, is_causal=is_causal, seq_lengths=seq_lengths)
+            out = self.attention(q, k, v, is_causal=is_causal, seq_lengths=seq_lengths,
+                                 segment_ids=segment_ids)
         else:
             out, cache = decode(q, k, v, cache, self.attention.softmax_scale)
         out = out.reshape(b, n, self.embed_dim)

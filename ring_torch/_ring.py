@@ -36,7 +36,8 @@ import torch
 
 from ring_torch._comm import COMMS, CommStats, make_communicator
 from ring_torch._consistency import check_consistent
-from ring_torch._config import DilatedConfig, check_ring_size, check_seq_lengths, check_shapes
+from ring_torch._config import (DilatedConfig, check_ring_size, check_segment_ids, check_seq_lengths,
+                                check_shapes)
 from ring_torch._coords import BlockCoords, MaskSpec
 from ring_torch._dilated import dilated_attention, make_executor, resolve_backend
 from ring_torch._dropout import Dropout, make_dropout
@@ -123,7 +124,7 @@ class _Prepared:
 
 
 def _prepare(query, key, value, config_args: dict, backend: str, comm: str, ring_size, world: int,
-             dropout_p: float, dropout_seed, seq_lengths, layout: str) -> _Prepared:
+             dropout_p: float, dropout_seed, seq_lengths, layout: str, segment_ids=None) -> _Prepared:
     """Every local check of a call (``ValueError`` / ``TypeError``), nothing communicated. A
     simulated ring pads the sequence to :func:`ring_padded_length`; a process group's length
     ``n = L * P`` is the caller's."""
@@ -135,12 +136,13 @@ def _prepare(query, key, value, config_args: dict, backend: str, comm: str, ring
     b, nl, h, h_kv, _ = check_shapes(query, key, value)
     n = nl if simulated else nl * ranks
     lengths = check_seq_lengths(seq_lengths, b, n, query.device)
+    docs = check_segment_ids(segment_ids, b, n, query.device)
     N = ring_padded_length(config, n, ranks, layout) if simulated else n
     L = N // ranks
     backend, compute = resolve_backend(backend, query.device, query.dtype)
     rplan = build_ring_plan(config, L, ranks, h, h_kv, layout)
     dropout = make_dropout(dropout_p, dropout_seed)
-    padding = make_padding(lengths, b, n, N, config.is_causal, query.device)
+    padding = make_padding(lengths, b, n, N, config.is_causal, query.device, docs)
     return _Prepared(ranks, simulated, layout, config, rplan, backend, compute, L, dropout, padding)
 
 
@@ -153,9 +155,8 @@ def _mask_spec(prepared: _Prepared, rank: int) -> MaskSpec:
         order = balanced_order(P)
         chunks = order if prepared.simulated else order[2 * rank:2 * rank + 2]
         pieces, piece_len = tuple(c * (L // 2) for c in chunks), L // 2
-    return MaskSpec(prepared.config.is_causal, prepared.dropout, base=rank * L,
-                    lengths=padding.lengths, key_mask=padding.key_mask, pieces=pieces,
-                    piece_len=piece_len)
+    return MaskSpec(prepared.config.is_causal, prepared.dropout, base=rank * L, pieces=pieces,
+                    piece_len=piece_len, **padding.mask_fields())
 
 
 def _canonical(x):
@@ -193,16 +194,17 @@ def _shared_seed(process_group, dropout: Dropout | None, timeout: float) -> Drop
 
 def _checked(process_group, query, key, value, config_args: dict, backend: str, comm: str,
              ring_size, world: int, dropout_p: float, dropout_seed, timeout: float,
-             seq_lengths, layout: str) -> _Prepared:
+             seq_lengths, layout: str, segment_ids=None) -> _Prepared:
     """:func:`_prepare` on every rank, then the consistency exchange *before* raising: a rank
     whose own arguments are invalid still reaches it, so every rank raises (a rank raising alone
     would leave the others waiting in their first hop). Shares rank 0's dropout seed."""
     args = dict(config_args, backend=backend, ring_size=ring_size, comm=comm, dropout_p=dropout_p,
-                seq_lengths_given=seq_lengths is not None, layout=layout)
+                seq_lengths_given=seq_lengths is not None, layout=layout,
+                segment_ids_given=segment_ids is not None)
     codes, values = _fingerprint(query, key, args)
     try:
         prepared, error = _prepare(query, key, value, config_args, backend, comm, ring_size, world,
-                                   dropout_p, dropout_seed, seq_lengths, layout), None
+                                   dropout_p, dropout_seed, seq_lengths, layout, segment_ids), None
     except (ValueError, TypeError) as e:
         prepared, error = None, e
     dropout = None if prepared is None else prepared.dropout
@@ -223,7 +225,8 @@ def ring_dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
                            comm: str = "ring", stats: CommStats | None = None,
                            check_consistency: bool = True, dropout_p: float = 0.0,
                            dropout_seed: int | None = None, timeout: float = 300.0,
-                           seq_lengths: torch.Tensor | None = None, layout: str = "contiguous"):
+                           seq_lengths: torch.Tensor | None = None, layout: str = "contiguous",
+                           segment_ids: torch.Tensor | None = None):
     """Dilated attention (the definition of :func:`ring_torch.dilated_attention`) over a ring.
 
     * ``process_group`` with world size ``P > 1``: each rank passes its local shard
@@ -258,7 +261,7 @@ def ring_dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     *without raising yet*, then one small ``all_gather`` exchanges each rank's ok / error status
     and codes of its local shapes, dtype and every pattern, mix, causality, scale, backend,
     ``comm``, ``ring_size``, ``layout`` and ``dropout_p`` argument, and whether ``seq_lengths``
-    is given. If any rank failed or any field differs,
+    and ``segment_ids`` are given. If any rank failed or any field differs,
     every rank raises: a ``ValueError`` (:class:`ring_torch.RingCheckError`) naming each
     differing field with its per-rank values and each failing rank's error, or, when every rank
     failed alike, its own error. Only then is any block sent.
@@ -288,6 +291,12 @@ def ring_dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     ``lse = -inf`` and zero gradients. Causal calls keep the fused kernels; non-causal ones hide
     padded keys per block from the block's global positions (the math kernel).
 
+    ``segment_ids``: integer ``[batch, n]`` document ids of the *global* sequence in natural
+    order (the same tensor on every rank of a process group, whatever the layout; with
+    ``ring_size`` the full sequence), as in :func:`ring_torch.dilated_attention`: a key counts
+    only for queries of its document; each block reads its rows' ids at their global positions.
+    Every block then runs the masked math kernel (no fused kernel takes the mask yet).
+
     Returns ``out [batch, n_local, heads, head_dim]`` in the input dtype, and with
     ``return_lse`` also ``lse [batch, n_local, heads]`` (float64 for float64 inputs, else
     float32).
@@ -297,10 +306,11 @@ def ring_dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     world = _world_size(process_group)
     if world > 1 and check_consistency:
         prepared = _checked(process_group, query, key, value, config_args, backend, comm,
-                            ring_size, world, dropout_p, dropout_seed, timeout, seq_lengths, layout)
+                            ring_size, world, dropout_p, dropout_seed, timeout, seq_lengths, layout,
+                            segment_ids)
     else:
         prepared = _prepare(query, key, value, config_args, backend, comm, ring_size, world,
-                            dropout_p, dropout_seed, seq_lengths, layout)
+                            dropout_p, dropout_seed, seq_lengths, layout, segment_ids)
         if world > 1:
             prepared = replace(prepared, dropout=_shared_seed(process_group, prepared.dropout, timeout))
     if prepared.ranks == 1:
@@ -308,7 +318,7 @@ def ring_dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
                                  dilation_rates=dilation_rates, mix=mix, is_causal=is_causal,
                                  softmax_scale=softmax_scale, return_lse=return_lse,
                                  backend=backend, dropout_p=dropout_p, dropout_seed=dropout_seed,
-                                 seq_lengths=seq_lengths)
+                                 seq_lengths=seq_lengths, segment_ids=segment_ids)
     config, rplan, padding = prepared.config, prepared.rplan, prepared.padding
     backend, compute, L, simulated = prepared.backend, prepared.compute, prepared.local_len, prepared.simulated
     d, dtype, R = query.shape[-1], query.dtype, prepared.ranks
@@ -318,10 +328,10 @@ def ring_dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
 
         rank = dist.get_rank(process_group)
     scale = config.scale(d)
-    executor = make_executor(backend, query.device, compute, d, prepared.dropout, padding.key_mask)
+    spec = _mask_spec(prepared, rank)
+    executor = make_executor(backend, query.device, compute, d, prepared.dropout, spec.needs_key_mask)
     make_comm = make_communicator(comm, process_group, R if simulated else None, L, stats)
     q, k, v = pad_inputs(padding, [x.to(compute) for x in (query, key, value)])
-    spec = _mask_spec(prepared, rank)
     permute = simulated and prepared.layout == "balanced"  # natural order in and out
     if permute:
         q, k, v = (to_balanced(x, R) for x in (q, k, v))

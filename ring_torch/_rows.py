@@ -24,8 +24,10 @@ class Padding:
     (``N >= n``, zeros appended), ``lengths`` (int64 ``[batch]`` real lengths, the given
     ``seq_lengths`` or ``n``; None when nothing is padded), ``mask_rows`` (``seq_lengths`` were
     given: padded output rows become ``0`` / ``-inf`` by ``torch.where``, so their cotangents
-    are 0) and ``key_mask`` (non-causal with padding: blocks hide padded keys,
-    :class:`ring_torch._coords.MaskSpec`).
+    are 0), ``key_mask`` (non-causal with padding: blocks hide padded keys,
+    :class:`ring_torch._coords.MaskSpec`) and ``segment_ids`` (int64 ``[batch, padded_len]``
+    document ids, the appended positions ``-1``: they are padding, hidden by causality or the
+    key mask; None: one document).
 
     The inputs' padded rows are not copied or zeroed (that would cost a pass over q, k and v):
     any finite values there give exactly the result of zeros, with exactly zero gradients (a
@@ -37,16 +39,24 @@ class Padding:
     lengths: torch.Tensor | None = None
     mask_rows: bool = False
     key_mask: bool = False
+    segment_ids: torch.Tensor | None = None
+
+    def mask_fields(self) -> dict:
+        """The :class:`ring_torch._coords.MaskSpec` fields this padding decides."""
+        return dict(lengths=self.lengths, key_mask=self.key_mask, segment_ids=self.segment_ids)
 
 
 def make_padding(seq_lengths: torch.Tensor | None, batch: int, seq_len: int, padded_len: int,
-                 is_causal: bool, device) -> Padding:
-    """The :class:`Padding` of a call with checked ``seq_lengths`` (int64 ``[batch]`` or None)."""
+                 is_causal: bool, device, segment_ids: torch.Tensor | None = None) -> Padding:
+    """The :class:`Padding` of a call with checked ``seq_lengths`` (int64 ``[batch]`` or None)
+    and ``segment_ids`` (int64 ``[batch, seq_len]`` or None)."""
+    if segment_ids is not None and padded_len > seq_len:
+        segment_ids = F.pad(segment_ids, (0, padded_len - seq_len), value=-1)
     if seq_lengths is None and padded_len == seq_len:
-        return Padding(seq_len, padded_len)
+        return Padding(seq_len, padded_len, segment_ids=segment_ids)
     lengths = seq_lengths if seq_lengths is not None else torch.full(
         (batch,), seq_len, dtype=torch.int64, device=device)
-    return Padding(seq_len, padded_len, lengths, seq_lengths is not None, not is_causal)
+    return Padding(seq_len, padded_len, lengths, seq_lengths is not None, not is_causal, segment_ids)
 
 
 def pad_inputs(padding: Padding, xs):
