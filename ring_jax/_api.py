@@ -11,7 +11,7 @@ import numpy as np
 from jax import lax
 
 from ring_jax._chunked import chunked_attention
-from ring_jax._config import DilatedConfig, check_inputs, check_ring_size, check_seq_lengths
+from ring_jax._config import DilatedConfig, check_inputs, check_ring_size, check_segment_ids, check_seq_lengths
 from ring_jax._coords import Origin, make_origin, real_rows
 from ring_jax._dilated import kept_rows_attention, keeps_rows, saved_attention
 from ring_jax._dropout import as_seed, check_dropout
@@ -66,11 +66,20 @@ def _jitted(fn, static_argnums: tuple[int, ...]):
     return jax.jit(fn, static_argnums=static_argnums)
 
 
-def _spec(config: DilatedConfig, query, rate: float, padded: bool = False) -> BlockSpec:
+def _spec(config: DilatedConfig, query, rate: float, padded: bool = False, documents: bool = False) -> BlockSpec:
     """The call's block spec; ``padded``: some keys are padding, masked unless the call is causal
-    (padding then lies after every real query)."""
+    (padding then lies after every real query); ``documents``: the call has ``segment_ids``."""
     return make_spec(query.dtype, query.shape[-1], config.scale(query.shape[-1]), config.is_causal, rate,
-                     padded and not config.is_causal)
+                     padded and not config.is_causal, documents)
+
+
+def _docs(segment_ids, length: int):
+    """int32 ``[batch, length]`` document ids, padded past the sequence with -1 (padding rows are
+    masked as padding already), or None."""
+    if segment_ids is None:
+        return None
+    ids = jnp.asarray(segment_ids).astype(jnp.int32)
+    return jnp.pad(ids, [(0, 0), (0, length - ids.shape[1])], constant_values=-1)
 
 
 def _lengths(seq_lengths, batch: int, seq_len: int, padded: bool):
@@ -126,7 +135,7 @@ def simulated_ring_attention(query, key, value, config: DilatedConfig, ring_size
 def dilated_attention(query, key, value, *, segment_lengths, dilation_rates, mix="head_groups",
                       is_causal=False, softmax_scale=None, return_lse=False, ring_size=None,
                       dropout_rate=0.0, dropout_seed=None, chunk_size=None, seq_lengths=None,
-                      layout="contiguous"):
+                      layout="contiguous", segment_ids=None):
     """Dilated attention (LongNet) on one device.
 
     Args:
@@ -157,6 +166,9 @@ def dilated_attention(query, key, value, *, segment_lengths, dilation_rates, mix
         0 (LSE ``-inf``) and their q, k, v get zero gradients. Values are clipped to ``[0, seq]``.
       layout: with ``ring_size``, how the simulated devices hold the sequence: ``"contiguous"``
         or ``"balanced"`` (as :func:`ring_dilated_attention`; arrays stay in natural order).
+      segment_ids: optional integer ``[batch, seq]`` (packed documents; may be traced): a query
+        attends only keys with its id, on top of the pattern (whose segments keep their global
+        positions). Blocks then run the masked XLA kernel (cuDNN takes no document mask).
 
     Returns:
       ``out [batch, seq, heads, head_dim]`` in the input dtype (rows with no key are 0), or
@@ -165,6 +177,7 @@ def dilated_attention(query, key, value, *, segment_lengths, dilation_rates, mix
     config = DilatedConfig(segment_lengths, dilation_rates, mix, is_causal, softmax_scale)
     b, n, h, h_kv, _ = check_inputs(query, key, value)
     seq_lengths = check_seq_lengths(seq_lengths, b)
+    segment_ids = check_segment_ids(segment_ids, b, n)
     rate = check_dropout(dropout_rate, dropout_seed)
     ring_size = check_ring_size(ring_size)
     ring = ring_size is not None and ring_size > 1
@@ -178,8 +191,9 @@ def dilated_attention(query, key, value, *, segment_lengths, dilation_rates, mix
     else:
         N = padded_length(config, n, chunk_size or 1, ring_size if ring else 1)
     padded = seq_lengths is not None or N > n
-    origin = make_origin(dropout_seed if rate else None, lengths=_lengths(seq_lengths, b, n, padded))
-    spec = _spec(config, query, rate, padded)
+    origin = make_origin(dropout_seed if rate else None, lengths=_lengths(seq_lengths, b, n, padded),
+                         docs=_docs(segment_ids, N))
+    spec = _spec(config, query, rate, padded, segment_ids is not None)
     if ring:
         run = _compiled(simulated_ring_attention, (3, 4, 5, 7, 8), query, key, value, origin)
         out, lse = run(query, key, value, config, ring_size, spec, origin, N, layout)
@@ -192,7 +206,7 @@ def dilated_attention(query, key, value, *, segment_lengths, dilation_rates, mix
 def ring_dilated_attention(query, key, value, *, axis_name, segment_lengths, dilation_rates,
                            mix="head_groups", is_causal=False, softmax_scale=None, return_lse=False,
                            dropout_rate=0.0, dropout_seed=None, batch_axis=None, seq_lengths=None,
-                           layout="contiguous"):
+                           layout="contiguous", segment_ids=None):
     """Dilated attention over a sequence sharded along ``axis_name``; call inside ``shard_map``.
 
     Args:
@@ -214,6 +228,8 @@ def ring_dilated_attention(query, key, value, *, axis_name, segment_lengths, dil
         (the README's "Balanced layout" says which patterns then communicate); rules: ``n %
         (2P) == 0``, the contiguous rules on ``2P`` chunks, and each pattern spanning chunks has
         ``w >= n`` or ``w / C`` dividing ``P``.
+      segment_ids: optional integer ``[global batch, n]`` document ids of the global sequence in
+        natural order, the same array on every device (as in :func:`dilated_attention`).
 
     Returns:
       The local shard of ``dilated_attention`` on the global sequence, ``[batch, L, heads,
@@ -224,14 +240,17 @@ def ring_dilated_attention(query, key, value, *, axis_name, segment_lengths, dil
     P = lax.axis_size(axis_name)
     global_batch = b * (1 if batch_axis is None else lax.axis_size(batch_axis))
     seq_lengths = check_seq_lengths(seq_lengths, global_batch)
+    segment_ids = check_segment_ids(segment_ids, global_batch, L * P)
     plan = get_ring_plan(config, L, P, h, h_kv, layout)
     rate = check_dropout(dropout_rate, dropout_seed)
     j = lax.axis_index(axis_name)
     bases = (j * L, None) if layout == "contiguous" else (j * (L // 2), (2 * P - 1 - j) * (L // 2))
     origin = make_origin(dropout_seed if rate else None, 0 if batch_axis is None else lax.axis_index(batch_axis) * b,
-                         bases[0], _lengths(seq_lengths, global_batch, L * P, False), bases[1])
+                         bases[0], _lengths(seq_lengths, global_batch, L * P, False), bases[1],
+                         _docs(segment_ids, L * P))
     attend = functools.partial(attend_sharded_unit, axis_name=axis_name, num_devices=P,
-                               spec=_spec(config, query, rate, seq_lengths is not None), origin=origin)
+                               spec=_spec(config, query, rate, seq_lengths is not None, segment_ids is not None),
+                               origin=origin)
     result = finish(run_layers(query, key, value, plan.layers, attend), True, origin, L)
     return result if return_lse else result[0]
 
@@ -254,7 +273,8 @@ def check_mesh_axes(query, key, value, mesh, seq_axis, batch_axis) -> None:
 
 
 def sharded_dilated_attention(query, key, value, *, mesh, seq_axis="sp", batch_axis=None, return_lse=False,
-                              dropout_seed=None, seq_lengths=None, layout="contiguous", **kwargs):
+                              dropout_seed=None, seq_lengths=None, layout="contiguous", segment_ids=None,
+                              **kwargs):
     """Global arrays in, global arrays out: :func:`ring_dilated_attention` under ``jax.shard_map``.
 
     Args:
@@ -265,7 +285,8 @@ def sharded_dilated_attention(query, key, value, *, mesh, seq_axis="sp", batch_a
       batch_axis: optional mesh axis that shards the batch (data parallelism). Heads stay whole on
         each device (a head's pattern depends on its index).
       return_lse, dropout_seed, seq_lengths, **kwargs: as in :func:`dilated_attention` (patterns,
-        mix, causal, scale, dropout rate); ``seq_lengths [batch]`` is replicated on every device.
+        mix, causal, scale, dropout rate); ``seq_lengths [batch]`` and ``segment_ids [batch,
+        seq]`` are replicated on every device.
       layout: ``"contiguous"`` or ``"balanced"`` (:func:`ring_dilated_attention`). The arrays stay
         in natural order either way: with ``"balanced"`` each device's shard is moved to its
         balanced chunks and back inside the program (two ``ppermute``s of half a shard for each
@@ -278,34 +299,38 @@ def sharded_dilated_attention(query, key, value, *, mesh, seq_axis="sp", batch_a
     check_mesh_axes(query, key, value, mesh, seq_axis, batch_axis)
     seq_lengths = check_seq_lengths(seq_lengths, query.shape[0])
     lengths = jnp.zeros((query.shape[0],), jnp.int32) if seq_lengths is None else jnp.asarray(seq_lengths)
+    segment_ids = check_segment_ids(segment_ids, *query.shape[:2])
+    docs = jnp.zeros((1, 1), jnp.int32) if segment_ids is None else jnp.asarray(segment_ids)
     if jax.sharding.AxisType.Explicit in tuple(mesh.axis_types):  # explicit meshes do not reshard implicitly
         sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch_axis, seq_axis, None, None))
         query, key, value = (jax.sharding.reshard(x, sharding) for x in (query, key, value))
     seed = jnp.uint32(0) if dropout_seed is None else as_seed(dropout_seed)  # an explicit, replicated input
     static = tuple(sorted((name, tuple(x) if isinstance(x, list) else x) for name, x in kwargs.items()))
     program = _sharded_program(mesh, seq_axis, batch_axis, dropout_seed is not None, seq_lengths is not None,
-                               check_layout(layout), static)
-    out, lse = _compiled(program, (), query, key, value, seed, lengths)(query, key, value, seed, lengths)
+                               segment_ids is not None, check_layout(layout), static)
+    out, lse = _compiled(program, (), query, key, value, seed, lengths, docs)(query, key, value, seed, lengths, docs)
     return (out, lse) if return_lse else out
 
 
 @functools.cache
-def _sharded_program(mesh, seq_axis, batch_axis, with_seed: bool, with_lengths: bool, layout: str, static: tuple):
+def _sharded_program(mesh, seq_axis, batch_axis, with_seed: bool, with_lengths: bool, with_docs: bool, layout: str,
+                     static: tuple):
     """The ``shard_map`` of :func:`ring_dilated_attention` for one mesh and configuration (one
     function object per configuration, so an eager call's ``jit`` is compiled once)."""
     P = jax.sharding.PartitionSpec
     spec, lse_spec = P(batch_axis, seq_axis, None, None), P(batch_axis, seq_axis, None)
     num = mesh.shape[seq_axis]
 
-    def f(q, k, v, seed, lengths):
+    def f(q, k, v, seed, lengths, docs):
         if layout == "balanced":
             q, k, v = (shard_to_balanced(x, seq_axis, num) for x in (q, k, v))
         out, lse = ring_dilated_attention(q, k, v, axis_name=seq_axis, batch_axis=batch_axis, return_lse=True,
                                           dropout_seed=seed if with_seed else None, layout=layout,
-                                          seq_lengths=lengths if with_lengths else None, **dict(static))
+                                          seq_lengths=lengths if with_lengths else None,
+                                          segment_ids=docs if with_docs else None, **dict(static))
         if layout == "balanced":
             out, lse = (shard_from_balanced(x, seq_axis, num) for x in (out, lse))
         return out, lse
 
-    return jax.shard_map(f, mesh=mesh, in_specs=(spec, spec, spec, P(), P()), out_specs=(spec, lse_spec),
+    return jax.shard_map(f, mesh=mesh, in_specs=(spec, spec, spec, P(), P(), P()), out_specs=(spec, lse_spec),
                          check_vma=False)

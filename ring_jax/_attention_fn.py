@@ -44,17 +44,18 @@ def check_dropout_rate(rate) -> float:
 
 def attend(query, key, value, *, config: DilatedConfig, is_causal: bool = False, mesh=None,
            seq_axis="sp", batch_axis=None, ring_size=None, chunk_size=None, dropout_rate: float = 0.0,
-           dropout_seed=None, seq_lengths=None, layout="contiguous"):
+           dropout_seed=None, seq_lengths=None, layout="contiguous", segment_ids=None):
     """Dilated attention of ``[b, n, h, d]`` arrays with the pattern of ``config``: the single
     device core (in chunks with ``chunk_size``), the simulated ring (``ring_size``) or the mesh
     ring (``mesh``), the rings' devices holding the sequence in ``layout``.
 
     ``dropout_rate > 0`` needs ``dropout_seed`` (the core checks both); the dropout arguments
     are passed to the core only when dropout is on. ``seq_lengths [b]``: per-example lengths
-    (positions past them are padding), as in the core."""
+    (positions past them are padding), ``segment_ids [b, n]``: packed documents, as in the core."""
     kwargs = dict(segment_lengths=config.segment_lengths, dilation_rates=config.dilation_rates,
                   mix=config.mix, is_causal=check_bool("is_causal", is_causal) or config.is_causal,
-                  softmax_scale=config.softmax_scale, seq_lengths=seq_lengths, layout=layout)
+                  softmax_scale=config.softmax_scale, seq_lengths=seq_lengths, layout=layout,
+                  segment_ids=segment_ids)
     if dropout_rate > 0.0:
         kwargs.update(dropout_rate=float(dropout_rate), dropout_seed=dropout_seed)
     if mesh is not None:
@@ -86,7 +87,8 @@ def make_attention_fn(segment_lengths, dilation_rates, *, mix="head_groups", is_
     * ``module`` (``sow_weights``): refused, the dilated weights are never materialised.
     * ``seq_lengths`` (not passed by Flax): per-example lengths ``[batch]`` (positions past them
       are padding, as in :func:`ring_jax.dilated_attention`); bind it with ``functools.partial``
-      (``layer.attention_fn = functools.partial(fn, seq_lengths=lengths)``) or a closure.
+      (``layer.attention_fn = functools.partial(fn, seq_lengths=lengths)``) or a closure;
+      ``segment_ids [batch, seq]`` (packed documents) likewise.
 
     ``ring_size`` runs the simulated ring on one device; ``mesh`` the ring over
     ``mesh[seq_axis]`` (global arrays in and out, :func:`ring_jax.sharded_dilated_attention`);
@@ -99,7 +101,8 @@ def make_attention_fn(segment_lengths, dilation_rates, *, mix="head_groups", is_
 
     def dilated_attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True,
                              dropout_rng=None, dropout_rate=0.0, deterministic=False, dtype=None,
-                             precision=None, module=None, is_causal=False, seq_lengths=None, **unused):
+                             precision=None, module=None, is_causal=False, seq_lengths=None, segment_ids=None,
+                             **unused):
         del broadcast_dropout, precision, unused
         if mask is not None:
             raise ValueError(
@@ -128,6 +131,6 @@ def make_attention_fn(segment_lengths, dilation_rates, *, mix="head_groups", is_
         return attend(query, key, value, config=config, is_causal=is_causal, mesh=mesh,
                       seq_axis=seq_axis, batch_axis=batch_axis, ring_size=ring_size,
                       chunk_size=chunk_size, dropout_rate=rate, dropout_seed=seed, seq_lengths=seq_lengths,
-                      layout=layout)
+                      layout=layout, segment_ids=segment_ids)
 
     return dilated_attention_fn

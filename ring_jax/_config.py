@@ -182,6 +182,23 @@ def check_inputs(query, key, value) -> tuple[int, int, int, int, int]:
     return b, n, h, h_kv, d
 
 
+def check_segment_ids(segment_ids, batch: int, seq_len: int):
+    """``segment_ids`` (None, or an integer array-like of shape ``[batch, seq_len]``: the document
+    of each position) as an array (or None); ``TypeError`` for a non-integer dtype, ``ValueError``
+    for another shape. Values are not read (they may be traced)."""
+    if segment_ids is None:
+        return None
+    if not (hasattr(segment_ids, "dtype") and hasattr(segment_ids, "shape")):
+        segment_ids = np.asarray(segment_ids)
+    dtype = np.dtype(segment_ids.dtype)
+    if not np.issubdtype(dtype, np.integer):
+        raise TypeError(f"segment_ids has dtype {dtype.name}; expected an integer array of shape [batch, seq]")
+    if tuple(segment_ids.shape) != (batch, seq_len):
+        raise ValueError(f"segment_ids must have shape [batch, seq]=({batch}, {seq_len}) (the global sequence), "
+                         f"got {tuple(segment_ids.shape)}")
+    return segment_ids
+
+
 def check_seq_lengths(seq_lengths, batch: int):
     """``seq_lengths`` (None, or an integer array-like of shape ``[batch]``) as an array (or None);
     ``TypeError`` for a non-integer dtype, ``ValueError`` for another shape. Values are not read

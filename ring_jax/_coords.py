@@ -3,8 +3,8 @@
 A kernel sees one block: query rows ``q [B, m, H, d]`` and key rows ``k, v [B, m_k, H, d]``, the
 segments of a unit folded into ``B``. :class:`Coords` carries the block's global coordinates (batch
 index, query head, query and key positions) and :class:`Mods` the static modifiers that apply
-(causal, dropout, padded keys). :func:`score_mask` and :func:`dropout_keep` derive every mask from
-those two, so a new modifier (document ids) is a field here and a line in one of them.
+(causal, dropout, padded keys, documents). :func:`score_mask` and :func:`dropout_keep` derive every
+mask from those two, so a new modifier is a field here and a line in one of them.
 
 :class:`Origin` is what a whole call knows about its place: the dropout seed, the global batch
 index and sequence position of its local entry 0 (non-zero on a shard, or a chunk) and the
@@ -32,6 +32,7 @@ class Origin(NamedTuple):
     lengths: jax.Array | None = None  # int32 [global batch]: real positions of each entry (None: all)
     half_base: jax.Array | None = None  # int32 []: global position of the second half's first row
     # (the balanced ring layout, whose shards hold two chunks); None: the rows are one stretch
+    docs: jax.Array | None = None  # int32 [global batch, n]: the document of each position (None: one)
 
     def at(self, start) -> Origin:
         """The origin of the stretch that starts ``start`` positions further on."""
@@ -45,10 +46,10 @@ class Origin(NamedTuple):
         return jnp.where(index < half, self.pos_base + index, self.half_base + (index - half))
 
 
-def make_origin(seed=None, batch_base=0, pos_base=0, lengths=None, half_base=None) -> Origin:
+def make_origin(seed=None, batch_base=0, pos_base=0, lengths=None, half_base=None, docs=None) -> Origin:
+    as_int = lambda x: None if x is None else jnp.asarray(x, jnp.int32)  # noqa: E731
     return Origin(as_seed(0 if seed is None else seed), jnp.asarray(batch_base, jnp.int32),
-                  jnp.asarray(pos_base, jnp.int32), None if lengths is None else jnp.asarray(lengths, jnp.int32),
-                  None if half_base is None else jnp.asarray(half_base, jnp.int32))
+                  jnp.asarray(pos_base, jnp.int32), as_int(lengths), as_int(half_base), as_int(docs))
 
 
 def real_rows(origin: Origin, batch: int, rows: int):
@@ -69,6 +70,7 @@ class Coords(NamedTuple):
     qpos: jax.Array  # [B, H, m] global query positions
     kpos: jax.Array  # [B, H, m_k] global key positions
     klen: jax.Array | None = None  # [B] length of each block's batch entry: keys at kpos >= klen are padding
+    docs: jax.Array | None = None  # [global batch, n] document ids: a score needs equal ids at qpos and kpos
 
     def keys_shifted(self, shift) -> Coords:
         """The same query rows facing the key block ``shift`` positions away (ring hops)."""
@@ -84,12 +86,14 @@ class Mods:
     mask is the lower triangle that fused kernels know; blocks wholly in a query's past run with
     ``causal=False``, wholly future ones are not computed. ``dropout_rate`` with the ``pattern``
     index of the shared hash. ``key_mask``: keys at or past their entry's length (``Coords.klen``)
-    are masked; a causal call never needs it (padding comes after every real query)."""
+    are masked; a causal call never needs it (padding comes after every real query).
+    ``documents``: a key counts only for queries of its document (``Coords.docs``)."""
 
     causal: bool = False
     dropout_rate: float = 0.0
     pattern: int = 0
     key_mask: bool = False
+    documents: bool = False
 
     @property
     def dropout(self) -> bool:
@@ -104,7 +108,7 @@ def unit_coords(origin: Origin, batch: int, segments: int, w: int, r: int, heads
     qpos = origin.positions(local, segments * w)
     batch_index = origin.batch_base + blocks // segments
     klen = None if origin.lengths is None else origin.lengths[batch_index]
-    return Coords(origin.seed, batch_index, jnp.asarray(heads), qpos, qpos, klen)
+    return Coords(origin.seed, batch_index, jnp.asarray(heads), qpos, qpos, klen, origin.docs)
 
 
 def aligned_coords(batch: int, rows: int, heads: int, seed=None) -> Coords:
@@ -122,6 +126,11 @@ def score_mask(coords: Coords, mods: Mods):
     if mods.key_mask:
         keys = (coords.kpos < coords.klen[:, None, None])[..., None, :]  # [B, H, 1, m_k]
         mask = keys if mask is None else mask & keys
+    if mods.documents:
+        docs = coords.docs[coords.batch]  # [B, n]
+        doc = lambda pos: jnp.take_along_axis(docs, pos.reshape(pos.shape[0], -1), axis=1).reshape(pos.shape)  # noqa: E731
+        same = doc(coords.qpos)[..., :, None] == doc(coords.kpos)[..., None, :]  # [B, H, m, m_k]
+        mask = same if mask is None else mask & same
     return mask
 
 

@@ -107,7 +107,7 @@ class CudnnKernel:
     name: str = "cudnn"
 
     def supports(self, dtype, head_dim: int, mods: Mods) -> bool:
-        return not mods.dropout and not mods.key_mask and _cudnn.usable(dtype, head_dim)
+        return not mods.dropout and not mods.key_mask and not mods.documents and _cudnn.usable(dtype, head_dim)
 
     def forward(self, q, k, v, scale, mods, coords):
         return _cudnn.forward(q, k, v, mods.causal, scale)
@@ -132,10 +132,10 @@ def get_block_kernel() -> str:
     return _preference
 
 
-def select_kernel(dtype, head_dim: int, dropout: bool, key_mask: bool = False) -> Kernel:
+def select_kernel(dtype, head_dim: int, dropout: bool, key_mask: bool = False, documents: bool = False) -> Kernel:
     """The kernel every block of one call runs, from the ``set_block_kernel`` preference: ``auto``
     takes cuDNN where it supports the call, else XLA; an explicit ``cudnn`` that cannot run raises."""
-    mods = Mods(dropout_rate=0.5 if dropout else 0.0, key_mask=key_mask)
+    mods = Mods(dropout_rate=0.5 if dropout else 0.0, key_mask=key_mask, documents=documents)
     if _preference == "xla":
         return _REGISTRY["xla"]
     cudnn = _REGISTRY["cudnn"]
@@ -145,7 +145,7 @@ def select_kernel(dtype, head_dim: int, dropout: bool, key_mask: bool = False) -
         raise ValueError(f"block kernel 'cudnn' cannot run here: needs a CUDA backend (have "
                          f"{jax.default_backend()!r}), bf16/f16 inputs (have {jnp.dtype(dtype)}), head_dim % 8 == 0 "
                          f"and <= 120 (have {head_dim}), no dropout, no padded keys in a non-causal call (have "
-                         f"{key_mask=}), and JAX in {_cudnn.TESTED_JAX}")
+                         f"{key_mask=}), no segment_ids (have {documents=}), and JAX in {_cudnn.TESTED_JAX}")
     return _REGISTRY["xla"]
 
 
@@ -153,17 +153,20 @@ def select_kernel(dtype, head_dim: int, dropout: bool, key_mask: bool = False) -
 class BlockSpec:
     """How every block of one call is computed, decided once per call (hashable, static): the
     kernel, the softmax scale, and the call's modifiers (a unit adds its pattern index);
-    ``key_mask``: some keys are padding (``Coords.klen``) and must be masked."""
+    ``key_mask``: some keys are padding (``Coords.klen``) and must be masked; ``documents``:
+    scores across documents (``Coords.docs``) are masked."""
 
     kernel: Kernel
     scale: float
     causal: bool = False
     dropout_rate: float = 0.0
     key_mask: bool = False
+    documents: bool = False
 
     def mods(self, pattern: int, causal: bool | None = None) -> Mods:
         """The modifiers of a block of ``pattern``; ``causal=False`` for a block wholly in the past."""
-        return Mods(self.causal if causal is None else causal, self.dropout_rate, pattern, self.key_mask)
+        return Mods(self.causal if causal is None else causal, self.dropout_rate, pattern, self.key_mask,
+                    self.documents)
 
     def forward(self, q, k, v, mods: Mods, coords: Coords):
         """``(out [B, m, H, d], lse [B, m, H])``, without a custom VJP (callers own the backward)."""
@@ -176,9 +179,9 @@ class BlockSpec:
 
 
 def make_spec(dtype, head_dim: int, scale: float, causal: bool, dropout_rate: float,
-              key_mask: bool = False) -> BlockSpec:
-    return BlockSpec(select_kernel(dtype, head_dim, dropout_rate > 0.0, key_mask), float(scale), bool(causal),
-                     float(dropout_rate), bool(key_mask))
+              key_mask: bool = False, documents: bool = False) -> BlockSpec:
+    return BlockSpec(select_kernel(dtype, head_dim, dropout_rate > 0.0, key_mask, documents), float(scale),
+                     bool(causal), float(dropout_rate), bool(key_mask), bool(documents))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))

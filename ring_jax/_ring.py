@@ -294,7 +294,7 @@ def attend_sharded_unit(query, key, value, ru: RingUnit, axis_name, num_devices,
     q = gather_rows(chunks(query), ru.local, ru.unit.heads)  # [b*k, m, H, d]
     c = unit_coords(origin, b, k, L // k, ru.unit.r, ru.unit.heads, ru.unit.offsets)  # qpos [b*k, H, m]
     first = lambda x: None if x is None else by_chunk(x)[:, 0]  # noqa: E731
-    coords = Coords(c.seed, first(c.batch), c.heads, by_chunk(c.qpos), by_chunk(c.qpos), first(c.klen))
+    coords = Coords(c.seed, first(c.batch), c.heads, by_chunk(c.qpos), by_chunk(c.qpos), first(c.klen), c.docs)
     o, lse = ring_unit_attention(by_chunk(q), by_chunk(kv), _hops(ru, axis_name, num_devices, spec), coords)
     o, lse = o.reshape(b * k, *o.shape[2:]), lse.reshape(b * k, *lse.shape[2:])
     unchunk = lambda x: x.reshape(b, L, *x.shape[2:])  # noqa: E731
@@ -330,7 +330,8 @@ def _attend_simulated_balanced(query, key, value, ru: RingUnit, spec: BlockSpec,
     batch = origin.batch_base + jnp.repeat(jnp.arange(b), S)  # [b*S]
     klen = None if origin.lengths is None else origin.lengths[batch]
     tile = lambda x: None if x is None else jnp.broadcast_to(x, (G, *jnp.shape(x)))  # noqa: E731
-    coords = Coords(tile(origin.seed), tile(batch), tile(jnp.asarray(u.heads)), qpos, qpos, tile(klen))
+    coords = Coords(tile(origin.seed), tile(batch), tile(jnp.asarray(u.heads)), qpos, qpos, tile(klen),
+                    tile(origin.docs))
     o, lse = ring_unit_attention(q, kv, _hops(ru, None, G, spec), coords)
     return natural(o, 0.0), natural(lse, -jnp.inf)
 
@@ -357,7 +358,7 @@ def attend_simulated_unit(query, key, value, ru: RingUnit, spec: BlockSpec, orig
     c = unit_coords(origin, b, n // u.w, u.w, u.r, u.heads, u.offsets)
     qpos = jnp.moveaxis(blocks(jnp.moveaxis(c.qpos, 2, 1)), 2, 3)[:, :, None]  # [B, H, m] -> [g, B, 1, H, m/g]
     tile = lambda x: None if x is None else jnp.broadcast_to(x, (g, *jnp.shape(x)))  # noqa: E731
-    coords = Coords(tile(c.seed), tile(c.batch), tile(c.heads), qpos, qpos, tile(c.klen))
+    coords = Coords(tile(c.seed), tile(c.batch), tile(c.heads), qpos, qpos, tile(c.klen), tile(c.docs))
     one = lambda x: blocks(x)[:, :, None]  # noqa: E731  # one chunk per block: [g, B, 1, m/g, ...]
     o, lse = ring_unit_attention(one(q), one(kv), _hops(ru, None, g, spec), coords)
     return scatter_rows(unblock(o[:, :, 0]), ru.unit, n, 0.0), scatter_rows(unblock(lse[:, :, 0]), ru.unit, n, -jnp.inf)

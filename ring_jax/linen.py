@@ -63,9 +63,10 @@ class DilatedAttention(nn.Module):
                               self.softmax_scale)
 
     def __call__(self, query, key, value, *, is_causal: bool = False,
-                 deterministic: bool | None = None, dropout_rng=None, seq_lengths=None):
+                 deterministic: bool | None = None, dropout_rng=None, seq_lengths=None, segment_ids=None):
         """``query [b, n, h, d]``, ``key``/``value [b, n, h_kv, d]`` -> ``[b, n, h, d]``;
-        ``seq_lengths [b]``: per-example lengths, positions past them are padding."""
+        ``seq_lengths [b]``: per-example lengths, positions past them are padding; ``segment_ids
+        [b, n]``: packed documents."""
         rate = check_dropout_rate(self.dropout)
         det = resolve_deterministic(deterministic, self.deterministic, rate)
         seed = None
@@ -78,7 +79,7 @@ class DilatedAttention(nn.Module):
         return attend(query, key, value, config=self.config, is_causal=is_causal,
                       mesh=self.mesh, seq_axis=self.seq_axis, batch_axis=self.batch_axis,
                       ring_size=self.ring_size, chunk_size=self.chunk_size, dropout_rate=rate,
-                      dropout_seed=seed, seq_lengths=seq_lengths, layout=self.layout)
+                      dropout_seed=seed, seq_lengths=seq_lengths, layout=self.layout, segment_ids=segment_ids)
 
 
 class CachedDecode(nn.Module):
@@ -186,15 +187,19 @@ class MultiHeadDilatedAttention(nn.Module):
 
     def __call__(self, query, key=None, value=None, *, is_causal: bool = False,
                  deterministic: bool | None = None, dropout_rng=None, decode: bool | None = None,
-                 seq_lengths=None):
+                 seq_lengths=None, segment_ids=None):
         """``query [b, n, in_features]`` (``key``/``value`` the same shape, or None for
         self-attention) -> ``[b, n, in_features]``. ``decode`` (default: the field): the next
         ``n`` tokens of a causal self-attention through the ``"cache"`` collection.
-        ``seq_lengths [b]``: per-example lengths of the attention (as the NNX layer)."""
+        ``seq_lengths [b]``: per-example lengths, ``segment_ids [b, n]``: packed documents (as the
+        NNX layer)."""
         if self.decode if decode is None else decode:
             if key is not None or value is not None:
                 raise ValueError("decode=True is causal self-attention: pass key=None, value=None")
+            if segment_ids is not None:
+                raise ValueError("segment_ids is not supported with decode=True: decode one document per "
+                                 "batch entry")
             return multihead_forward(self, query, None, None, self.kv_heads, self.cached)
         return multihead_forward(self, query, key, value, self.kv_heads, lambda q, k, v: self.attention(
             q, k, v, is_causal=is_causal, deterministic=deterministic, dropout_rng=dropout_rng,
-            seq_lengths=seq_lengths))
+            seq_lengths=seq_lengths, segment_ids=segment_ids))

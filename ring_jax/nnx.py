@@ -76,8 +76,9 @@ class DilatedAttention(nnx.Module):
             self.deterministic = deterministic
 
     def __call__(self, query, key, value, *, is_causal: bool = False,
-                 deterministic: bool | None = None, rngs=None, seq_lengths=None):
+                 deterministic: bool | None = None, rngs=None, seq_lengths=None, segment_ids=None):
         """``query [b, n, h, d]``, ``key``/``value [b, n, h_kv, d]`` -> ``[b, n, h, d]``.
+        ``segment_ids [b, n]``: packed documents (a query attends only keys of its document).
         ``rngs`` (Rngs, RngStream or key) overrides the module's dropout stream; ``seq_lengths
         [b]``: per-example lengths, positions past them are padding (rows 0, no gradient)."""
         det = resolve_deterministic(deterministic, self.deterministic, self.dropout)
@@ -91,7 +92,7 @@ class DilatedAttention(nnx.Module):
         return attend(query, key, value, config=self.config, is_causal=is_causal,
                       mesh=self.mesh, seq_axis=self.seq_axis, batch_axis=self.batch_axis,
                       ring_size=self.ring_size, chunk_size=self.chunk_size, dropout_rate=rate,
-                      dropout_seed=seed, seq_lengths=seq_lengths, layout=self.layout)
+                      dropout_seed=seed, seq_lengths=seq_lengths, layout=self.layout, segment_ids=segment_ids)
 
 
 class MultiHeadDilatedAttention(nnx.Module):
@@ -167,15 +168,20 @@ class MultiHeadDilatedAttention(nnx.Module):
 
     def __call__(self, query, key=None, value=None, *, is_causal: bool = False,
                  deterministic: bool | None = None, rngs=None, decode: bool | None = None,
-                 seq_lengths=None):
+                 seq_lengths=None, segment_ids=None):
         """``query [b, n, in_features]`` (``key``/``value`` the same shape, or None for
         self-attention) -> ``[b, n, in_features]``. ``decode`` (default: the constructor's):
         the next ``n`` tokens of a causal self-attention through ``self.cache``. ``seq_lengths
         [b]``: per-example lengths of the attention (padded positions are never keys and their
-        attention rows are 0; the output projection's bias still applies to them)."""
+        attention rows are 0; the output projection's bias still applies to them). ``segment_ids
+        [b, n]``: packed documents (not with ``decode``)."""
         if self.decode if decode is None else decode:
             if key is not None or value is not None:
                 raise ValueError("decode=True is causal self-attention: pass key=None, value=None")
+            if segment_ids is not None:
+                raise ValueError("segment_ids is not supported with decode=True: decode one document per "
+                                 "batch entry")
             return multihead_forward(self, query, None, None, self.num_kv_heads, self._decode)
         return multihead_forward(self, query, key, value, self.num_kv_heads, lambda q, k, v: self.attention(
-            q, k, v, is_causal=is_causal, deterministic=deterministic, rngs=rngs, seq_lengths=seq_lengths))
+            q, k, v, is_causal=is_causal, deterministic=deterministic, rngs=rngs, seq_lengths=seq_lengths,
+            segment_ids=segment_ids))
