@@ -46,6 +46,14 @@ class Case:
     dtype: str = "float64"
     batch: int = 2
     seq_lengths: tuple[int, ...] | None = None  # [batch]: positions >= seq_lengths[b] are padding
+    documents: tuple[tuple[int, ...], ...] | None = None  # per batch entry, its documents' lengths in order
+
+    @property
+    def segment_ids(self):
+        """``[batch, n]`` int64 ids (document ``i`` of a row has id ``7 * i % 5``: not sorted), or None."""
+        if self.documents is None:
+            return None
+        return np.stack([np.repeat([7 * i % 5 for i in range(len(docs))], docs) for docs in self.documents])
 
     @property
     def kwargs(self) -> dict:
@@ -53,6 +61,8 @@ class Case:
                   mix=self.mix, is_causal=self.is_causal)
         if self.seq_lengths is not None:
             kw["seq_lengths"] = self.seq_lengths
+        if self.documents is not None:
+            kw["segment_ids"] = self.segment_ids
         return kw
 
     def inputs(self, seed: int = 0) -> Inputs:

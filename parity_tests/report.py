@@ -36,9 +36,11 @@ REPORT_CONFIGS = {
     "h12_over_5": (256, 12, 4, 16, (16, 32, 64, 128, 256), (1, 2, 4, 8, 4)),
 }
 # Padding rows: per-example lengths on the ring-compatible config (every implementation), and a
-# sequence length no pattern divides (one device: a mesh needs whole segments per device).
-PADDED = {"longnet_like+lengths": ("longnet_like", 256, (256, 173)),
-          "longnet_like_n203+lengths": ("longnet_like", 203, (203, 91))}
+# sequence length no pattern divides (one device: a mesh needs whole segments per device); packed
+# documents (their lengths per batch entry: crossing segments and shards, one of length 1).
+PADDED = {"longnet_like+lengths": ("longnet_like", 256, (256, 173), None),
+          "longnet_like_n203+lengths": ("longnet_like", 203, (203, 91), None),
+          "longnet_like+documents": ("longnet_like", 256, (256, 200), ((70, 1, 120, 65), (256,)))}
 ONE_DEVICE = ("jax", "torch")
 DEFAULT_CONFIG = "longnet_like"
 RING = 4
@@ -64,7 +66,8 @@ def _torch_ring(case: Case, x):
     import ring_torch
 
     kw = dict(case.kwargs)
-    call = dict(is_causal=kw.pop("is_causal"), seq_lengths=kw.pop("seq_lengths", None))
+    call = dict(is_causal=kw.pop("is_causal"), seq_lengths=kw.pop("seq_lengths", None),
+                segment_ids=kw.pop("segment_ids", None))
     module = ring_torch.RingDilatedAttention(**kw, ring_size=RING)
     return run_torch(case, x, lambda q, k, v: module(q, k, v, return_lse=True, **call))
 
@@ -113,14 +116,16 @@ def padded_cases(impls=tuple(IMPLEMENTATIONS), full: bool = False) -> list[Repor
     float64 (every dtype with ``full``), both mixes, causal and not; an ``n`` no pattern divides,
     one device only, in float32 (every dtype with ``full``)."""
     cases = []
-    for name, dtypes, runners in (("longnet_like+lengths", DTYPES if full else ("float64",), impls),
-                                  ("longnet_like_n203+lengths", DTYPES if full else ("float32",),
-                                   tuple(i for i in impls if i in ONE_DEVICE))):
-        base, n, lengths = PADDED[name]
+    for name, dtypes, runners, pairing in (
+            ("longnet_like+lengths", DTYPES if full else ("float64",), impls, 0),
+            ("longnet_like_n203+lengths", DTYPES if full else ("float32",), tuple(i for i in impls if i in ONE_DEVICE), 1),
+            ("longnet_like+documents", DTYPES if full else ("float64",), impls, 1)):
+        base, n, lengths, documents = PADDED[name]
         _, h, hk, d, w, r = REPORT_CONFIGS[base]
         for dt in dtypes:
-            for mix, causal in (PAIRINGS[0] + PAIRINGS[1] if full else PAIRINGS[name.endswith("n203+lengths")]):
-                cases.append(ReportCase(name, Case(n, h, hk, d, w, r, mix, causal, dt, seq_lengths=lengths), runners))
+            for mix, causal in (PAIRINGS[0] + PAIRINGS[1] if full else PAIRINGS[pairing]):
+                case = Case(n, h, hk, d, w, r, mix, causal, dt, seq_lengths=lengths, documents=documents)
+                cases.append(ReportCase(name, case, runners))
     return cases
 
 
@@ -283,9 +288,10 @@ def device_label(jax_backend: str, jax_kind: str, torch_cuda: str | None) -> str
 
 def shape_label(config: str) -> str:
     if config in PADDED:
-        base, n, lengths = PADDED[config]
+        base, n, lengths, documents = PADDED[config]
         _, h, hk, d, w, r = REPORT_CONFIGS[base]
-        return f"{config}: [b=2, n={n}, h={h}/{hk} kv, d={d}], w={w}, r={r}, seq_lengths={lengths}"
+        docs = "" if documents is None else f", documents (lengths)={documents}"
+        return f"{config}: [b=2, n={n}, h={h}/{hk} kv, d={d}], w={w}, r={r}, seq_lengths={lengths}{docs}"
     n, h, hk, d, w, r = REPORT_CONFIGS[config]
     return f"{config}: [b=2, n={n}, h={h}/{hk} kv, d={d}], w={w}, r={r}"
 

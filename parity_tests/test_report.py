@@ -109,5 +109,9 @@ def test_padded_rows_cover_lengths_on_every_implementation_and_an_odd_length_on_
     odd = [r for r in rows if r[0] == "longnet_like_n203+lengths"]
     assert {r[1] for r in odd} == set(report.ONE_DEVICE) and all(r[4] == 203 for r in odd)
     assert all(r[5] is not None and min(r[5]) < r[4] for r in rows)
+    documents = [rc for rc in report.padded_cases() if rc.config == "longnet_like+documents"]
+    assert {impl for rc in documents for impl in rc.impls} == set(report.IMPLEMENTATIONS)
+    assert {(rc.case.mix, rc.case.is_causal) for rc in documents} == set(report.PAIRINGS[1])
+    assert all(rc.case.segment_ids.shape == (2, rc.case.n) for rc in documents)
     full = report.padded_cases(full=True)
     assert {rc.case.dtype for rc in full} == set(DTYPES)
