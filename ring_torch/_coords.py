@@ -6,7 +6,7 @@ A kernel block is ``q [B, m, H, d]`` against ``k``/``v [B, m, H_kv, d]``: ``B`` 
 column ``c``, at global position ``start + offsets[c] + i * rate``; its keys likewise from the
 key block's start. A block of several pieces (the balanced layout's slots) has a tuple of starts,
 its rows the pieces' rows concatenated. Position and batch tensors are built only when a mask asks for them
-(dropout, padding): the fused kernels read nothing but :attr:`BlockCoords.is_causal`.
+(dropout, padding, documents): the fused kernels read nothing but :attr:`BlockCoords.is_causal`.
 
 Padding (:attr:`MaskSpec.lengths`): position ``p`` of batch entry ``b`` is real iff
 ``p < lengths[b]``. A padded key is hidden from real queries by :func:`block_masks` only where

@@ -15,9 +15,10 @@ Kernels (:data:`KERNELS`, one per backend; :func:`kernel_for` picks one per call
 * :class:`TorchKernel` (``torch``): torch's fused kernels (:mod:`ring_torch._aten`; CPU:
   ``aten._scaled_dot_product_flash_attention_for_cpu``; CUDA: the flash kernel for fp16/bf16 on
   sm80+ with ``head_dim % 8 == 0`` and ``<= 256``, else the memory-efficient one;
-  :func:`cuda_kernel` decides). No dropout, no key mask (non-causal padding runs the math
-  kernel; torch's masked and variable-length kernels are not used yet). Its backward is the fused kernel's, fed the global
-  ``(out, lse)``, in the input dtype (:attr:`~TorchKernel.fused_backward`).
+  :func:`cuda_kernel` decides). No dropout, no key mask (non-causal padding and ``segment_ids``
+  documents run the math kernel; torch's masked and variable-length kernels are not used yet).
+  Its backward is the fused kernel's, fed the global ``(out, lse)``, in the input dtype
+  (:attr:`~TorchKernel.fused_backward`).
 * :class:`XFormersKernel` (``xformers``): CUDA only, xformers' forward; no dropout; the backward
   from a global LSE is the math formula.
 """
@@ -186,7 +187,7 @@ def _math_attention(q, k, v, scale, hide=None, keep=None, dropout_p=0.0):
     empty = None
     if hide is not None and hide.dim() == 2:  # causal: every row keeps its own key
         s = s.masked_fill(hide, float("-inf"))
-    elif hide is not None:  # padding: a ring hop's block may hide every key of a row
+    elif hide is not None:  # padding, documents: a ring hop's block may hide every key of a row
         hide = hide.reshape(s.shape)
         empty = hide.all(-1)  # [B, H_kv, g, m]: such rows keep finite scores, zeroed below
         s = s.masked_fill(hide & ~empty.unsqueeze(-1), float("-inf"))
@@ -344,8 +345,8 @@ KERNELS: dict[str, type] = {"math": MathKernel, "torch": TorchKernel, "xformers"
 def kernel_for(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int,
                needs_dropout: bool, needs_key_mask: bool = False) -> Kernel:
     """The kernel of a resolved ``backend`` for one call's inputs (compute ``dtype``);
-    :class:`MathKernel` where that backend cannot take them (dropout; a padding key mask, which
-    only non-causal calls with padding need)."""
+    :class:`MathKernel` where that backend cannot take them (dropout; a key mask, which
+    non-causal calls with padding and calls with ``segment_ids`` need)."""
     cls = KERNELS[backend]
     if not cls.supports(dtype, device.type, head_dim, needs_dropout, needs_key_mask):
         cls = MathKernel
