@@ -12,6 +12,11 @@ and how their dK/dV come home. Each owns its forward and backward exchange:
 Buffers carry two leading axes ``[G, gl]`` after the K/V axis: the sub-rings and the group-ranks
 this process holds (``[1, 1]`` distributed, ``[R / g, g]`` simulated). Which blocks a rank
 computes at each hop is the unit's schedule (:mod:`ring_torch._layout`), not the communicator's.
+
+A distributed communicator of a unit with sub-rings of ``group`` ranks runs the sub-ring holding
+its rank (:func:`ring_torch._layout.sub_ring_of`): ``g = group``, or on the partial last one
+``g = P % group`` ranks, a ring of its own size (``g - 1`` hops, sub-group of ``g`` ranks); its
+``g`` is what the ring unit loops over and picks the schedule by.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from collections import defaultdict
 from typing import Callable, Iterator
 
 import torch
+
+from ring_torch._layout import sub_ring_of, sub_rings
 
 __all__ = ["COMMS", "CommStats", "make_communicator"]
 
@@ -144,16 +151,21 @@ class _ShiftComm(_Comm):
 
 
 class _DistComm:
-    """The sub-ring position ``(s, j)`` of this rank in a process group."""
+    """The sub-ring of this rank in a process group: its first rank ``first``, its size ``g``
+    (``group``, or fewer on a partial last sub-ring), and this rank's position ``j`` in it."""
 
     def _place(self, group, g: int, local_len: int, stats, pattern: int):
         rank = self.dist.get_rank(group)
-        s, j = divmod(rank, g)
-        self.js, self.s, self.g, self.local_len = (j,), s, g, local_len
+        self.first, self.g = sub_ring_of(rank, self.dist.get_world_size(group), g)
+        self.js, self.local_len = (rank - self.first,), local_len
         self.stats, self.pattern = stats, pattern
 
     def block_shards(self, t):
-        return ((self.s * self.g + (self.js[0] - t) % self.g,),)
+        return ((self.first + (self.js[0] - t) % self.g,),)
+
+    def member(self, i: int) -> int:
+        """The global rank of position ``i`` (mod ``g``) of this sub-ring."""
+        return self.dist.get_global_rank(self.group, self.first + i % self.g)
 
 
 class _DistRing(_DistComm, _ShiftComm):
@@ -164,9 +176,8 @@ class _DistRing(_DistComm, _ShiftComm):
 
         self.dist, self.group = dist, group
         self._place(group, g, local_len, stats, pattern)
-        s, j = self.s, self.js[0]
-        self.next = dist.get_global_rank(group, s * g + (j + 1) % g)
-        self.prev = dist.get_global_rank(group, s * g + (j - 1) % g)
+        j = self.js[0]
+        self.next, self.prev = self.member(j + 1), self.member(j - 1)
 
     def shift(self, tensors, phases):
         """Starts sending ``tensors`` to the next rank and receiving the previous rank's, in one
@@ -185,23 +196,26 @@ _SUBGROUPS: dict = {}
 
 
 def _sub_ring_groups(dist, group, g: int):
-    """The process groups of the sub-rings of size ``g`` of ``group`` (sub-ring ``s``: group ranks
-    ``[s*g, (s+1)*g)``), or None where they cannot be created safely (then the exchange runs
-    point to point).
+    """The process groups of the sub-rings of ``g`` ranks of ``group`` (:func:`sub_rings`:
+    group ranks ``[s*g, (s+1)*g)``, the last one shorter when ``g`` does not divide the group's
+    size), keyed by first rank, or None where they cannot be created safely (then the exchange
+    runs point to point).
 
-    ``g`` equal to the group's size: the group itself. A group spanning every process: all
-    sub-groups of the partition are created by every rank, in the same order and without local
-    synchronisation (``new_group`` is then a collective of all processes and its names do not
-    depend on groups a rank created before), once per ``(group, g)``. A group of only some
-    processes cannot create sub-groups without the other processes, so it gets None."""
+    ``g`` at least the group's size: the group itself. A group spanning every process: all
+    sub-groups of the partition, of equal size or not, are created by every rank, in the same
+    order and without local synchronisation (``new_group`` is then a collective of all processes
+    and its names do not depend on groups a rank created before), once per ``(group, g)``. A
+    group of only some processes cannot create sub-groups without the other processes, so it
+    gets None."""
     size = dist.get_world_size(group)
-    if g == size:
-        return [group]
+    if g >= size:
+        return {0: group}
     key = (id(group), g)
     if key not in _SUBGROUPS:
         if size == dist.get_world_size():
-            members = [[dist.get_global_rank(group, s * g + i) for i in range(g)] for s in range(size // g)]
-            _SUBGROUPS[key] = [dist.new_group(m) for m in members]
+            _SUBGROUPS[key] = {
+                first: dist.new_group([dist.get_global_rank(group, first + i) for i in range(n)])
+                for first, n in sub_rings(size, g)}
         else:
             _SUBGROUPS[key] = None
     return _SUBGROUPS[key]
@@ -217,10 +231,9 @@ class _DistAllGather(_DistComm, _Comm):
 
         self.dist, self.group = dist, group
         self._place(group, g, local_len, stats, pattern)
-        s = self.s
-        self.members = tuple(dist.get_global_rank(group, s * g + i) for i in range(g))
+        self.members = tuple(self.member(i) for i in range(self.g))
         subgroups = _sub_ring_groups(dist, group, g)
-        self.subgroup = None if subgroups is None else subgroups[s]
+        self.subgroup = None if subgroups is None else subgroups[self.first]
 
     def _exchange(self, sends: list[torch.Tensor], template: torch.Tensor) -> list[torch.Tensor]:
         """Point to point: ``sends[i]`` to sub-ring rank ``i``; returns what each rank sent here
@@ -238,6 +251,8 @@ class _DistAllGather(_DistComm, _Comm):
 
     def gather(self, x: torch.Tensor, phase: str) -> list[torch.Tensor]:
         x = x.contiguous()
+        if self.g == 1:  # a sub-ring of one rank (a partial last segment): nothing to send
+            return [x]
         if self.subgroup is None:
             blocks = self._exchange([x] * self.g, x)
         else:
@@ -249,6 +264,8 @@ class _DistAllGather(_DistComm, _Comm):
 
     def all_reduce(self, x: torch.Tensor, phase: str) -> torch.Tensor:
         x = x.contiguous()
+        if self.g == 1:
+            return x
         if self.subgroup is None:  # [g, ...]: entry i is for rank i; each rank keeps its own sum
             x = torch.stack(self._exchange(list(x), x[0])).sum(0, keepdim=True).expand_as(x)
         else:
@@ -275,6 +292,9 @@ class _SimRing(_ShiftComm):
     """One process holding all ranks (``[2, G, g, ...]`` buffers): a hop is a roll of the g axis."""
 
     def __init__(self, g: int, stats: CommStats | None, pattern: int, num_ranks: int, local_len: int):
+        if num_ranks % g:
+            raise ValueError(f"a simulated ring of {num_ranks} shards runs whole sub-rings of "
+                             f"{g=} ranks only (pad n to ring_padded_length)")
         self.js, self.g, self.num_ranks, self.local_len = tuple(range(g)), g, num_ranks, local_len
         self.stats, self.pattern = stats, pattern
 
@@ -290,8 +310,10 @@ class _SimRing(_ShiftComm):
 
 def make_communicator(comm: str, process_group, simulated_ranks: int | None, local_len: int,
                       stats: CommStats | None) -> Callable[[int, int], _Comm]:
-    """``(g, pattern) -> communicator`` of a spanning unit: simulated over ``simulated_ranks``
-    shards in this process, else ``comm`` (``"ring"`` or ``"all_gather"``) in ``process_group``."""
+    """``(g, pattern) -> communicator`` of a spanning unit with sub-rings of ``g`` ranks:
+    simulated over ``simulated_ranks`` shards in this process (whole sub-rings only), else
+    ``comm`` (``"ring"`` or ``"all_gather"``) in ``process_group`` on the sub-ring of this rank
+    (the partial last one included)."""
     if simulated_ranks is not None:
         return lambda g, pattern: _SimRing(g, stats, pattern, simulated_ranks, local_len)
     cls = _DistRing if comm == "ring" else _DistAllGather

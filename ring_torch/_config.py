@@ -175,9 +175,14 @@ class DilatedConfig:
         segments ``[s*w_i, (s+1)*w_i)`` cut at ``seq_len``."""
         return _padded_length(self.segment_lengths, self.dilation_rates, int(seq_len))
 
-    def validate_sizes(self, seq_len: int, num_heads: int, num_kv_heads: int) -> tuple[int, ...]:
-        """Checks head counts and tiling; returns the effective segment lengths."""
+    def validate_sizes(self, seq_len: int, num_heads: int, num_kv_heads: int,
+                       tiled: bool = True) -> tuple[int, ...]:
+        """Checks head counts and (``tiled``) tiling; returns the effective segment lengths.
+        ``tiled=False``: ``min(w_i, seq_len)`` unchecked (a process-group ring, whose sharding
+        rules allow a partial last segment, checks its own)."""
         _check_heads(self.mix, self.num_patterns, num_heads, num_kv_heads)
+        if not tiled:
+            return tuple(min(w, seq_len) for w in self.segment_lengths)
         return self.effective_segments(seq_len)
 
     def validate_inputs(self, query: torch.Tensor, key: torch.Tensor,

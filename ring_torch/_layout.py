@@ -30,7 +30,8 @@ import torch
 from ring_torch._config import DilatedConfig
 
 __all__ = ["LAYOUTS", "check_layout", "balanced_order", "to_balanced", "from_balanced",
-           "balanced_error", "Block", "Schedule", "make_schedule", "span_of"]
+           "balanced_error", "Block", "Schedule", "make_schedule", "span_of", "sub_rings",
+           "sub_ring_of"]
 
 LAYOUTS = ("contiguous", "balanced")
 
@@ -106,8 +107,9 @@ def balanced_error(config: DilatedConfig, seq_len: int, world: int) -> str | Non
     (naming the pattern, ``n``, ``C`` and ``P``), or None.
 
     The contiguous rules on ``2P`` blocks of ``C`` tokens (``w' <= C``: ``C % w' == 0``;
-    ``w' > C``: ``w' % C == 0``, ``n % w' == 0``, ``C % r == 0``), and every spanning pattern
-    has ``g = w' / C`` equal to ``2P`` or a divisor of ``P``."""
+    ``w' > C``: ``w' % C == 0``, ``n % w' == 0`` (no partial segment spanning chunks),
+    ``C % r == 0``), and every spanning pattern has ``g = w' / C`` equal to ``2P`` or a divisor
+    of ``P``."""
     n, P = seq_len, world
     hint = '; use layout="contiguous"'
     if n % (2 * P):
@@ -122,8 +124,12 @@ def balanced_error(config: DilatedConfig, seq_len: int, world: int) -> str | Non
             if C % we:
                 return f"{where}: C is not a multiple of w'{hint}"
             continue
-        if we % C or n % we:
-            return f"{where}: w' must be a multiple of C dividing n{hint}"
+        if we % C:
+            return f"{where}: w' is not a multiple of C{hint}"
+        if n % we:
+            return (f"{where}: n is not a multiple of w', so the last segment would be partial "
+                    f"and span chunks, which the balanced layout does not run (the contiguous "
+                    f"layout of a process group does){hint}")
         if C % r:
             return f"{where}: C is not a multiple of r{hint}"
         g = we // C
@@ -236,3 +242,16 @@ def span_of(layout: str, segment: int, local_len: int, world: int) -> tuple[int,
     if segment == local_len * world:
         return world, "joint"
     return segment // C, "split"
+
+
+def sub_rings(world: int, group: int) -> tuple[tuple[int, int], ...]:
+    """``(first rank, size)`` of each sub-ring of ``group`` consecutive ranks among ``world``:
+    ranks ``[s*group, (s+1)*group)``; the last one has ``world % group`` ranks when that is not
+    0 (the partial last segment of the contiguous layout)."""
+    return tuple((s, min(group, world - s)) for s in range(0, world, group))
+
+
+def sub_ring_of(rank: int, world: int, group: int) -> tuple[int, int]:
+    """``(first rank, size)`` of the sub-ring holding ``rank`` (:func:`sub_rings`)."""
+    first = rank - rank % group
+    return first, min(group, world - first)

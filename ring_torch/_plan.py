@@ -174,10 +174,11 @@ def _build(seq_len, num_heads, num_kv_heads, segments, rates, mix, is_causal) ->
 
 
 def build_plan(config: DilatedConfig, seq_len: int, num_heads: int,
-               num_kv_heads: int) -> DilatedPlan:
+               num_kv_heads: int, tiled: bool = True) -> DilatedPlan:
     """The (cached) plan of a plan length ``seq_len`` (one the patterns tile:
-    :meth:`DilatedConfig.padded_length`); validates the sizes first."""
-    segments = config.validate_sizes(seq_len, num_heads, num_kv_heads)
+    :meth:`DilatedConfig.padded_length`); validates the sizes first. ``tiled=False``: any
+    ``seq_len`` (the ring plan of a process group, whose last segment may be partial)."""
+    segments = config.validate_sizes(seq_len, num_heads, num_kv_heads, tiled)
     key = ("plan", seq_len, num_heads, num_kv_heads, segments, config.dilation_rates, config.mix,
            config.is_causal)
     return PATTERN_CACHE.get_or_create(key, lambda: _build(

@@ -7,12 +7,14 @@ Rank ``i`` of ``P`` holds global positions ``[i*L, (i+1)*L)``. The ring plan
   on its shard as one sub-plan by the call's executor (:mod:`ring_torch._dilated`), no
   communication.
 * ``w > L`` (``w % L == 0``, ``L % r == 0``): a segment spans ``g = w / L`` consecutive ranks
-  (sub-ring ``s`` = ranks ``[s*g, (s+1)*g)``). Each rank gathers its selected rows
+  (sub-ring ``s`` = ranks ``[s*g, (s+1)*g)``; when ``n % w != 0`` the last one, holding the
+  partial last segment, has ``g' = (n % w) / L`` ranks and runs as a ring of ``g'``). Each rank gathers its selected rows
   ``x_local.view(b, L//r, r, H, d)[:, :, o]`` (``L % r == 0``, so local offset = global offset)
   for each *distinct* ``(kv head, offset)`` pair of the unit (GQA heads are not replicated on the
   wire), K and V in one buffer; the ring unit (:mod:`ring_torch._ring_unit`) attends the blocks
   hop by hop as its communicator (:mod:`ring_torch._comm`) delivers them: ``g - 1`` K/V messages
-  per rank forward, ``g - 1`` K/V and ``g - 1`` dK/dV messages in ``g`` exchanges backward.
+  per rank forward, ``g - 1`` K/V and ``g - 1`` dK/dV messages in ``g`` exchanges backward
+  (``g`` the size of the rank's sub-ring).
 
 ``layout="balanced"`` (:mod:`ring_torch._layout`): rank ``i`` holds the chunks ``i`` and
 ``2P-1-i`` of ``C = n / (2P)`` tokens; ``w' <= C`` is local, spanning units run on sub-rings of
@@ -61,11 +63,12 @@ def _span_unit(ru: RingUnit, q, k, v, local_len, comm, scale, kernel, spec: Mask
     head0 = ru.heads[0]
     idx_out = index_tensor(tuple(o * Hu + (j - head0) for j, o in zip(ru.heads, ru.offsets)), dev)
     pair_index = index_tensor(ru.q_to_pair, dev)
+    schedule = ru.schedule_of(comm.g)  # the sub-ring of this rank: whole, or the partial last one
     rows = [to_ring(x, idx, ru.rate, local_len, len(comm.js))
             for x, idx in ((q, idx_q), (k, idx_kv), (v, idx_kv))]  # [G, gl, b, m, X, d]
-    coords = BlockCoords(spec, ru.pattern, ru.rate, local_len // ru.rate // ru.schedule.pieces,
+    coords = BlockCoords(spec, ru.pattern, ru.rate, local_len // ru.rate // schedule.pieces,
                          ru.heads, ru.offsets, b, batch_outer=False)  # rows per piece
-    out, lse = RingUnitFunction.apply(*rows, comm, pair_index, scale, kernel, coords, ru.schedule)
+    out, lse = RingUnitFunction.apply(*rows, comm, pair_index, scale, kernel, coords, schedule)
     return from_ring(out, lse, idx_out, ru.rate, Hu)
 
 
@@ -234,8 +237,10 @@ def ring_dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
       gets its shard of the output (and LSE). ``comm="ring"``: point-to-point hops between
       sub-ring neighbours; ``comm="all_gather"``: all-gather inside each sub-ring. Every rank
       must call the forward and the backward. ``n`` is the caller's: a pattern whose segments
-      span ranks (``w' > L``) needs ``n % w' == 0`` (partial segments spanning ranks are not
-      supported yet), ``w' % L == 0`` and ``L % r == 0``; a local one ``L % w' == 0``.
+      span ranks (``w' > L``) needs ``w' % L == 0`` and ``L % r == 0``, and runs on sub-rings
+      of ``g = w' / L`` consecutive ranks; when ``n % w' != 0`` its last segment
+      ``[n - n % w', n)`` is partial and runs on the last ``(n % w') / L`` ranks, a ring of
+      their own (contiguous layout only); a local pattern needs ``L % w' == 0``.
     * ``ring_size=R > 1`` (single process): the full sequence viewed as ``R`` shards, spanning
       patterns computed hop by hop exactly as the distributed ring (bounded memory); any ``n``
       and ``R``: the sequence is padded to the smallest length ``R`` shards can run
@@ -249,8 +254,9 @@ def ring_dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     ``ring_size=R`` the inputs and outputs stay in natural order (permuted inside, after padding
     ``n`` to the smallest length the balanced layout of ``R`` shards holds). Its rules:
     ``n % (2P) == 0``, the contiguous rules on ``2P`` chunks of ``C``, and every pattern with
-    ``w' > C`` spans ``g = w' / C`` chunks with ``g == 2P`` or ``P % g == 0`` (else a
-    ``ValueError`` naming the pattern, ``n``, ``C`` and ``P``). Outputs, LSE, gradients and
+    ``w' > C`` spans ``g = w' / C`` chunks with ``g == 2P`` or ``P % g == 0`` and no partial
+    last segment (``n % w' == 0``; else a ``ValueError`` naming the pattern, ``n``, ``C`` and
+    ``P``). Outputs, LSE, gradients and
     dropout masks are those of the contiguous layout (the same global definition). Per hop a
     rank sends the K/V of its whole shard, so a pattern with ``w' = n`` sends what the
     contiguous layout sends (``P - 1`` hops) and a split one takes ``g - 1`` hops; ``comm``
