@@ -213,8 +213,9 @@ def ring_dilated_attention(query, key, value, *, axis_name, segment_lengths, dil
       query: the local shard ``[batch, L, heads, head_dim]``. ``layout="contiguous"``: device ``i``
         of the axis holds global positions ``[i*L, (i+1)*L)``; ``"balanced"``: it holds chunks ``i``
         and ``2P-1-i`` of ``C = L/2`` positions (:func:`ring_jax.to_balanced` makes that order). A
-        pattern whose segments span devices needs ``n = P*L`` to be a multiple of its ``w`` (or
-        ``w >= n``): partial segments spanning devices are not supported.
+        pattern whose segments span devices needs ``w % L == 0`` and ``L % r == 0``; with
+        ``n % w != 0`` (contiguous layout) its last segment spans fewer devices and runs as a ring
+        of its own size.
       key, value: local shards ``[batch, L, kv_heads, head_dim]``.
       axis_name: the mesh axis the sequence is sharded over.
       segment_lengths, dilation_rates, mix, is_causal, softmax_scale, return_lse, dropout_rate,

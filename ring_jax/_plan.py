@@ -91,11 +91,12 @@ def build_count() -> int:
     return _build_count
 
 
-def length_problem(config: DilatedConfig, seq_len: int, num_devices: int = 1) -> str | None:
+def length_problem(config: DilatedConfig, seq_len: int, num_devices: int = 1, partial: bool = False) -> str | None:
     """Why the plan's strided layout cannot hold ``seq_len`` tokens in ``num_devices`` blocks of
     ``L = seq_len / num_devices`` (the message), or None when it can: every effective segment
     ``w' = min(w, seq_len)`` divides ``seq_len`` and is a multiple of ``r``; on several blocks,
-    ``w' <= L`` divides ``L``, or ``w' > L`` is a multiple of ``L`` and ``L`` of ``r``."""
+    ``w' <= L`` divides ``L``, or ``w' > L`` is a multiple of ``L`` and ``L`` of ``r`` (and divides
+    ``n`` unless ``partial``: the sharded contiguous ring runs a last segment spanning fewer devices)."""
     n, P = seq_len, num_devices
     if n % P:
         return f"seq_len={n} is not a multiple of ring_size={P}"
@@ -112,9 +113,9 @@ def length_problem(config: DilatedConfig, seq_len: int, num_devices: int = 1) ->
                 return f"{where}: L is not a multiple of w (a segment would span devices)"
         elif we % L:
             return f"{where}: w is not a multiple of L (a segment would span devices)"
-        elif n % we:
+        elif n % we and not partial:
             return (f"{where}: n is not a multiple of w, so the last segment is partial and spans devices "
-                    f"(partial segments spanning devices are not supported yet)")
+                    f"(the sharded ring runs it; this layout does not)")
         elif L % r:
             return f"{where}: L is not a multiple of r"
     return None

@@ -52,6 +52,9 @@ class _Hops:
     pattern: int = 0
     calls: HopCalls = CONTIGUOUS
     directions: tuple[int, ...] = (1,)  # per chunk: +1 / -1 as its global index rises / falls with the device
+    home: tuple[tuple[int, int], ...] = ()  # the backward's last hop (``RingUnit.home_perm``)
+    last_group: int = 0  # devices of the last sub-ring when its segment is partial (0: all full)
+    num_devices: int = 0
 
 
 def _position(hops: _Hops):
@@ -61,11 +64,19 @@ def _position(hops: _Hops):
     return lax.axis_index(hops.axis_name) % hops.group
 
 
-def _shift(x, hops: _Hops):
-    """One hop: every block moves to the next position of its sub-ring."""
+def _size(hops: _Hops):
+    """The size of this device's sub-ring: ``group``, or ``last_group`` on the partial last one."""
+    if not hops.last_group:
+        return hops.group
+    last = lax.axis_index(hops.axis_name) // hops.group == hops.num_devices // hops.group
+    return jnp.where(last, hops.last_group, hops.group)
+
+
+def _shift(x, hops: _Hops, perm=None):
+    """One hop: every block moves to the next position of its sub-ring (or along ``perm``)."""
     if hops.axis_name is None:
         return jnp.roll(x, 1, axis=0)
-    return lax.ppermute(x, hops.axis_name, hops.perm)
+    return lax.ppermute(x, hops.axis_name, hops.perm if perm is None else perm)
 
 
 def _per_block(f, hops: _Hops):
@@ -94,8 +105,21 @@ def _put(acc, slots: Slots, y, add: bool = False):
 
 def _shifts(hops: _Hops, t, j):
     """Global position shift of each chunk of the block in hand at hop ``t``: it came from
-    position ``j - t`` (mod the group)."""
-    return jnp.asarray(hops.directions) * ((((j - t) % hops.group) - j) * hops.chunk_len)
+    position ``j - t`` (mod the sub-ring's size)."""
+    return jnp.asarray(hops.directions) * ((((j - t) % _size(hops)) - j) * hops.chunk_len)
+
+
+def _hop_cond(hops: _Hops, t, j, calls_fn, acc):
+    """``acc`` after hop ``t``'s blocks at position ``j`` (``calls_fn(calls)(acc)``): causal, the
+    ``early`` or ``late`` blocks; otherwise the ``same`` ones; none on a partial last sub-ring
+    once its blocks have all come by (``t >= last_group``)."""
+    if hops.spec.causal:
+        acc_fn = lambda a: lax.cond(t <= j, calls_fn(hops.calls.early), calls_fn(hops.calls.late), a)  # noqa: E731
+    else:
+        acc_fn = calls_fn(hops.calls.same)
+    if not hops.last_group:
+        return acc_fn(acc)
+    return lax.cond(t < _size(hops), acc_fn, lambda a: a, acc)
 
 
 def _call_coords(coords: Coords, qs: Slots, ks: Slots, shifts) -> Coords:
@@ -178,11 +202,9 @@ def ring_forward(q, kv, hops: _Hops, coords: Coords):
         def run(calls):
             return lambda acc: _attend_calls(calls, q, kv, acc, hops, coords, _shifts(hops, t, j))
 
-        if not hops.spec.causal:
-            return run(hops.calls.same)((out, lse))
         # Causal: keys from an earlier position (t <= j) or a later one (mod g); contiguous: a later
         # position's block lies in the future, no compute.
-        return lax.cond(t <= j, run(hops.calls.early), run(hops.calls.late), (out, lse))
+        return _hop_cond(hops, t, j, run, (out, lse))
 
     def hop(t, carry):
         kv, out, lse = carry
@@ -251,10 +273,7 @@ def _ring_bwd(hops, residuals, cotangents):
         def run(calls):
             return lambda g: _grad_calls(calls, q, kv_t, res, g, hops, coords, _shifts(hops, t, j))
 
-        if not hops.spec.causal:
-            dq, acc = run(hops.calls.same)((dq, acc))
-        else:  # the forward's blocks: earlier or later position (contiguous: later ones not computed)
-            dq, acc = lax.cond(t <= j, run(hops.calls.early), run(hops.calls.late), (dq, acc))
+        dq, acc = _hop_cond(hops, t, j, run, (dq, acc))  # the forward's blocks
         return pack_hop(kv_t, acc), dq
 
     def hop(t, carry):
@@ -264,7 +283,8 @@ def _ring_bwd(hops, residuals, cotangents):
 
     if hops.group > 1:
         buf, dq = lax.fori_loop(1, hops.group, hop, (buf, dq))
-        dkv_own = dkv_own + _shift(unpack_hop(buf, kv.dtype, acc_dtype)[1], hops)  # dK/dV home to their owner
+        home = _shift(unpack_hop(buf, kv.dtype, acc_dtype)[1], hops, hops.home or None)
+        dkv_own = dkv_own + home  # dK/dV home to their owner
     return dq.astype(q.dtype), dkv_own.astype(kv.dtype), None
 
 
@@ -277,8 +297,10 @@ def _pairs_unit(ru: RingUnit, unit: Unit) -> Unit:
 
 
 def _hops(ru: RingUnit, axis_name, num_devices, spec: BlockSpec) -> _Hops:
-    return _Hops(axis_name, ru.group, ru.perm(num_devices) if axis_name is not None else (), ru.q_to_pair, spec,
-                 ru.local.w, ru.unit.pattern, ru.calls, ru.directions)
+    sharded = axis_name is not None
+    return _Hops(axis_name, ru.group, ru.perm(num_devices) if sharded else (), ru.q_to_pair, spec,
+                 ru.local.w, ru.unit.pattern, ru.calls, ru.directions, ru.home_perm(num_devices) if sharded else (),
+                 ru.last_group, num_devices)
 
 
 def attend_sharded_unit(query, key, value, ru: RingUnit, axis_name, num_devices, spec: BlockSpec, origin: Origin):

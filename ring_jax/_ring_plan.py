@@ -8,7 +8,8 @@ one row block per *distinct* (kv head, offset) pair the unit needs, around a sub
 ``group`` devices. :class:`HopCalls` says which (query chunks, key chunks) blocks a hop computes:
 
 * contiguous: a segment spans ``g = w / L`` consecutive devices; hop ``t`` brings the block of
-  position ``j - t``; causal: earlier blocks whole, later ones skipped.
+  position ``j - t``; causal: earlier blocks whole, later ones skipped. With ``n % w != 0`` the
+  last segment spans ``last_group < g`` devices: a ring of that size, idle after its own hops.
 * balanced, ``w = n`` ("joint"): all ``P`` devices, both chunks of one segment: causal hops
   compute queries ``[A;B]`` x keys ``A`` (from an earlier device) or ``B`` x ``[A;B]`` (from a
   later one): two chunk blocks on every device at every hop.
@@ -25,7 +26,7 @@ import math
 
 from ring_jax._config import DilatedConfig
 from ring_jax._layout import check_balanced_length, check_layout
-from ring_jax._plan import PLAN_CACHE_SIZE, Unit, get_plan, length_problem
+from ring_jax._plan import PLAN_CACHE_SIZE, Unit, _build_plan, length_problem
 
 Slots = tuple[int, int]  # a range [lo, hi) of a device's chunks, in increasing global position
 Call = tuple[Slots, Slots]  # one block: (query chunks, key chunks)
@@ -59,15 +60,24 @@ class RingUnit:
     q_to_pair: tuple[int, ...]  # the pair each query head of the unit reads
     calls: HopCalls = CONTIGUOUS
     directions: tuple[int, ...] = (1,)  # per chunk: +1 when its global chunk index rises with the device
+    last_group: int = 0  # devices of the last sub-ring when its segment is partial (0: all full)
 
     @property
     def slots(self) -> int:
         return len(self.directions)
 
+    def sizes(self, num_devices: int) -> list[tuple[int, int]]:
+        """``(first device, size)`` of each sub-ring."""
+        return [(s, min(self.group, num_devices - s)) for s in range(0, num_devices, self.group)]
+
     def perm(self, num_devices: int) -> tuple[tuple[int, int], ...]:
         """``ppermute`` pairs: each device sends to the next one of its sub-ring."""
-        g = self.group
-        return tuple((s + j, s + (j + 1) % g) for s in range(0, num_devices, g) for j in range(g))
+        return tuple((s + j, s + (j + 1) % g) for s, g in self.sizes(num_devices) for j in range(g))
+
+    def home_perm(self, num_devices: int) -> tuple[tuple[int, int], ...]:
+        """``ppermute`` pairs taking dK/dV home after ``group - 1`` hops: the block at position
+        ``j`` belongs to position ``j - (group - 1)`` of its sub-ring (``j + 1`` in a full one)."""
+        return tuple((s + j, s + (j - self.group + 1) % g) for s, g in self.sizes(num_devices) for j in range(g))
 
     def hop_bytes(self, batch: int, head_dim: int, itemsize: int) -> int:
         """Bytes of one forward hop: K and V, ``L / r`` rows of each distinct pair. A backward hop
@@ -141,19 +151,20 @@ def get_ring_plan(config: DilatedConfig, local_len: int, num_devices: int, num_h
     if check_layout(layout) == "balanced":
         problem = balanced_problem(config, n, num_devices)
     else:
-        problem = length_problem(config, n, num_devices)
+        problem = length_problem(config, n, num_devices, partial=True)
     if problem is not None:
         raise ValueError(problem)
-    plan = get_plan(config, n, num_heads, num_kv_heads)
-    return _build_ring_plan(plan, local_len, num_devices, layout)
+    config.validate_shapes(n, num_heads, num_kv_heads)
+    return _build_ring_plan(_build_plan(config, n, num_heads, num_kv_heads), local_len, num_devices, layout)
 
 
 def _spanning(u: Unit, chunk: int, P: int, layout: str):
-    """(group, calls, directions) of a unit whose segments span chunks."""
+    """(group, calls, directions, last group) of a unit whose segments span chunks."""
     if layout == "contiguous":
-        return u.w // chunk, CONTIGUOUS, (1,)
+        partial = (chunk * P) % u.w // chunk  # devices of a partial last segment
+        return u.w // chunk, CONTIGUOUS, (1,), partial
     g = u.w // chunk
-    return (P, JOINT, (1, -1)) if g == 2 * P else (g, SPLIT, (1, -1))
+    return (P, JOINT, (1, -1), 0) if g == 2 * P else (g, SPLIT, (1, -1), 0)
 
 
 @functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
@@ -169,8 +180,8 @@ def _build_ring_plan(plan, local_len, num_devices, layout) -> RingPlan:
                 continue
             pairs = sorted(set(zip(u.kv_heads, u.offsets)))
             q_to_pair = tuple(pairs.index(p) for p in zip(u.kv_heads, u.offsets))
-            group, calls, directions = _spanning(u, chunk, P, layout)
+            group, calls, directions, last = _spanning(u, chunk, P, layout)
             units.append(RingUnit(u, dataclasses.replace(u, w=chunk), group, tuple(p[0] for p in pairs),
-                                  tuple(p[1] for p in pairs), q_to_pair, calls, directions))
+                                  tuple(p[1] for p in pairs), q_to_pair, calls, directions, last))
         layers.append(tuple(units))
     return RingPlan(L, P, tuple(layers), layout)
