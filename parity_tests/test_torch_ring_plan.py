@@ -1,6 +1,7 @@
 """The torch ring plan mirrors the JAX ring plan (``ring_jax._ring_plan``): same units, same sub-ring
 sizes, same distinct (kv head, offset) pairs on the wire, same query-to-pair map, same bytes per
-hop, and the same shardings refused. Also checks the plan's structure on its own."""
+hop, the same partial last sub-rings, and the same shardings refused. Also checks the plan's
+structure on its own."""
 
 from __future__ import annotations
 
@@ -19,13 +20,18 @@ CONFIGS = [
     (128, 8, 12, 4, (4, 8, 16, 32, 64), (1, 2, 2, 4, 8)),
     (64, 4, 4, 1, (128, 256), (2, 4)),  # w > n: w' = n
     (96, 3, 6, 6, (32, 96), (1, 4)),
+    # partial last segments spanning ranks: the last sub-ring has fewer ranks
+    (64, 4, 4, 2, (8, 48), (1, 2)),  # [0, 3) and [3, 4)
+    (96, 4, 4, 1, (8, 72), (1, 2)),  # L=24: the last segment on 1 of 3 ranks
+    (96, 3, 2, 2, (64,), (1,)),  # [0, 2) and [2, 3)
+    (160, 5, 4, 2, (64, 96), (2, 4)),  # [0,2) [2,4) [4,5); [0,3) [3,5)
 ]
 MIXES = ("head_groups", "longnet")
 INVALID = [
     (64, 4, 2, 2, (8, 32), (1, 32)),  # L=16 % r=32
     (96, 4, 2, 2, (16, 96), (1, 2)),  # L=24 % w=16
-    (96, 3, 2, 2, (64,), (1,)),  # w=64 % L=32 == 0, but 96 % 64: not even a valid layer
-    (64, 4, 2, 2, (48,), (1,)),
+    (64, 4, 2, 2, (40,), (1,)),  # w=40 > L=16 is no multiple of L
+    (48, 3, 2, 2, (8, 32), (1, 32)),  # partial last segment, but L=16 % r=32
 ]
 
 
@@ -51,6 +57,8 @@ def test_units_pairs_and_bytes_match_the_jax_ring_plan(config, mix):
         assert tu.segment == ju.unit.w and tu.rate == ju.unit.r
         assert tu.heads == ju.unit.heads and tu.offsets == ju.unit.offsets
         assert tu.group == ju.group
+        assert tu.last_group == ju.last_group
+        assert list(tu.sizes(P)) == list(ju.sizes(P))
         assert tu.pairs == tuple(zip(ju.pair_heads, ju.pair_offsets))
         assert tu.q_to_pair == ju.q_to_pair
         if tu.group > 1:
@@ -84,6 +92,7 @@ def test_plan_structure(config, mix):
         we = min(w[ru.pattern], n)
         assert ru.segment == we
         assert ru.group == (we // L if we > L else 1)
+        assert ru.last_group == (n % we // L if we > L else 0)
         if ru.group > 1:
             assert len(set(ru.pairs)) == len(ru.pairs)
             for j, o, p in zip(ru.heads, ru.offsets, ru.q_to_pair):
