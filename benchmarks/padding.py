@@ -8,7 +8,9 @@ forward+backward (the backward of ``sum(out)``), milliseconds, in one process:
   (c) batch 4 at n = 1M with lengths (1M, 700K, 300K, 10K) in one call vs the sum of four batch-1
       calls at n = 1M, 700K, 300K and 10K (each an exact length, no seq_lengths).
 
-``--small``: the same cases at tiny sizes, for a CPU check of the script.
+``--small``: the same cases at tiny sizes, for a CPU check of the script. ``--ab-counts``: JAX
+twice in the same process, as ``jax`` (cuDNN told each block's real rows) and ``jax_no_counts``
+(``ring_jax._kernels._real_counts`` patched to None: cuDNN computes the padded tiles too).
 
     python -m benchmarks.padding --out benchmarks/results/padding.json      # a GPU
     python -m benchmarks.padding --small --out /tmp/padding_small.json      # CPU check
@@ -77,7 +79,7 @@ def _timed(fn, args, steps: int, sync) -> float:
     return (time.perf_counter() - t0) * 1e3 / steps
 
 
-def run_jax(cfg, args, rows):
+def run_jax(cfg, args, rows, label="jax"):
     import jax
     import jax.numpy as jnp
 
@@ -98,12 +100,12 @@ def run_jax(cfg, args, rows):
         keys = jax.random.split(jax.random.key(0), 3)
         q, k, v = (jax.random.normal(key, (b, n, cfg["h"], cfg["d"]), dt) for key in keys)
         lens = None if lengths is None else jnp.asarray(lengths, jnp.int32)
-        row = dict(framework="jax", case=case, variant=variant, n=n, batch=b,
+        row = dict(framework=label, case=case, variant=variant, n=n, batch=b,
                    lengths=None if lengths is None else list(lengths))
         row["fwd_ms"] = _timed(fwd, (q, k, v, lens), args.steps, jax.block_until_ready)
         row["fwd_bwd_ms"] = _timed(fwd_bwd, (q, k, v, lens), args.steps, jax.block_until_ready)
         rows.append(row)
-        print(f"jax  {case} {variant:>24}  b={b} n={n}: fwd {row['fwd_ms']:.3f} ms, "
+        print(f"{label}  {case} {variant:>24}  b={b} n={n}: fwd {row['fwd_ms']:.3f} ms, "
               f"fwd+bwd {row['fwd_bwd_ms']:.3f} ms", flush=True)
         del q, k, v
 
@@ -174,6 +176,7 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--steps", type=int, default=10, help="timed calls per point")
     ap.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    ap.add_argument("--ab-counts", action="store_true", help="JAX with and without the blocks' real-row counts")
     args = ap.parse_args()
     cfg = SMALL if args.small else FULL
     rows, meta = [], dict(config={k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
@@ -184,6 +187,14 @@ def main():
 
         meta["jax"], meta["jax_devices"] = jax.__version__, [str(x) for x in jax.devices()]
         run_jax(cfg, args, rows)
+        if args.ab_counts:
+            from ring_jax import _kernels
+
+            real_counts, _kernels._real_counts = _kernels._real_counts, lambda coords: None
+            try:
+                run_jax(cfg, args, rows, "jax_no_counts")
+            finally:
+                _kernels._real_counts = real_counts
     if "torch" in frameworks:
         import torch
 

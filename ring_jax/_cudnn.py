@@ -58,20 +58,37 @@ def usable(dtype, head_dim: int) -> bool:
             and head_dim % 8 == 0 and head_dim <= 120)
 
 
-def _mask(causal: bool):
+def _mask(causal: bool, padded: bool = False):
     fa = _module()
+    if padded:
+        return fa.MaskType.PADDING_CAUSAL if causal else fa.MaskType.PADDING
     return fa.MaskType.CAUSAL if causal else fa.MaskType.NO_MASK
 
 
-def forward(q, k, v, causal: bool, scale: float):
-    """``(out [B, m, H, d], lse [B, m, H] float32)``."""
-    out, stats = _module().dot_product_attention(q, k, v, scale=scale, mask_type=_mask(causal), return_residual=True)
-    return out, jnp.swapaxes(stats, 1, 2)
+def _real(x, count, fill):
+    """``x [B, m, ...]`` with rows ``>= count[B]`` set to ``fill`` (what cuDNN leaves there is unset)."""
+    rows = jnp.arange(x.shape[1]).reshape(1, -1, *([1] * (x.ndim - 2)))
+    return jnp.where(rows < count.reshape(-1, *([1] * (x.ndim - 1))), x, jnp.asarray(fill, x.dtype))
 
 
-def backward(q, k, v, out, lse, dout, dlse, causal: bool, scale: float):
+def forward(q, k, v, causal: bool, scale: float, counts=None):
+    """``(out [B, m, H, d], lse [B, m, H] float32)``. ``counts``: ``(query rows, key rows)`` int32
+    ``[B]`` that are real (the rest are padding, not computed: cuDNN skips their tiles); their
+    rows come out 0 with LSE ``-inf``."""
+    lens = {} if counts is None else dict(q_seqlen=counts[0], kv_seqlen=counts[1])
+    out, stats = _module().dot_product_attention(q, k, v, **lens, scale=scale,
+                                                 mask_type=_mask(causal, counts is not None), return_residual=True)
+    lse = jnp.swapaxes(stats, 1, 2)
+    if counts is not None:
+        empty = counts[1] == 0  # no real key: no row of the block has one
+        out, lse = _real(out, jnp.where(empty, 0, counts[0]), 0.0), _real(lse, jnp.where(empty, 0, counts[0]), -jnp.inf)
+    return out, lse
+
+
+def backward(q, k, v, out, lse, dout, dlse, causal: bool, scale: float, counts=None):
     """``(dq, dk, dv)`` given the rows' (possibly global) ``out``, ``lse`` and cotangents;
-    ``dlse=None`` means a zero LSE cotangent (no extra column: the kernel runs at ``head_dim``)."""
+    ``dlse=None`` means a zero LSE cotangent (no extra column: the kernel runs at ``head_dim``);
+    ``counts`` as in :func:`forward` (padding rows get zero gradients)."""
     fa = _module()
     d = q.shape[-1]
 
@@ -85,9 +102,13 @@ def backward(q, k, v, out, lse, dout, dlse, causal: bool, scale: float):
     if dlse is not None:
         q, k, v, out, dout = pad(q), pad(k), pad(v, jnp.ones(v.shape[:-1], v.dtype)), pad(out), pad(dout, dlse)
     unused = jnp.zeros(0, dtype=q.dtype)
+    q_len, kv_len = (unused, unused) if counts is None else counts
     stats = jnp.swapaxes(lse, 1, 2).astype(jnp.float32)  # [B, H, m]
     grads = fa._dot_product_attention_bwd_p_wrapper.bind(
-        q, k, v, unused, unused, unused, unused, unused, unused, unused, stats, out, dout,
-        scale=scale, seed=42, dropout_rate=0.0, variadic_args=(False, False), mask_type=_mask(causal),
-        layout=fa.AttentionLayout.BTNH.value, sliding_window_length=None)
-    return tuple(g[..., :d] for g in grads[:3])
+        q, k, v, unused, q_len, kv_len, unused, unused, unused, unused, stats, out, dout,
+        scale=scale, seed=42, dropout_rate=0.0, variadic_args=(False, False),
+        mask_type=_mask(causal, counts is not None), layout=fa.AttentionLayout.BTNH.value, sliding_window_length=None)
+    dq, dk, dv = (g[..., :d] for g in grads[:3])
+    if counts is not None:
+        dq, dk, dv = _real(dq, counts[0], 0.0), _real(dk, counts[1], 0.0), _real(dv, counts[1], 0.0)
+    return dq, dk, dv

@@ -110,11 +110,24 @@ class CudnnKernel:
         return not mods.dropout and not mods.key_mask and not mods.documents and _cudnn.usable(dtype, head_dim)
 
     def forward(self, q, k, v, scale, mods, coords):
-        return _cudnn.forward(q, k, v, mods.causal, scale)
+        return _cudnn.forward(q, k, v, mods.causal, scale, _real_counts(coords))
 
     def backward(self, q, k, v, out, lse, dout, dlse, scale, mods, coords):
         acc = _acc_dtype(q.dtype)
-        return tuple(g.astype(acc) for g in _cudnn.backward(q, k, v, out, lse, dout, dlse, mods.causal, scale))
+        grads = _cudnn.backward(q, k, v, out, lse, dout, dlse, mods.causal, scale, _real_counts(coords))
+        return tuple(g.astype(acc) for g in grads)
+
+
+def _real_counts(coords: Coords):
+    """``(query rows, key rows)`` int32 ``[B]`` of each block that lie before their entry's length
+    (rows are in increasing position: the real ones come first), or None when the call has no
+    lengths. cuDNN runs only with causal padding (non-causal padding masks keys with the XLA
+    kernel), where a head whose count is one lower than the block's (another offset) needs no mask:
+    its extra key comes after each of its real queries."""
+    if coords.klen is None:
+        return None
+    count = lambda pos: jnp.max(jnp.sum(pos < coords.klen[:, None, None], axis=-1), axis=-1)  # noqa: E731
+    return count(coords.qpos).astype(jnp.int32), count(coords.kpos).astype(jnp.int32)
 
 
 _REGISTRY = {"xla": XlaKernel(), "cudnn": CudnnKernel()}
