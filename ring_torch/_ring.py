@@ -8,10 +8,10 @@ Rank ``i`` of ``P`` holds global positions ``[i*L, (i+1)*L)``. The ring plan
   communication.
 * ``w > L`` (``w % L == 0``, ``L % r == 0``): a segment spans ``g = w / L`` consecutive ranks
   (sub-ring ``s`` = ranks ``[s*g, (s+1)*g)``; when ``n % w != 0`` the last one, holding the
-  partial last segment, has ``g' = (n % w) / L`` ranks and runs as a ring of ``g'``). Each rank gathers its selected rows
-  ``x_local.view(b, L//r, r, H, d)[:, :, o]`` (``L % r == 0``, so local offset = global offset)
-  for each *distinct* ``(kv head, offset)`` pair of the unit (GQA heads are not replicated on the
-  wire), K and V in one buffer; the ring unit (:mod:`ring_torch._ring_unit`) attends the blocks
+  partial last segment, has ``g' = (n % w) / L`` ranks and runs as a ring of ``g'``). Each
+  rank gathers its selected rows ``x_local.view(b, L//r, r, H, d)[:, :, o]`` (``L % r == 0``,
+  so local offset = global offset) for each *distinct* ``(kv head, offset)`` pair of the unit
+  (GQA heads are not replicated on the wire), K and V in one buffer; the ring unit (:mod:`ring_torch._ring_unit`) attends the blocks
   hop by hop as its communicator (:mod:`ring_torch._comm`) delivers them: ``g - 1`` K/V messages
   per rank forward, ``g - 1`` K/V and ``g - 1`` dK/dV messages in ``g`` exchanges backward
   (``g`` the size of the rank's sub-ring).
@@ -256,8 +256,8 @@ def ring_dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     ``n % (2P) == 0``, the contiguous rules on ``2P`` chunks of ``C``, and every pattern with
     ``w' > C`` spans ``g = w' / C`` chunks with ``g == 2P`` or ``P % g == 0`` and no partial
     last segment (``n % w' == 0``; else a ``ValueError`` naming the pattern, ``n``, ``C`` and
-    ``P``). Outputs, LSE, gradients and
-    dropout masks are those of the contiguous layout (the same global definition). Per hop a
+    ``P``). Outputs, LSE, gradients and dropout masks are those of the contiguous layout (the
+    same global definition). Per hop a
     rank sends the K/V of its whole shard, so a pattern with ``w' = n`` sends what the
     contiguous layout sends (``P - 1`` hops) and a split one takes ``g - 1`` hops; ``comm``
     ``"ring"`` and ``"all_gather"`` both run it.

@@ -7,9 +7,9 @@ some query heads, each head at its offset; ``w`` the effective segment ``min(w_i
 selected rows of each *distinct* ``(kv head, offset)`` pair travel ``g - 1`` hops. When
 ``n % w != 0`` the last segment is partial: its sub-ring has ``g' = (n % w) / L`` ranks
 (``RingUnit.last_group``) and runs as a ring of ``g'`` (``g' - 1`` hops, its own
-``last_schedule``). With ``layout="balanced"`` (:mod:`ring_torch._layout`) ``w' <= C = L / 2`` is local and a
-spanning pattern runs on a sub-ring of ``P`` ranks (``w' = n``) or ``w' / C`` ranks, each unit
-with its :class:`ring_torch._layout.Schedule`. :func:`ring_padded_length` is the smallest length
+``last_schedule``). With ``layout="balanced"`` (:mod:`ring_torch._layout`) ``w' <= C = L / 2``
+is local and a spanning pattern runs on a sub-ring of ``P`` ranks (``w' = n``) or ``w' / C``
+ranks, each unit with its :class:`ring_torch._layout.Schedule` (no partial last segment). :func:`ring_padded_length` is the smallest length
 a ring of ``R`` shards in one process can pad a sequence to (whole segments only: the simulated
 ring never has a partial sub-ring). Pure Python, cached; the same units, pairs, sub-rings and
 hops as ``ring_jax``'s plan.
@@ -22,7 +22,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from ring_torch._config import DilatedConfig
-from ring_torch._layout import Schedule, balanced_error, make_schedule, span_of, sub_ring_of, sub_rings
+from ring_torch._layout import (Schedule, balanced_error, make_schedule, span_of, sub_ring_of,
+                                sub_rings)
 from ring_torch._plan import PATTERN_CACHE, DilatedPlan, Unit, build_plan
 
 __all__ = ["RingUnit", "RingPlan", "check_sharding", "sharding_error", "ring_padded_length",
@@ -202,6 +203,9 @@ def _build_ring(plan: DilatedPlan, local_len: int, world: int, layout: str) -> R
 def build_ring_plan(config: DilatedConfig, local_len: int, world: int, num_heads: int,
                     num_kv_heads: int, layout: str = "contiguous") -> RingPlan:
     """The (cached) ring plan; checks the sharding, then the head counts, before anything runs.
+    A contiguous spanning pattern may leave a partial last segment (``n % w' != 0``): its last
+    sub-ring has ``RingUnit.last_group`` ranks (a process group runs it; a simulated ring pads
+    ``n`` to :func:`ring_padded_length` first and never has one).
 
     Args:
         config: the validated patterns.
