@@ -66,11 +66,14 @@ def _jitted(fn, static_argnums: tuple[int, ...]):
     return jax.jit(fn, static_argnums=static_argnums)
 
 
-def _spec(config: DilatedConfig, query, rate: float, padded: bool = False, documents: bool = False) -> BlockSpec:
+def _spec(config: DilatedConfig, query, rate: float, padded: bool = False, documents: bool = False,
+          lengths: bool = False) -> BlockSpec:
     """The call's block spec; ``padded``: some keys are padding, masked unless the call is causal
-    (padding then lies after every real query); ``documents``: the call has ``segment_ids``."""
-    return make_spec(query.dtype, query.shape[-1], config.scale(query.shape[-1]), config.is_causal, rate,
-                     padded and not config.is_causal, documents)
+    (padding then lies after every real query); ``documents``: the call has ``segment_ids``;
+    ``lengths``: it has ``seq_lengths`` (a causal call's kernel may then skip padded rows)."""
+    causal = config.is_causal
+    return make_spec(query.dtype, query.shape[-1], config.scale(query.shape[-1]), causal, rate,
+                     padded and not causal, documents, lengths and causal)
 
 
 def _docs(segment_ids, length: int):
@@ -193,7 +196,7 @@ def dilated_attention(query, key, value, *, segment_lengths, dilation_rates, mix
     padded = seq_lengths is not None or N > n
     origin = make_origin(dropout_seed if rate else None, lengths=_lengths(seq_lengths, b, n, padded),
                          docs=_docs(segment_ids, N))
-    spec = _spec(config, query, rate, padded, segment_ids is not None)
+    spec = _spec(config, query, rate, padded, segment_ids is not None, seq_lengths is not None)
     if ring:
         run = _compiled(simulated_ring_attention, (3, 4, 5, 7, 8), query, key, value, origin)
         out, lse = run(query, key, value, config, ring_size, spec, origin, N, layout)
@@ -250,7 +253,8 @@ def ring_dilated_attention(query, key, value, *, axis_name, segment_lengths, dil
                          bases[0], _lengths(seq_lengths, global_batch, L * P, False), bases[1],
                          _docs(segment_ids, L * P))
     attend = functools.partial(attend_sharded_unit, axis_name=axis_name, num_devices=P,
-                               spec=_spec(config, query, rate, seq_lengths is not None, segment_ids is not None),
+                               spec=_spec(config, query, rate, seq_lengths is not None, segment_ids is not None,
+                                          seq_lengths is not None),
                                origin=origin)
     result = finish(run_layers(query, key, value, plan.layers, attend), True, origin, L)
     return result if return_lse else result[0]

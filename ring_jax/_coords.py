@@ -87,13 +87,16 @@ class Mods:
     ``causal=False``, wholly future ones are not computed. ``dropout_rate`` with the ``pattern``
     index of the shared hash. ``key_mask``: keys at or past their entry's length (``Coords.klen``)
     are masked; a causal call never needs it (padding comes after every real query).
-    ``documents``: a key counts only for queries of its document (``Coords.docs``)."""
+    ``documents``: a key counts only for queries of its document (``Coords.docs``).
+    ``skip_padding``: rows at or past their entry's length may be left uncomputed (a kernel hint
+    for calls given ``seq_lengths``; the rows are zeroed afterwards either way)."""
 
     causal: bool = False
     dropout_rate: float = 0.0
     pattern: int = 0
     key_mask: bool = False
     documents: bool = False
+    skip_padding: bool = False
 
     @property
     def dropout(self) -> bool:

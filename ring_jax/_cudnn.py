@@ -103,12 +103,15 @@ def backward(q, k, v, out, lse, dout, dlse, causal: bool, scale: float, counts=N
         q, k, v, out, dout = pad(q), pad(k), pad(v, jnp.ones(v.shape[:-1], v.dtype)), pad(out), pad(dout, dlse)
     unused = jnp.zeros(0, dtype=q.dtype)
     q_len, kv_len = (unused, unused) if counts is None else counts
+    if counts is not None:  # finite stats on padded rows (their dout is 0): no inf * 0 if a kernel reads them
+        lse = _real(lse, counts[0], 0.0)
     stats = jnp.swapaxes(lse, 1, 2).astype(jnp.float32)  # [B, H, m]
     grads = fa._dot_product_attention_bwd_p_wrapper.bind(
         q, k, v, unused, q_len, kv_len, unused, unused, unused, unused, stats, out, dout,
         scale=scale, seed=42, dropout_rate=0.0, variadic_args=(False, False),
         mask_type=_mask(causal, counts is not None), layout=fa.AttentionLayout.BTNH.value, sliding_window_length=None)
     dq, dk, dv = (g[..., :d] for g in grads[:3])
-    if counts is not None:
-        dq, dk, dv = _real(dq, counts[0], 0.0), _real(dk, counts[1], 0.0), _real(dv, counts[1], 0.0)
+    if counts is not None:  # a block with no real query adds nothing to its keys
+        keys = jnp.where(counts[0] == 0, 0, counts[1])
+        dq, dk, dv = _real(dq, counts[0], 0.0), _real(dk, keys, 0.0), _real(dv, keys, 0.0)
     return dq, dk, dv

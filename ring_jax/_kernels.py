@@ -110,21 +110,21 @@ class CudnnKernel:
         return not mods.dropout and not mods.key_mask and not mods.documents and _cudnn.usable(dtype, head_dim)
 
     def forward(self, q, k, v, scale, mods, coords):
-        return _cudnn.forward(q, k, v, mods.causal, scale, _real_counts(coords))
+        return _cudnn.forward(q, k, v, mods.causal, scale, _real_counts(mods, coords))
 
     def backward(self, q, k, v, out, lse, dout, dlse, scale, mods, coords):
         acc = _acc_dtype(q.dtype)
-        grads = _cudnn.backward(q, k, v, out, lse, dout, dlse, mods.causal, scale, _real_counts(coords))
+        grads = _cudnn.backward(q, k, v, out, lse, dout, dlse, mods.causal, scale, _real_counts(mods, coords))
         return tuple(g.astype(acc) for g in grads)
 
 
-def _real_counts(coords: Coords):
+def _real_counts(mods: Mods, coords: Coords):
     """``(query rows, key rows)`` int32 ``[B]`` of each block that lie before their entry's length
-    (rows are in increasing position: the real ones come first), or None when the call has no
-    lengths. cuDNN runs only with causal padding (non-causal padding masks keys with the XLA
-    kernel), where a head whose count is one lower than the block's (another offset) needs no mask:
-    its extra key comes after each of its real queries."""
-    if coords.klen is None:
+    (rows are in increasing position: the real ones come first) when ``mods.skip_padding``, else
+    None. cuDNN runs only with causal padding (non-causal padding masks keys with the XLA kernel),
+    where a head whose count is one lower than the block's (another offset) needs no mask: its
+    extra key comes after each of its real queries."""
+    if not mods.skip_padding or coords.klen is None:
         return None
     count = lambda pos: jnp.max(jnp.sum(pos < coords.klen[:, None, None], axis=-1), axis=-1)  # noqa: E731
     return count(coords.qpos).astype(jnp.int32), count(coords.kpos).astype(jnp.int32)
@@ -167,7 +167,8 @@ class BlockSpec:
     """How every block of one call is computed, decided once per call (hashable, static): the
     kernel, the softmax scale, and the call's modifiers (a unit adds its pattern index);
     ``key_mask``: some keys are padding (``Coords.klen``) and must be masked; ``documents``:
-    scores across documents (``Coords.docs``) are masked."""
+    scores across documents (``Coords.docs``) are masked; ``skip_padding``: padded rows may be
+    skipped (cuDNN is told each block's real rows)."""
 
     kernel: Kernel
     scale: float
@@ -175,11 +176,12 @@ class BlockSpec:
     dropout_rate: float = 0.0
     key_mask: bool = False
     documents: bool = False
+    skip_padding: bool = False
 
     def mods(self, pattern: int, causal: bool | None = None) -> Mods:
         """The modifiers of a block of ``pattern``; ``causal=False`` for a block wholly in the past."""
         return Mods(self.causal if causal is None else causal, self.dropout_rate, pattern, self.key_mask,
-                    self.documents)
+                    self.documents, self.skip_padding)
 
     def forward(self, q, k, v, mods: Mods, coords: Coords):
         """``(out [B, m, H, d], lse [B, m, H])``, without a custom VJP (callers own the backward)."""
@@ -192,9 +194,9 @@ class BlockSpec:
 
 
 def make_spec(dtype, head_dim: int, scale: float, causal: bool, dropout_rate: float,
-              key_mask: bool = False, documents: bool = False) -> BlockSpec:
+              key_mask: bool = False, documents: bool = False, skip_padding: bool = False) -> BlockSpec:
     return BlockSpec(select_kernel(dtype, head_dim, dropout_rate > 0.0, key_mask, documents), float(scale),
-                     bool(causal), float(dropout_rate), bool(key_mask), bool(documents))
+                     bool(causal), float(dropout_rate), bool(key_mask), bool(documents), bool(skip_padding))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
