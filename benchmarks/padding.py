@@ -190,7 +190,7 @@ def main():
         if args.ab_counts:
             from ring_jax import _kernels
 
-            real_counts, _kernels._real_counts = _kernels._real_counts, lambda coords: None
+            real_counts, _kernels._real_counts = _kernels._real_counts, lambda *args: None
             try:
                 run_jax(cfg, args, rows, "jax_no_counts")
             finally:
