@@ -35,11 +35,15 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("mix", ["head_groups", "longnet"])
-def test_causal_padding_on_cudnn(mode, mix, monkeypatch):
-    n, lens = 1000, np.array([1000, 517, 0])
+@pytest.mark.parametrize("n, lengths", [(1000, (1000, 517, 0)), (1024, None)], ids=["lengths", "no_padding"])
+def test_causal_padding_on_cudnn(mode, mix, n, lengths, monkeypatch):
+    """With lengths (and an n the patterns do not tile), and without any padding: longnet's merge
+    sends an LSE cotangent into every local unit, which the rings must carry to the kernel."""
+    lens = np.full(3, n) if lengths is None else np.array(lengths)
     rng = np.random.default_rng(0)
     q, k, v, g = (rng.standard_normal((3, n, h, 64)).astype(np.float32) for h in (8, 4, 4, 8))
-    kw = dict(segment_lengths=W, dilation_rates=R, mix=mix, is_causal=True, seq_lengths=jnp.asarray(lens), **MODES[mode])
+    kw = dict(segment_lengths=W, dilation_rates=R, mix=mix, is_causal=True, **MODES[mode],
+              seq_lengths=None if lengths is None else jnp.asarray(lens))
     qt, kt, vt = (torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in (q, k, v))
     ref_out, _ = reference_attention(qt, kt, vt, segment_lengths=W, dilation_rates=R, mix=mix, is_causal=True,
                                      seq_lengths=lens)
@@ -53,7 +57,8 @@ def test_causal_padding_on_cudnn(mode, mix, monkeypatch):
     bf = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v, g)]
     ours = jax.jit(lambda *x: _grads(fn, *x))(*bf)
     # cuDNN ran, told the lengths on one device; ring blocks run the plain causal kernel
-    assert calls and all((c is not None) == (mode in ("one_device", "chunks")) for c in calls)
+    told = lengths is not None and mode in ("one_device", "chunks")
+    assert calls and all((c is not None) == told for c in calls)
     before = ring_jax.get_block_kernel()
     ring_jax.set_block_kernel("xla")
     try:

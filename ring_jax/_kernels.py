@@ -187,6 +187,10 @@ class BlockSpec:
         """``(out [B, m, H, d], lse [B, m, H])``, without a custom VJP (callers own the backward)."""
         return self.kernel.forward(q, k, v, self.scale, mods, coords)
 
+    def attend(self, q, k, v, mods: Mods, coords: Coords):
+        """:meth:`forward` with the exact block backward (:meth:`backward`, LSE cotangent included)."""
+        return _block(self, mods, q, k, v, coords)
+
     def backward(self, q, k, v, out, lse, dout, dlse, mods: Mods, coords: Coords):
         """``(dq, dk, dv)`` in the accumulation dtype, given the rows' (possibly global) ``out`` and
         ``lse`` and their cotangents (``dlse=None``: zero). Rows with ``lse = -inf`` add nothing."""

@@ -99,19 +99,23 @@ class UnitRows(NamedTuple):
     lse: jax.Array
 
 
-def unit_rows(query, key, value, u: Unit, spec: BlockSpec, origin: Origin) -> UnitRows:
-    """One unit's rows through the block kernel (no custom VJP: callers own the backward)."""
+def unit_rows(query, key, value, u: Unit, spec: BlockSpec, origin: Origin, differentiable: bool = False) -> UnitRows:
+    """One unit's rows through the block kernel: without a custom VJP (callers own the backward),
+    or, ``differentiable``, through the kernel's exact block backward (the LSE cotangent included;
+    a fused kernel's own VJP would drop it)."""
     b, n = query.shape[:2]
     q = gather_rows(query, u, u.heads)  # [b*S, m, H, d]
     k = gather_rows(key, u, u.kv_heads)
     v = gather_rows(value, u, u.kv_heads)
     coords = unit_coords(origin, b, n // u.w, u.w, u.r, u.heads, u.offsets)
-    return UnitRows(q, k, v, *spec.forward(q, k, v, spec.mods(u.pattern), coords))
+    attend = spec.attend if differentiable else spec.forward
+    return UnitRows(q, k, v, *attend(q, k, v, spec.mods(u.pattern), coords))
 
 
 def attend_unit(query, key, value, u: Unit, spec: BlockSpec, origin: Origin):
-    """One unit on the whole (local) sequence: ``(out [b, n, H, d], lse [b, n, H])`` for its heads."""
-    rows = unit_rows(query, key, value, u, spec, origin)
+    """One unit on the whole (local) sequence: ``(out [b, n, H, d], lse [b, n, H])`` for its heads,
+    differentiable (the rings' local units and the simulated ring are differentiated through it)."""
+    rows = unit_rows(query, key, value, u, spec, origin, differentiable=True)
     n = query.shape[1]
     return scatter_rows(rows.out, u, n, 0.0), scatter_rows(rows.lse, u, n, -jnp.inf)  # [b, n, H, d], [b, n, H]
 
