@@ -8,7 +8,8 @@ seed system):
 * ``h200_bench_2026-11-30.png``: the README's Performance plot: time and time / floor vs n, both
   frameworks and both mixes, from ``h200_bench_2026-11-30.json`` (one process, one H200);
 * ``h200_balanced_projection_2026-12-01.png``: strong-scaling efficiency vs P of causal rings,
-  contiguous against balanced, projected from the plan and kernel times on one H200.
+  contiguous against balanced, projected from the plan and kernel times on one H200;
+* ``2xh200_balanced_2026-12-01.png``: the same, measured on two H200s (P = 1 vs 2), both frameworks.
 
     python -m benchmarks.plot_results [--results benchmarks/results]
 """
@@ -216,6 +217,42 @@ def plot_balanced(plt, results):
     return fig, f"{BALANCED.replace('jax', 'projection')}.png"
 
 
+MEASURED = "2xh200_balanced_{}_2026-12-01.json"
+
+
+def balanced_efficiencies(results) -> dict:
+    """``{(framework, case, layout): (fwd eff, fwd+bwd eff)}`` at P = 2 over P = 1 (contiguous)."""
+    rows = [r for r in read(results, MEASURED.format("jax"))["rows"] if "P" in r and "fwd_ms" in r]
+    for P in (1, 2):
+        rows += [r for r in read(results, MEASURED.format(f"torch_{P}"))["rows"] if "fwd_ms" in r]
+    out = {}
+    for r in rows:
+        if r["P"] != 2:
+            continue
+        base = next(b for b in rows if b["framework"] == r["framework"] and b["case"] == r["case"] and b["P"] == 1
+                    and b["layout"] == "contiguous")
+        out[(r["framework"], r["case"], r["layout"])] = tuple(base[f] / (2 * r[f]) for f in ("fwd_ms", "fwdbwd_ms"))
+    return out
+
+
+def plot_balanced_measured(plt, results):
+    eff = balanced_efficiencies(results)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, case in zip(axes, ("dense_causal_256K", "longnet_1M")):
+        keys = [k for k in eff if k[1] == case]
+        x = np.arange(len(keys))
+        for i, (label, offset) in enumerate((("fwd", -0.2), ("fwd+bwd", 0.2))):
+            ax.bar(x + offset, [eff[k][i] for k in keys], 0.4, label=label)
+        ax.set_xticks(x, [f"{k[0]}\n{k[2]}" for k in keys], fontsize=8)
+        ax.axhline(1.0, color="grey", lw=0.5)
+        ax.set_ylim(0, 1.1)
+        ax.set_title(case, fontsize=10)
+        ax.set_ylabel("time(1) / (2 time(2))")
+        ax.legend(fontsize=8)
+    fig.suptitle("Causal ring strong scaling, 2 x H200 measured (P = 1 vs 2), 2026-12-01", fontsize=9)
+    return fig, "2xh200_balanced_2026-12-01.png"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -225,7 +262,7 @@ def main():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for plot in (plot_timing, plot_memory, plot_rings, plot_h200, plot_balanced):
+    for plot in (plot_timing, plot_memory, plot_rings, plot_h200, plot_balanced, plot_balanced_measured):
         fig, name = plot(plt, args.results)
         fig.tight_layout()
         out = os.path.join(args.results, name)
