@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from parity_tests._spawn import case_results, spawn_cases
+from parity_tests.frameworks import max_abs_err
 from parity_tests.oracle import dilated_attention as oracle_attention
 from parity_tests.reference import reference_attention
 
@@ -177,13 +178,6 @@ def _cat(per_rank, key):
     return np.concatenate([r[key] for r in per_rank], axis=1)
 
 
-def _max_abs(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    fin = np.isfinite(b)
-    assert np.array_equal(fin, np.isfinite(a))
-    return float(np.abs(a[fin] - b[fin]).max())
-
-
 @functools.cache
 def _expected(case: Case):
     q, k, v, dout, dlse = _global_inputs(case)
@@ -231,7 +225,7 @@ def test_partial_ring_matches_oracle_and_reference(case):
     per_rank = _per_rank(case)
     ref = _expected(case)
     for key, tol in (("out", 1e-10), ("lse", 1e-10), ("dq", 1e-9), ("dk", 1e-9), ("dv", 1e-9)):
-        assert _max_abs(_cat(per_rank, key), ref[key]) <= tol, key
+        assert max_abs_err(_cat(per_rank, key), ref[key]) <= tol, key
 
 
 @pytest.mark.timeout(SPAWN_DEADLINE_S + 60)
@@ -266,7 +260,7 @@ def test_partial_ring_dropout_equals_one_device(case):
         q, k, v, dout, dlse)
     per_rank = _per_rank(case)
     for key, value in one.items():
-        assert _max_abs(_cat(per_rank, key), value.numpy()) <= 1e-12, key
+        assert max_abs_err(_cat(per_rank, key), value.numpy()) <= 1e-12, key
 
 
 @pytest.mark.timeout(SPAWN_DEADLINE_S + 60)
@@ -345,4 +339,4 @@ def test_simulated_ring_pads_to_whole_segments_and_matches_the_oracle():
     q, k, v, _, _ = _global_inputs(case)
     out, lse = ring_torch.ring_dilated_attention(q, k, v, **case.kwargs, ring_size=4, return_lse=True)
     ref = _expected(case)
-    assert _max_abs(out.numpy(), ref["out"]) <= 1e-10 and _max_abs(lse.numpy(), ref["lse"]) <= 1e-10
+    assert max_abs_err(out.numpy(), ref["out"]) <= 1e-10 and max_abs_err(lse.numpy(), ref["lse"]) <= 1e-10

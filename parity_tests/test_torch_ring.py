@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from parity_tests._spawn import case_results, spawn_cases
+from parity_tests.frameworks import max_abs_err, rel_err
 from parity_tests.oracle import dilated_attention as oracle_attention
 from parity_tests.reference import reference_attention
 
@@ -219,20 +220,6 @@ def _cat(per_rank, key):
     return np.concatenate([r[key] for r in per_rank], axis=1)
 
 
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    fin = np.isfinite(b)
-    assert np.array_equal(fin, np.isfinite(a))
-    return float(np.linalg.norm(a[fin] - b[fin]) / np.linalg.norm(b[fin]))
-
-
-def _max_abs(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    fin = np.isfinite(b)
-    assert np.array_equal(fin, np.isfinite(a))
-    return float(np.abs(a[fin] - b[fin]).max())
-
-
 @functools.cache
 def _expected(case: DistCase):
     """Oracle values, autograd-reference gradients and the single-process layer's values."""
@@ -260,18 +247,18 @@ def test_distributed_matches_oracle_and_reference(case):
     got = {key: _cat(per_rank, key) for key in ("out", "lse", "dq", "dk", "dv")}
     if case.dtype == "float64":
         for key in ("out", "lse"):
-            assert _max_abs(got[key], ref[key]) <= 1e-10, key
+            assert max_abs_err(got[key], ref[key]) <= 1e-10, key
         for key in ("dq", "dk", "dv"):
-            assert _max_abs(got[key], ref[key]) <= 1e-9, key
+            assert max_abs_err(got[key], ref[key]) <= 1e-9, key
         # == the single-process layer
-        assert _max_abs(got["out"], ref["single_out"]) <= 1e-12
-        assert _max_abs(got["lse"], ref["single_lse"]) <= 1e-12
+        assert max_abs_err(got["out"], ref["single_out"]) <= 1e-12
+        assert max_abs_err(got["lse"], ref["single_lse"]) <= 1e-12
     else:
         for key in ("out", "lse"):
-            assert _rel(got[key], ref[key]) <= 2e-5, key
-            assert _rel(got[key], ref["single_" + key]) <= 2e-5, key
+            assert rel_err(got[key], ref[key]) <= 2e-5, key
+            assert rel_err(got[key], ref["single_" + key]) <= 2e-5, key
         for key in ("dq", "dk", "dv"):
-            assert _rel(got[key], ref[key]) <= 2e-5, key
+            assert rel_err(got[key], ref[key]) <= 2e-5, key
 
 
 @pytest.mark.timeout(SPAWN_DEADLINE_S + 60)
@@ -290,7 +277,7 @@ def test_distributed_dropout_equals_single_device(case):
     ref = {"out": out.detach(), "lse": lse.detach(), "dq": xs[0].grad, "dk": xs[1].grad,
            "dv": xs[2].grad}
     for key, value in ref.items():
-        assert _max_abs(_cat(per_rank, key), value.numpy()) <= 1e-12, key
+        assert max_abs_err(_cat(per_rank, key), value.numpy()) <= 1e-12, key
 
 
 @pytest.mark.timeout(SPAWN_DEADLINE_S + 60)
@@ -301,7 +288,7 @@ def test_distributed_bfloat16(case):
     per_rank = _case_results(case)
     ref = _expected(case)
     for key in ("out", "lse", "dq", "dk", "dv"):
-        assert _rel(_cat(per_rank, key), ref[key]) <= 2e-2, key
+        assert rel_err(_cat(per_rank, key), ref[key]) <= 2e-2, key
     assert per_rank[0]["sent"] == _formula_bytes(case)
 
 
@@ -402,7 +389,7 @@ def test_ring_on_a_process_subgroup(case):
         ref = _expected(sub)
         for key in ("out", "lse", "dq", "dk", "dv"):
             got = _cat(per_rank[2 * s:2 * s + 2], key)
-            assert _max_abs(got, ref[key]) <= 1e-9, (s, key)
+            assert max_abs_err(got, ref[key]) <= 1e-9, (s, key)
         if case.comm == "ring":
             assert per_rank[2 * s]["sent"] == _formula_bytes(sub)
 
@@ -415,13 +402,13 @@ def test_distributed_module_matches_single_process(case):
     per_rank = _case_results(case)
     x, key, dout = _module_inputs(case)
     ref = _module_run(_make_module(case), case, x, key, dout)
-    assert _max_abs(_cat(per_rank, "out"), ref["out"]) <= 1e-10
-    assert _max_abs(_cat(per_rank, "dx"), ref["dx"]) <= 1e-9
+    assert max_abs_err(_cat(per_rank, "out"), ref["out"]) <= 1e-10
+    assert max_abs_err(_cat(per_rank, "dx"), ref["dx"]) <= 1e-9
     if case.kind == "module_cross":
-        assert _max_abs(_cat(per_rank, "dkey"), ref["dkey"]) <= 1e-9
+        assert max_abs_err(_cat(per_rank, "dkey"), ref["dkey"]) <= 1e-9
     for name, grad in ref["params"].items():
         total = sum(r["params"][name] for r in per_rank)
-        assert _max_abs(total, grad) <= 1e-9, name
+        assert max_abs_err(total, grad) <= 1e-9, name
 
 
 ALL_GATHER = [c for c in GRAD_CASES if c.comm == "all_gather"]
