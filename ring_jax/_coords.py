@@ -72,10 +72,6 @@ class Coords(NamedTuple):
     klen: jax.Array | None = None  # [B] length of each block's batch entry: keys at kpos >= klen are padding
     docs: jax.Array | None = None  # [global batch, n] document ids: a score needs equal ids at qpos and kpos
 
-    def keys_shifted(self, shift) -> Coords:
-        """The same query rows facing the key block ``shift`` positions away (ring hops)."""
-        return self._replace(kpos=self.qpos + shift)
-
 
 @dataclasses.dataclass(frozen=True)
 class Mods:
