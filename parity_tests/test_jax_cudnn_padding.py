@@ -1,6 +1,6 @@
-"""On a CUDA GPU (skipped elsewhere): causal padding on the cuDNN block kernel, which on one device
-is told each block's real rows (``q_seqlen``/``kv_seqlen``: padded tiles are not computed) and in
-the simulated rings runs its plain causal kernel. bf16 results
+"""On a CUDA GPU (skipped elsewhere): causal padding on the cuDNN block kernel, which is told each
+block's real rows (``q_seqlen``/``kv_seqlen``: padded tiles are not computed), on one device and in
+the simulated rings. bf16 results
 against the float64 reference, within twice the XLA kernel's bf16 error; padded rows exactly 0 and
 their q, k, v gradients exactly 0. Part of the GPU set: ``pytest parity_tests/test_jax_cudnn_padding.py``."""
 
@@ -56,9 +56,8 @@ def test_causal_padding_on_cudnn(mode, mix, n, lengths, monkeypatch):
     fn = lambda q, k, v: ring_jax.dilated_attention(q, k, v, **kw)  # noqa: E731
     bf = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v, g)]
     ours = jax.jit(lambda *x: _grads(fn, *x))(*bf)
-    # cuDNN ran, told the lengths on one device; ring blocks run the plain causal kernel
-    told = lengths is not None and mode in ("one_device", "chunks")
-    assert calls and all((c is not None) == told for c in calls)
+    # cuDNN ran, told each block's real rows whenever the call has lengths
+    assert calls and all((c is not None) == (lengths is not None) for c in calls)
     before = ring_jax.get_block_kernel()
     ring_jax.set_block_kernel("xla")
     try:

@@ -196,8 +196,7 @@ def dilated_attention(query, key, value, *, segment_lengths, dilation_rates, mix
     padded = seq_lengths is not None or N > n
     origin = make_origin(dropout_seed if rate else None, lengths=_lengths(seq_lengths, b, n, padded),
                          docs=_docs(segment_ids, N))
-    # cuDNN's padded-row path runs on one device only: ring blocks keep the plain causal kernel.
-    spec = _spec(config, query, rate, padded, segment_ids is not None, seq_lengths is not None and not ring)
+    spec = _spec(config, query, rate, padded, segment_ids is not None, seq_lengths is not None)
     if ring:
         run = _compiled(simulated_ring_attention, (3, 4, 5, 7, 8), query, key, value, origin)
         out, lse = run(query, key, value, config, ring_size, spec, origin, N, layout)
@@ -254,7 +253,8 @@ def ring_dilated_attention(query, key, value, *, axis_name, segment_lengths, dil
                          bases[0], _lengths(seq_lengths, global_batch, L * P, False), bases[1],
                          _docs(segment_ids, L * P))
     attend = functools.partial(attend_sharded_unit, axis_name=axis_name, num_devices=P,
-                               spec=_spec(config, query, rate, seq_lengths is not None, segment_ids is not None),
+                               spec=_spec(config, query, rate, seq_lengths is not None, segment_ids is not None,
+                                          seq_lengths is not None),
                                origin=origin)
     result = finish(run_layers(query, key, value, plan.layers, attend), True, origin, L)
     return result if return_lse else result[0]
