@@ -182,21 +182,26 @@ def check_inputs(query, key, value) -> tuple[int, int, int, int, int]:
     return b, n, h, h_kv, d
 
 
+def _integer_array(value, name: str, shape: tuple, label: str, note: str = ""):
+    """``value`` as an array (array-likes through NumPy); ``TypeError`` unless its dtype is an
+    integer one, ``ValueError`` unless its shape is ``shape`` (named ``label``, then ``note``)."""
+    if not (hasattr(value, "dtype") and hasattr(value, "shape")):
+        value = np.asarray(value)
+    dtype = np.dtype(value.dtype)
+    if not np.issubdtype(dtype, np.integer):
+        raise TypeError(f"{name} has dtype {dtype.name}; expected an integer array of shape {label}")
+    if tuple(value.shape) != shape:
+        raise ValueError(f"{name} must have shape {label}={shape}{note}, got {tuple(value.shape)}")
+    return value
+
+
 def check_segment_ids(segment_ids, batch: int, seq_len: int):
     """``segment_ids`` (None, or an integer array-like of shape ``[batch, seq_len]``: the document
     of each position) as an array (or None); ``TypeError`` for a non-integer dtype, ``ValueError``
     for another shape. Values are not read (they may be traced)."""
     if segment_ids is None:
         return None
-    if not (hasattr(segment_ids, "dtype") and hasattr(segment_ids, "shape")):
-        segment_ids = np.asarray(segment_ids)
-    dtype = np.dtype(segment_ids.dtype)
-    if not np.issubdtype(dtype, np.integer):
-        raise TypeError(f"segment_ids has dtype {dtype.name}; expected an integer array of shape [batch, seq]")
-    if tuple(segment_ids.shape) != (batch, seq_len):
-        raise ValueError(f"segment_ids must have shape [batch, seq]=({batch}, {seq_len}) (the global sequence), "
-                         f"got {tuple(segment_ids.shape)}")
-    return segment_ids
+    return _integer_array(segment_ids, "segment_ids", (batch, seq_len), "[batch, seq]", " (the global sequence)")
 
 
 def check_seq_lengths(seq_lengths, batch: int):
@@ -205,11 +210,4 @@ def check_seq_lengths(seq_lengths, batch: int):
     (they may be traced)."""
     if seq_lengths is None:
         return None
-    if not (hasattr(seq_lengths, "dtype") and hasattr(seq_lengths, "shape")):
-        seq_lengths = np.asarray(seq_lengths)
-    dtype = np.dtype(seq_lengths.dtype)
-    if not np.issubdtype(dtype, np.integer):
-        raise TypeError(f"seq_lengths has dtype {dtype.name}; expected an integer array of shape [batch]")
-    if tuple(seq_lengths.shape) != (batch,):
-        raise ValueError(f"seq_lengths must have shape [batch]=({batch},), got {tuple(seq_lengths.shape)}")
-    return seq_lengths
+    return _integer_array(seq_lengths, "seq_lengths", (batch,), "[batch]")

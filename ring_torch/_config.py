@@ -248,6 +248,19 @@ def _padded_length(segments: tuple[int, ...], rates: tuple[int, ...], n: int) ->
     raise AssertionError("unreachable: the last interval always holds a multiple")
 
 
+def _integer_tensor(value, name: str, shape: tuple, label: str, note: str = "") -> torch.Tensor:
+    """``value`` as a tensor; ``TypeError`` unless its dtype is an integer one (bool refused),
+    ``ValueError`` unless its shape is ``shape`` (named ``label`` in the message, then ``note``)."""
+    if not isinstance(value, torch.Tensor):
+        value = torch.as_tensor(np.asarray(value))
+    dtype = value.dtype
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        raise TypeError(f"{name} has dtype {dtype_name(dtype)}; expected an integer array of shape {label}")
+    if tuple(value.shape) != shape:
+        raise ValueError(f"{name} must have shape {label}={shape}{note}, got {tuple(value.shape)}")
+    return value
+
+
 def check_seq_lengths(seq_lengths, batch: int, seq_len: int, device: torch.device):
     """``seq_lengths`` (None, or an integer tensor or array-like of shape ``[batch]``) as an int64
     tensor on ``device`` (None stays None).
@@ -257,15 +270,7 @@ def check_seq_lengths(seq_lengths, batch: int, seq_len: int, device: torch.devic
     host sync) and clamped to ``[0, seq_len]``."""
     if seq_lengths is None:
         return None
-    if not isinstance(seq_lengths, torch.Tensor):
-        seq_lengths = torch.as_tensor(np.asarray(seq_lengths))
-    dtype = seq_lengths.dtype
-    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
-        raise TypeError(f"seq_lengths has dtype {dtype_name(dtype)}; expected an integer array of "
-                        f"shape [batch]")
-    if tuple(seq_lengths.shape) != (batch,):
-        raise ValueError(f"seq_lengths must have shape [batch]=({batch},), got "
-                         f"{tuple(seq_lengths.shape)}")
+    seq_lengths = _integer_tensor(seq_lengths, "seq_lengths", (batch,), "[batch]")
     if seq_lengths.device.type == "cpu":
         bad = (seq_lengths < 0) | (seq_lengths > seq_len)
         if bool(bad.any()):
@@ -280,15 +285,8 @@ def check_segment_ids(segment_ids, batch: int, seq_len: int, device: torch.devic
     (bool included), ``ValueError`` for another shape. Values are not read."""
     if segment_ids is None:
         return None
-    if not isinstance(segment_ids, torch.Tensor):
-        segment_ids = torch.as_tensor(np.asarray(segment_ids))
-    dtype = segment_ids.dtype
-    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
-        raise TypeError(f"segment_ids has dtype {dtype_name(dtype)}; expected an integer array of "
-                        f"shape [batch, seq]")
-    if tuple(segment_ids.shape) != (batch, seq_len):
-        raise ValueError(f"segment_ids must have shape [batch, seq]=({batch}, {seq_len}) (the global "
-                         f"sequence), got {tuple(segment_ids.shape)}")
+    segment_ids = _integer_tensor(segment_ids, "segment_ids", (batch, seq_len), "[batch, seq]",
+                                  " (the global sequence)")
     return segment_ids.to(device=device, dtype=torch.int64, non_blocking=True)
 
 
