@@ -80,8 +80,8 @@ def forward(q, k, v, causal: bool, scale: float, counts=None):
                                                  mask_type=_mask(causal, counts is not None), return_residual=True)
     lse = jnp.swapaxes(stats, 1, 2)
     if counts is not None:
-        empty = counts[1] == 0  # no real key: no row of the block has one
-        out, lse = _real(out, jnp.where(empty, 0, counts[0]), 0.0), _real(lse, jnp.where(empty, 0, counts[0]), -jnp.inf)
+        rows = jnp.where(counts[1] == 0, 0, counts[0])  # no real key: no row of the block has one
+        out, lse = _real(out, rows, 0.0), _real(lse, rows, -jnp.inf)
     return out, lse
 
 
