@@ -19,6 +19,7 @@ CONFIGS = [
     ("w8-16-32_r1-2-4_gqa", 64, 6, 3, 16, (8, 16, 32), (1, 2, 4)),
     ("h12_5_patterns_d12", 32, 12, 4, 12, (4, 8, 16, 32, 32), (1, 2, 2, 4, 8)),  # d % 8 != 0
     ("w_gt_n_d64", 16, 4, 4, 64, (32, 64), (2, 4)),
+    ("d128_gqa", 32, 4, 2, 128, (8, 16), (1, 2)),  # the LSE column widens past cuDNN's 128
 ]
 # Relative L2 tolerance per dtype; the looser of the input and compute dtypes applies.
 TOL = {torch.float32: 2e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2, torch.float64: 1e-10}
@@ -40,8 +41,8 @@ def _inputs(n, h, h_kv, d, seed=0):
 @pytest.mark.parametrize("mix", ["head_groups", "longnet"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_output_only_gradients_and_kernel_choice(config, mix, dtype, monkeypatch):
-    """No LSE cotangent: the fused backward runs as is (no extra column); on sm80+ with
-    head_dim % 8 == 0 it is the flash kernel."""
+    """No LSE cotangent: the fused backward runs as is (no extra column); the kernel is the one
+    cuda_kernel names (cuDNN on sm90+, flash on sm80+, with head_dim % 8 == 0)."""
     import ring_torch._kernels as kernels
 
     _, n, h, h_kv, d, w, r = config
@@ -49,7 +50,7 @@ def test_cuda_output_only_gradients_and_kernel_choice(config, mix, dtype, monkey
     q, k, v = _inputs(n, h, h_kv, d, seed=3)
     dout = torch.randn(2, n, h, d, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     used = []
-    for name in ("_AtenFlashCUDA", "_AtenCUDA"):
+    for name in ("_AtenCudnnCUDA", "_AtenFlashCUDA", "_AtenCUDA"):
         kernel = getattr(kernels, name)
         monkeypatch.setattr(kernel, "forward", staticmethod(
             lambda *a, f=kernel.forward, name=name: used.append(name) or f(*a)))
@@ -63,8 +64,8 @@ def test_cuda_output_only_gradients_and_kernel_choice(config, mix, dtype, monkey
     ref = grads(lambda *x: reference_attention(*x, **kw)[0], q, k, v)
     for name, a, b in zip("qkv", got, ref):
         assert _rel(a.numpy(), b.numpy()) <= 5 * TOL[dtype], f"d{name}"
-    flash = kernels.cuda_kernel(dtype, d, torch.cuda.get_device_capability()) == "flash"
-    assert set(used) == {"_AtenFlashCUDA" if flash else "_AtenCUDA"}
+    chosen = kernels.cuda_kernel(dtype, d, torch.cuda.get_device_capability(), kernels.cudnn_attention_available())
+    assert set(used) == {kernels.CUDA_ATEN[chosen].__name__}
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c[0] for c in CONFIGS])

@@ -84,24 +84,33 @@ def test_auto_on_mocked_cuda_device(capability, dtype, expected, monkeypatch):
     assert asked == [torch.device("cuda", 1)]
 
 
-@pytest.mark.parametrize("dtype,head_dim,capability,expected", [
-    (bf16, 64, (9, 0), "flash"), (f16, 128, (8, 0), "flash"), (bf16, 256, (8, 6), "flash"),
-    (f32, 64, (9, 0), "efficient"),  # flash has no fp32
-    (f16, 64, (7, 5), "efficient"), (f16, 64, (6, 1), "efficient"),  # flash needs sm80
-    (bf16, 60, (9, 0), "efficient"), (bf16, 288, (9, 0), "efficient"),  # head_dim % 8, <= 256
+@pytest.mark.parametrize("dtype,head_dim,capability,cudnn,expected", [
+    (bf16, 64, (9, 0), True, "cudnn"), (f16, 128, (9, 0), True, "cudnn"), (bf16, 8, (10, 0), True, "cudnn"),
+    (bf16, 64, (9, 0), False, "flash"),  # a torch without cuDNN 9
+    (bf16, 256, (9, 0), True, "flash"), (bf16, 136, (9, 0), True, "flash"),  # cuDNN: head_dim <= 128
+    (f16, 128, (8, 0), True, "flash"), (bf16, 256, (8, 6), True, "flash"),  # cuDNN: sm90+
+    (f32, 64, (9, 0), True, "efficient"),  # neither takes fp32
+    (f16, 64, (7, 5), True, "efficient"), (f16, 64, (6, 1), True, "efficient"),  # flash needs sm80
+    (bf16, 60, (9, 0), True, "efficient"), (bf16, 288, (9, 0), True, "efficient"),  # head_dim % 8, <= 256
 ])
-def test_cuda_kernel_table(dtype, head_dim, capability, expected):
-    assert kernels.cuda_kernel(dtype, head_dim, capability) == expected
+def test_cuda_kernel_table(dtype, head_dim, capability, cudnn, expected):
+    assert kernels.cuda_kernel(dtype, head_dim, capability, cudnn) == expected
+    assert expected in kernels.CUDA_ATEN
 
 
-def test_flash_kernel_calls_match_the_aten_schemas():
-    # The aten flash forward/backward on meta tensors: argument order, the None cumulative
-    # lengths and the saved tensors go through (the numbers are checked on CUDA, test_torch_cuda).
-    q, k, v = (torch.empty(2, 128, 4, 64, device="meta", dtype=bf16) for _ in range(3))
-    out, lse, saved = kernels._AtenFlashCUDA.forward(q, k, v, 0.125, True)
+@pytest.mark.parametrize("name", ["_AtenFlashCUDA", "_AtenCudnnCUDA"])
+@pytest.mark.parametrize("head_dim", [64, 136])
+def test_cuda_kernel_calls_match_the_aten_schemas(name, head_dim):
+    # The aten forward/backward on meta tensors: argument order, the None cumulative lengths,
+    # the saved tensors, and saved_from_lse's layout go through (the numbers are checked on
+    # CUDA, test_torch_cuda); head_dim 136 is a widened backward (cuDNN's goes to flash).
+    aten = getattr(kernels, name)
+    q, k, v = (torch.empty(2, 128, 4, head_dim, device="meta", dtype=bf16) for _ in range(3))
+    out, lse, saved = aten.forward(q, k, v, 0.125, True)
     assert out.shape == q.shape and lse.shape == (2, 128, 4) and lse.dtype == f32
-    grads = kernels._AtenFlashCUDA.backward(torch.empty_like(out), q, k, v, out, saved, 0.125, True)
-    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+    for s in (saved, (saved[0].transpose(1, 2).contiguous(), *saved[1:])):
+        grads = aten.backward(torch.empty_like(out), q, k, v, out, s, 0.125, True)
+        assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
 
 
 def test_explicit_backend_computes_in_input_dtype():

@@ -128,6 +128,48 @@ class _AtenFlashCUDA:
         return (lse.transpose(1, 2).float().contiguous(), *_rng_state(_AtenFlashCUDA, q))
 
 
+class _AtenCudnnCUDA:
+    """``aten._scaled_dot_product_cudnn_attention`` (cuDNN's fused flash attention; on sm90 its
+    Hopper kernels, the ones ``F.scaled_dot_product_attention`` picks there): fp16/bf16, no GQA
+    (the caller repeats kv heads), ``head_dim % 8 == 0`` and ``<= 128``. Strided q, k, v rows are
+    read in place. Its LSE is float32 ``[B, H, m, 1]``; a backward whose operands are widened past
+    :data:`CUDNN_MAX_HEAD_DIM` (the exact-LSE column) runs the flash backward, which computes the
+    same gradients from the same ``(out, lse)``."""
+
+    pad_multiple = 8
+
+    @staticmethod
+    def forward(q, k, v, scale, is_causal):
+        out, lse, *_, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, is_causal, False,
+            scale=scale)
+        lse = lse.reshape(lse.shape[:3])  # [B, H, m]
+        return out.transpose(1, 2), lse.transpose(1, 2), (lse, seed, offset)  # [B, m, H, d], [B, m, H]
+
+    @staticmethod
+    def backward(dout, q, k, v, out, saved, scale, is_causal):
+        lse, seed, offset = saved
+        if q.shape[-1] > CUDNN_MAX_HEAD_DIM:
+            return _AtenFlashCUDA.backward(dout, q, k, v, out, _AtenFlashCUDA.saved_from_lse(lse.transpose(1, 2), q),
+                                           scale, is_causal)
+        m, n = q.shape[1], k.shape[1]
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        dout, out = dout.contiguous(), out.contiguous()  # one layout for both, as cuDNN wants
+        dout, q, k, v, out = (x.transpose(1, 2) for x in (dout, q, k, v, out))  # [B, H, m, d]
+        grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            dout, q, k, v, out, lse.unsqueeze(-1), seed, offset, None, None, None, m, n, 0.0, is_causal,
+            scale=scale)
+        return tuple(g.transpose(1, 2) for g in grads)
+
+    @staticmethod
+    def saved_from_lse(lse, q):
+        return (lse.transpose(1, 2).float().contiguous(), *_rng_state(_AtenCudnnCUDA, q))
+
+
+# The widest head_dim the cuDNN adapter sends to cuDNN's backward.
+CUDNN_MAX_HEAD_DIM = 128
+
+
 class _XFormers:
     """xformers' memory-efficient forward/backward in its own [B, m, H, d] layout."""
 
