@@ -154,7 +154,9 @@ class _AtenCudnnCUDA:
                                            scale, is_causal)
         m, n = q.shape[1], k.shape[1]
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-        dout, out = dout.contiguous(), out.contiguous()  # one layout for both, as cuDNN wants
+        # cuDNN's backward reads dout and out as dense rows: strided views of the layer's
+        # [b, n, h, d] tensors gave wrong gradients on an H200 (torch 2.11, cuDNN 9.19).
+        dout, out = dout.contiguous(), out.contiguous()
         dout, q, k, v, out = (x.transpose(1, 2) for x in (dout, q, k, v, out))  # [B, H, m, d]
         grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
             dout, q, k, v, out, lse.unsqueeze(-1), seed, offset, None, None, None, m, n, 0.0, is_causal,
