@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 
+from benchmarks._floors import jax_floor, jax_rows, torch_floor, torch_layer, torch_rows, unit_shapes
 from benchmarks.long_context import D, H, W, R, inputs, programs
 from benchmarks.timing import Sweep, time_ms
 
@@ -32,43 +33,20 @@ def main():
 
 def run_torch(args):
     import torch
-    import torch.nn.functional as F
-
-    import ring_torch
 
     dev = torch.device(args.device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     sweep = Sweep(args.out, args.budget_s, {"device": name, "torch": torch.__version__,
                                             "heads": H, "head_dim": D, "segment_lengths": W, "dilation_rates": R})
-    kw = {"segment_lengths": W, "dilation_rates": R, "mix": "head_groups", "is_causal": True}
+    floor_fwd, floor_both = torch_floor()
+    ours_fwd, ours_both = torch_layer(segment_lengths=W, dilation_rates=R, mix="head_groups", is_causal=True)
     for n in (int(x) for x in args.n.split(",")):
         if not sweep.left():
             return
-        plan = ring_torch.build_plan(ring_torch.DilatedConfig(W, R, "head_groups", True), n, H, H)
-        rows = [[torch.randn(n // u.segment, u.num_heads, u.rows, D, device=dev, dtype=torch.bfloat16)
-                 for _ in range(3)] for u in plan.units]  # [S, H, m, d] each
+        rows = torch_rows(unit_shapes(n, "head_groups", W, R, H), D, dev)  # [S, H, m, d] each
         qkv = [torch.randn(1, n, H, D, device=dev, dtype=torch.bfloat16) for _ in range(3)]
-
-        def floor_fwd(rows):
-            with torch.no_grad():
-                return [F.scaled_dot_product_attention(*x, is_causal=True) for x in rows]
-
-        def floor_both(rows):
-            xs = [[t.detach().requires_grad_() for t in x] for x in rows]
-            sum(F.scaled_dot_product_attention(*x, is_causal=True).float().sum() for x in xs).backward()
-            return [t.grad for x in xs for t in x]
-
-        def ours_fwd(qkv):
-            with torch.no_grad():
-                return ring_torch.dilated_attention(*qkv, **kw)
-
-        def ours_both(qkv):
-            xs = [t.detach().requires_grad_() for t in qkv]
-            ring_torch.dilated_attention(*xs, **kw).float().sum().backward()
-            return [t.grad for t in xs]
-
         sweep.add(**_row(n, time_ms(floor_fwd, rows, repeats=10), time_ms(floor_both, rows, repeats=10),
-                         time_ms(ours_fwd, qkv, repeats=10), time_ms(ours_both, qkv, repeats=10)))
+                         time_ms(ours_fwd, *qkv, repeats=10), time_ms(ours_both, *qkv, repeats=10)))
         del rows, qkv
 
 
@@ -79,24 +57,17 @@ def _row(n, floor_fwd, floor_both, ours_fwd, ours_both):
 
 def run_jax(args):
     import jax
-    import jax.numpy as jnp
 
     import ring_jax
 
     sweep = Sweep(args.out, args.budget_s, {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
                                             "heads": H, "head_dim": D, "segment_lengths": W, "dilation_rates": R})
-    impl = None if args.implementation == "none" else args.implementation
-    attend = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)  # noqa: E731
+    floor_fwd, floor_both = jax_floor(None if args.implementation == "none" else args.implementation)
+    fwd, both = programs(ring_jax, "head_groups", None)
     for n in (int(x) for x in args.n.split(",")):
         if not sweep.left():
             return
-        plan = ring_jax.get_plan(ring_jax.DilatedConfig(W, R, "head_groups", True), n, H, H)
-        keys = jax.random.split(jax.random.PRNGKey(1), 3 * len(plan.units))
-        rows = [tuple(jax.random.normal(keys[3 * i + j], (n // u.w, u.m, len(u.heads), D), jnp.bfloat16)
-                      for j in range(3)) for i, u in enumerate(plan.units)]  # [S, m, H, d] each
-        floor_fwd = jax.jit(lambda rows: [attend(*x) for x in rows])
-        floor_both = jax.jit(jax.grad(lambda rows: sum(attend(*x).astype(jnp.float32).sum() for x in rows)))
-        fwd, both = programs(ring_jax, "head_groups", None)
+        rows = jax_rows(unit_shapes(n, "head_groups", W, R, H), D)  # [S, m, H, d] each
         q, k, v = inputs(n)
         sweep.add(**_row(n, time_ms(floor_fwd, rows, repeats=10), time_ms(floor_both, rows, repeats=10),
                          time_ms(fwd, q, k, v, repeats=10), time_ms(both, q, k, v, repeats=10)))
