@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 
 from ring_torch._dropout import Dropout, keep_mask
-from ring_torch._plan import Unit, causal_mask
+from ring_torch._plan import Unit, causal_mask, index_tensor
 
 __all__ = ["MaskSpec", "BlockCoords", "unit_coords", "block_masks", "real_rows", "mask_rows"]
 
@@ -71,7 +71,7 @@ class MaskSpec:
         local = torch.arange(seq_len, device=device)
         if self.pieces is None:
             return self.base + local
-        starts = torch.tensor(self.pieces, dtype=torch.int64, device=device)
+        starts = index_tensor(self.pieces, device)
         return starts[local // self.piece_len] + local % self.piece_len
 
     @property
@@ -130,13 +130,18 @@ class BlockCoords:
 
     def positions(self, starts: Sequence[int], device) -> torch.Tensor:
         """``[B, H, m]`` int64 global positions of the rows of blocks starting at ``starts``
-        (an int per block, or a tuple of its pieces' starts)."""
-        pieces = [(s,) if isinstance(s, int) else tuple(s) for s in starts]
-        start = torch.tensor(pieces, dtype=torch.int64, device=device)  # [blocks, k]
-        offsets = torch.tensor(self.offsets, dtype=torch.int64, device=device)  # [H]
+        (an int per block, or a tuple of its pieces' starts; a ``range``: built on the device,
+        no Python work per block)."""
+        if isinstance(starts, range):
+            start = torch.arange(starts.start, starts.stop, starts.step, dtype=torch.int64,
+                                 device=device)[:, None]  # [blocks, 1]
+        else:
+            pieces = [(s,) if isinstance(s, int) else tuple(s) for s in starts]
+            start = torch.tensor(pieces, dtype=torch.int64, device=device)  # [blocks, k]
+        offsets = index_tensor(self.offsets, device)  # [H]
         rows = torch.arange(self.rows, device=device) * self.rate  # [m / k]
         pos = start[:, :, None, None] + offsets[None, None, :, None] + rows  # [blocks, k, H, m / k]
-        pos = pos.transpose(1, 2).reshape(len(pieces), len(self.offsets), -1)  # [blocks, H, m]
+        pos = pos.transpose(1, 2).reshape(len(starts), len(self.offsets), -1)  # [blocks, H, m]
         return pos.repeat(self.batch, 1, 1) if self.batch_outer else pos.repeat_interleave(self.batch, 0)
 
     def batch_index(self, device) -> torch.Tensor:
@@ -151,7 +156,10 @@ def unit_coords(unit: Unit, spec: MaskSpec, batch: int, seq_len: int) -> BlockCo
     """Coordinates of a single-device unit's rows ``[b * S, m, H, d]`` (``S = n / w'``
     segments, keys = the segment's own rows)."""
     heads = tuple(range(*unit.q_heads))
-    starts = [spec.global_start(s) for s in range(0, seq_len, unit.segment)]
+    if spec.pieces is None:  # a range: no Python work per segment
+        starts = range(spec.base, spec.base + seq_len, unit.segment)
+    else:
+        starts = [spec.global_start(s) for s in range(0, seq_len, unit.segment)]
     return BlockCoords(spec, unit.pattern, unit.rate, unit.rows, heads, (unit.offset,) * len(heads),
                        batch, starts)
 
@@ -185,7 +193,7 @@ def block_masks(coords: BlockCoords, device) -> tuple[torch.Tensor | None, torch
         other = q_doc[:, :, :, None] != k_doc[:, :, None, :]  # [B, H, m_q, m_k]
         hide = other if hide is None else other | hide
     if drop is not None:
-        heads = torch.tensor(coords.heads, dtype=torch.int64, device=device)
+        heads = index_tensor(coords.heads, device)
         keep = keep_mask(drop.seed, coords.pattern, batch, heads, qpos, kpos, drop.p)
     return hide, keep
 
@@ -197,9 +205,11 @@ def real_rows(lengths: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return pos[None, :] < lengths[:, None]
 
 
-def mask_rows(out: torch.Tensor, lse: torch.Tensor, real: torch.Tensor):
-    """``out [b, n, h, d]`` zeroed and ``lse [b, n, h]`` set to ``-inf`` on padded rows
-    (``real [b, n]`` False), by ``torch.where``: their cotangents become exactly 0."""
+def mask_rows(out: torch.Tensor, lse: torch.Tensor | None, real: torch.Tensor):
+    """``out [b, n, h, d]`` zeroed and ``lse [b, n, h]`` (None: not asked for, stays None) set
+    to ``-inf`` on padded rows (``real [b, n]`` False), by ``torch.where``: their cotangents
+    become exactly 0."""
     out = torch.where(real[:, :, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
-    lse = torch.where(real[:, :, None], lse, torch.full((), float("-inf"), dtype=lse.dtype, device=lse.device))
+    if lse is not None:
+        lse = torch.where(real[:, :, None], lse, torch.full((), float("-inf"), dtype=lse.dtype, device=lse.device))
     return out, lse

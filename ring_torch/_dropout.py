@@ -36,7 +36,7 @@ def keep_mask(seed: int, pattern: int, batch: torch.Tensor, heads: torch.Tensor,
     ``batch [B]``: batch index of each (folded) row block; ``heads [H]``: global query heads;
     ``qpos [B, H, m_q]``, ``kpos [B, H, m_k]``: global sequence positions (int64)."""
     device = qpos.device
-    base = _mix(torch.tensor([(seed & _M32)], dtype=torch.int64, device=device))
+    base = _mix(torch.full((1,), seed & _M32, dtype=torch.int64, device=device))  # a fill, no copy from the host
     base = _mix(base ^ (pattern & _M32))
     h = _mix(base ^ batch.to(device))  # [B]
     h = _mix(h[:, None] ^ heads.to(device)[None, :])  # [B, H]
