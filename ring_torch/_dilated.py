@@ -14,6 +14,8 @@ the same executor.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ring_torch._config import DilatedConfig, check_segment_ids, check_seq_lengths
@@ -21,8 +23,8 @@ from ring_torch._coords import MaskSpec, unit_coords
 from ring_torch._dropout import Dropout, make_dropout
 from ring_torch._kernels import GradInputs, Kernel, check_backend, kernel_for, select_backend
 from ring_torch._plan import DilatedPlan, Unit, build_plan, index_tensor
-from ring_torch._rows import (blank, gather_rows, kv_rows, lse_merge, make_padding, merge_rows,
-                              pad_inputs, q_rows, unpad_outputs)
+from ring_torch._rows import (blank, gather_rows, head_rows, kv_rows, lse_merge, make_padding,
+                              merge_rows, pad_inputs, q_rows, unpad_outputs)
 
 __all__ = ["dilated_attention", "resolve_backend", "make_executor", "AutogradExecutor",
            "FusedExecutor", "FusedDilated", "grad_dtypes"]
@@ -75,9 +77,10 @@ def _overlaps(head_lists) -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=256)
 def _sums(plan: DilatedPlan) -> tuple[bool, bool]:
     """Whether gradients of several query heads or units add into one query head, and into one
-    kv head (``kv_repeat`` repeats are summed inside a unit and do not count)."""
+    kv head (``kv_repeat`` repeats are summed inside a unit and do not count); once per plan."""
     q_lists = [list(range(*u.q_heads)) for u in plan.units]
     kv_lists = [list(u.kv_index) if u.kv_index is not None else list(range(*u.kv_heads)) for u in plan.units]
     return _overlaps(q_lists), _overlaps(kv_lists)
@@ -116,7 +119,7 @@ def _backward(plan: DilatedPlan, q, k, v, out, lse, dout, dlse, scale, kernel, s
             if u.kv_repeat > 1:  # repeats summed per kv head, in float32
                 B, m, _, d = g.shape
                 g = g.view(B, m, -1, u.kv_repeat, d).sum(3, dtype=acc)
-            rows = gather_rows(full[:, :, slice(*u.kv_heads)], u)
+            rows = head_rows(full, u, u.kv_heads)
             (rows.add_ if kv_sums else rows.copy_)(g)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
@@ -127,25 +130,29 @@ class FusedDilated(torch.autograd.Function):
     full-size per-unit gradients). Also runs a ring's local units as one sub-plan.
 
     ``out`` comes back in ``q``'s dtype, the very tensor kept for the backward (no second copy);
-    with ``merged_out=True`` a float32 longnet merge comes back unrounded, for a ring to merge on."""
+    with ``merged_out=True`` a float32 longnet merge comes back unrounded, for a ring to merge on.
+    ``with_lse=False``: ``out`` alone comes back (the LSE is kept for the backward only), so the
+    backward has no LSE cotangent even where ``torch.compile`` would pass zeros for an unused
+    output (which would widen every backward kernel by the exact-LSE column)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan, scale, kernel, spec, merged_out=False):
+    def forward(ctx, q, k, v, plan, scale, kernel, spec, merged_out=False, with_lse=True):
         out, lse = _forward(plan, q, k, v, scale, kernel, spec)
         ctx.args = (plan, scale, kernel, spec)
         rounded = out.to(q.dtype)  # the fused backward reads q's dtype
         ctx.save_for_backward(q, k, v, rounded, lse)
         ctx.set_materialize_grads(False)
-        return (out if merged_out else rounded), lse
+        result = out if merged_out else rounded
+        return (result, lse) if with_lse else result
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dout, dlse):
+    def backward(ctx, dout, dlse=None):
         q, k, v, out, lse = ctx.saved_tensors
         plan, scale, kernel, spec = ctx.args
         dout = torch.zeros_like(out) if dout is None else dout.to(q.dtype)
         return (*_backward(plan, q, k, v, out, lse, dout, dlse, scale, kernel, spec),
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 class AutogradExecutor:
@@ -155,10 +162,12 @@ class AutogradExecutor:
     def __init__(self, kernel: Kernel):
         self.kernel = kernel
 
-    def run(self, plan: DilatedPlan, q, k, v, scale: float, spec: MaskSpec, merged_out: bool = False):
+    def run(self, plan: DilatedPlan, q, k, v, scale: float, spec: MaskSpec, merged_out: bool = False,
+            with_lse: bool = True):
         """``(out [b, n, h, d], lse [b, n, h])`` of ``plan``'s units (``merged_out``: a longnet
-        merge is float32+ either way)."""
-        return _forward(plan, q, k, v, scale, self.kernel, spec)
+        merge is float32+ either way; ``with_lse=False``: ``lse`` is None)."""
+        out, lse = _forward(plan, q, k, v, scale, self.kernel, spec)
+        return out, (lse if with_lse else None)
 
 
 class FusedExecutor:
@@ -168,10 +177,13 @@ class FusedExecutor:
     def __init__(self, kernel: Kernel):
         self.kernel = kernel
 
-    def run(self, plan: DilatedPlan, q, k, v, scale: float, spec: MaskSpec, merged_out: bool = False):
+    def run(self, plan: DilatedPlan, q, k, v, scale: float, spec: MaskSpec, merged_out: bool = False,
+            with_lse: bool = True):
         """``(out [b, n, h, d], lse [b, n, h])``; ``out`` in ``q``'s dtype unless ``merged_out``
-        (a longnet merge stays float32)."""
-        return FusedDilated.apply(q, k, v, plan, scale, self.kernel, spec, merged_out)
+        (a longnet merge stays float32); ``with_lse=False``: ``lse`` is None."""
+        if with_lse:
+            return FusedDilated.apply(q, k, v, plan, scale, self.kernel, spec, merged_out, True)
+        return FusedDilated.apply(q, k, v, plan, scale, self.kernel, spec, merged_out, False), None
 
 
 def make_executor(backend: str, device: torch.device, compute: torch.dtype, head_dim: int,
@@ -183,6 +195,35 @@ def make_executor(backend: str, device: torch.device, compute: torch.dtype, head
     kernel = kernel_for(backend, device, compute, head_dim, needs_dropout=dropout is not None,
                         needs_key_mask=key_mask)
     return (FusedExecutor if kernel.fused_backward else AutogradExecutor)(kernel)
+
+
+# Validated configs by their arguments and the arguments' types (see cached_config).
+_CONFIGS: dict = {}
+
+
+def cached_config(segment_lengths, dilation_rates, mix, is_causal, softmax_scale) -> DilatedConfig:
+    """``DilatedConfig(segment_lengths, dilation_rates, mix, is_causal, softmax_scale)``, built
+    once per distinct arguments. The key holds every argument's type and the patterns' element
+    types, so ``(2.0,)`` or ``(True,)`` never finds the entry of ``(2,)`` and still raises;
+    arguments that are not hashable (lists are keyed as tuples; NumPy arrays) are validated
+    anew. Invalid arguments raise and are never stored."""
+    key = None
+    if type(segment_lengths) in (tuple, list) and type(dilation_rates) in (tuple, list):
+        key = (tuple(segment_lengths), tuple(dilation_rates), mix, is_causal, softmax_scale,
+               tuple(map(type, segment_lengths)), tuple(map(type, dilation_rates)), type(mix),
+               type(is_causal), type(softmax_scale))
+        try:
+            config = _CONFIGS.get(key)
+        except TypeError:  # an unhashable element: validation raises below
+            config = key = None
+        if config is not None:
+            return config
+    config = DilatedConfig(segment_lengths, dilation_rates, mix, is_causal, softmax_scale)
+    if key is not None:
+        if len(_CONFIGS) >= 1024:
+            _CONFIGS.clear()
+        _CONFIGS[key] = config
+    return config
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype):
@@ -251,7 +292,7 @@ def dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
             int tensor).
         ValueError: a wrong value. All checks run before any compute.
     """
-    config = DilatedConfig(segment_lengths, dilation_rates, mix, is_causal, softmax_scale)
+    config = cached_config(segment_lengths, dilation_rates, mix, is_causal, softmax_scale)
     b, n, h, h_kv, d = config.validate_inputs(query, key, value)
     lengths = check_seq_lengths(seq_lengths, b, n, query.device)
     docs = check_segment_ids(segment_ids, b, n, query.device)
@@ -265,7 +306,7 @@ def dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     spec = MaskSpec(config.is_causal, dropout, **padding.mask_fields())
     executor = make_executor(backend, query.device, compute, d, dropout, spec.needs_key_mask)
     q, k, v = pad_inputs(padding, [x.to(compute) for x in (query, key, value)])
-    out, lse = unpad_outputs(padding, *executor.run(plan, q, k, v, scale, spec))
+    out, lse = unpad_outputs(padding, *executor.run(plan, q, k, v, scale, spec, with_lse=return_lse))
     out = out.to(dtype)
     if not return_lse:
         return out

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ring_torch._coords import MaskSpec, mask_rows, real_rows
 from ring_torch._plan import Unit, index_tensor
 
-__all__ = ["gather_rows", "q_rows", "kv_rows", "blank", "lse_merge", "merge_rows", "to_ring",
+__all__ = ["gather_rows", "head_rows", "q_rows", "kv_rows", "blank", "lse_merge", "merge_rows", "to_ring",
            "from_ring", "assemble_heads", "Padding", "make_padding", "pad_inputs",
            "unpad_outputs"]
 
@@ -65,21 +65,54 @@ def pad_inputs(padding: Padding, xs):
     return [F.pad(x, (0, 0, 0, 0, 0, extra)) if extra else x for x in xs]
 
 
-def unpad_outputs(padding: Padding, out: torch.Tensor, lse: torch.Tensor, spec: MaskSpec | None = None):
-    """``out [b, nl, h, d]``, ``lse [b, nl, h]`` (local rows at the global positions of ``spec``,
-    None: from 0) with padded rows ``0`` / ``-inf`` (``mask_rows``), cut back to
-    ``nl - (padded_len - seq_len)`` rows."""
+def unpad_outputs(padding: Padding, out: torch.Tensor, lse: torch.Tensor | None,
+                  spec: MaskSpec | None = None):
+    """``out [b, nl, h, d]``, ``lse [b, nl, h]`` (None: not asked for, stays None; local rows at
+    the global positions of ``spec``, None: from 0) with padded rows ``0`` / ``-inf``
+    (``mask_rows``), cut back to ``nl - (padded_len - seq_len)`` rows."""
     if padding.mask_rows:
         nl = out.shape[1]
         positions = torch.arange(nl, device=out.device) if spec is None else spec.row_positions(nl, out.device)
         out, lse = mask_rows(out, lse, real_rows(padding.lengths, positions))
     keep = out.shape[1] - (padding.padded_len - padding.seq_len)
-    return out[:, :keep], lse[:, :keep]
+    return out[:, :keep], (None if lse is None else lse[:, :keep])
+
+
+def _strided(x: torch.Tensor, unit: Unit, heads: tuple[int, int, int] | None) -> torch.Tensor | None:
+    """The rows of :func:`gather_rows` over the heads ``range(*heads)`` (None: all) as one
+    ``as_strided`` view of ``x``'s storage (one call instead of a slice, two reshapes and an
+    index); None where that view is not what :func:`gather_rows` gives: ``x`` takes part in
+    autograd (an ``as_strided`` backward would write a full-size buffer per unit), or its batch
+    and segments do not fold into one stride (the reshape copies)."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return None
+    shape, stride = x.shape, x.stride()
+    b, n = shape[0], shape[1]
+    S, m, seq = n // unit.segment, unit.rows, stride[1]
+    if S == 1:
+        outer = stride[0]
+    elif b == 1 or stride[0] == n * seq:
+        outer = unit.segment * seq
+    else:
+        return None
+    start, count, step = 0, shape[2], 1
+    if heads is not None:
+        start, stop, step = heads
+        count = len(range(start, stop, step))
+    # Position p = s*w' + i*r + o: segment s (folded with the batch), selected row i, offset o.
+    return x.as_strided((b * S, m, count, *shape[3:]), (outer, unit.rate * seq, step * stride[2], *stride[3:]),
+                        x.storage_offset() + unit.offset * seq + start * stride[2])
 
 
 def gather_rows(x: torch.Tensor, unit: Unit) -> torch.Tensor:
     """``x [b, n, H, ...]`` -> the rows ``unit`` selects, ``[b * S, m, H, ...]``: a strided view
     (no copy) of a contiguous ``x``, so writing into it writes into ``x``."""
+    rows = _strided(x, unit, None)
+    return _reshaped(x, unit) if rows is None else rows
+
+
+def _reshaped(x: torch.Tensor, unit: Unit) -> torch.Tensor:
+    """:func:`gather_rows` by reshapes (autograd-friendly; a copy where ``x`` does not fold)."""
     b, n = x.shape[:2]
     S, m = n // unit.segment, unit.rows
     # Position p = s*w' + i*r + o: segment s, selected row i, offset o.
@@ -87,16 +120,23 @@ def gather_rows(x: torch.Tensor, unit: Unit) -> torch.Tensor:
     return x.reshape(b * S, m, *x.shape[3:])  # [b*S, m, H, ...]
 
 
+def head_rows(x: torch.Tensor, unit: Unit, heads: tuple[int, int, int]) -> torch.Tensor:
+    """The rows ``unit`` selects of the heads ``range(*heads)`` of ``x [b, n, H, ...]``:
+    ``[b * S, m, |heads|, ...]``, a view of a contiguous ``x`` (:func:`gather_rows`)."""
+    rows = _strided(x, unit, heads)
+    return _reshaped(x[:, :, slice(*heads)], unit) if rows is None else rows
+
+
 def q_rows(x: torch.Tensor, unit: Unit) -> torch.Tensor:
     """The unit's query heads and rows of ``x [b, n, h, ...]`` (q, out, lse and their grads)."""
-    return gather_rows(x[:, :, slice(*unit.q_heads)], unit)
+    return head_rows(x, unit, unit.q_heads)
 
 
 def kv_rows(x: torch.Tensor, unit: Unit) -> torch.Tensor:
     """The unit's kv rows of ``x [b, n, h_kv, d]``: its kv heads (a view), or with ``kv_index``
     one kv head per query head (a copy of the selected rows only)."""
     if unit.kv_index is None:
-        return gather_rows(x[:, :, slice(*unit.kv_heads)], unit)
+        return head_rows(x, unit, unit.kv_heads)
     return gather_rows(x, unit).index_select(2, index_tensor(unit.kv_index, x.device))
 
 
