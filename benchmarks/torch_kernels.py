@@ -9,7 +9,8 @@ Two sections:
   (no LSE cotangent) and with an LSE cotangent (the widened exact-LSE column), per dtype and
   head_dim.
 * ``layer``: ``ring_torch.dilated_attention`` (the anchors' pattern, bf16, h=8, d=64, causal,
-  both mixes) with ``cuda_kernel`` forced to each kernel: forward and forward+backward.
+  both mixes) with ``cuda_kernel`` forced to each kernel: forward and forward+backward, and the
+  relative L2 difference of ``out``, ``dq``, ``dk``, ``dv`` from the flash kernel's.
 
     python -m benchmarks.torch_kernels --out h200_torch_kernels.json [--n 1048576]
 """
@@ -53,6 +54,10 @@ def kernel_rows(sweep, n, dtypes, head_dims, repeats):
             torch.cuda.empty_cache()
 
 
+def _rel(a, b) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
 def layer_rows(sweep, n, repeats):
     q, k, v, dout = (torch.randn(1, n, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     for mix in ("head_groups", "longnet"):
@@ -63,10 +68,16 @@ def layer_rows(sweep, n, repeats):
             ring_torch.dilated_attention(*xs, **kw).backward(dout)
             return xs[0].grad
 
-        for name in kernels.CUDA_ATEN:
+        results = {}
+        for name in ("flash", "cudnn", "efficient"):
             with mock.patch.object(kernels, "cuda_kernel", lambda *a, name=name: name):
                 fwd = time_ms(lambda: ring_torch.dilated_attention(q, k, v, **kw), repeats=repeats)
-                sweep.add(section="layer", kernel=name, mix=mix, n=n, fwd_ms=fwd, fwd_bwd_ms=time_ms(both, repeats=repeats))
+                row = dict(section="layer", kernel=name, mix=mix, n=n, fwd_ms=fwd, fwd_bwd_ms=time_ms(both, repeats=repeats))
+                results[name] = [ring_torch.dilated_attention(q, k, v, **kw), *both()]
+                # relative L2 difference of out, dq, dk, dv from the flash kernel's (same inputs)
+                row["rel_diff_vs_flash"] = [_rel(a, b) for a, b in zip(results[name], results.get("flash", results[name]))]
+                sweep.add(**row)
+        del results
 
 
 def main():

@@ -177,3 +177,25 @@ def test_ring_torch_imports_without_jax_or_xformers():
             "ring_torch.dilated_attention(q, q, q, segment_lengths=(8,), dilation_rates=(2,))\n"
             "assert sys.modules['jax'] is None\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("dtype", [bf16, torch.float16, f32, torch.float64])
+@pytest.mark.parametrize("start", [0, 1], ids=["aligned", "odd_offset"])
+def test_copy_rows_and_dense_equal_the_plain_copy(dtype, start):
+    # Strided unit rows (offset 1 of r = 2, two heads) written into a zero buffer and back; an
+    # odd head offset cannot be read as 8-byte words and takes the plain copy.
+    from ring_torch._aten import copy_rows_, dense
+    x = torch.randn(2, 64, 8, 16, generator=torch.Generator().manual_seed(0)).to(dtype)
+
+    def rows(t):
+        return t.reshape(2, 4, 8, 2, 8, 16)[:, :, :, 1, 2:4, start:start + 8].reshape(8, 8, 2, 8)
+
+    got = dense(rows(x))
+    assert got.is_contiguous() and torch.equal(got, rows(x))
+    y = torch.zeros_like(x)
+    copy_rows_(rows(y), got)
+    expected = torch.zeros_like(x)
+    rows(expected).copy_(rows(x))
+    assert torch.equal(y, expected)
+    mixed = torch.zeros(8, 8, 2, 8, dtype=torch.float64)
+    assert torch.equal(copy_rows_(mixed, got), got.double())  # dtype conversion: the plain copy

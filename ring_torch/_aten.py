@@ -20,7 +20,28 @@ import functools
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ExactLSE", "exact_backward"]
+__all__ = ["ExactLSE", "exact_backward", "copy_rows_", "dense"]
+
+
+def copy_rows_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``dst.copy_(src)`` for rows of equal shape and dtype whose last dim is contiguous, moved as
+    8-byte words (strided 16-bit copies then run on 4x fewer, wider elements); any other pair,
+    or views that cannot be reinterpreted (alignment), take the plain copy."""
+    words = torch.int64
+    if (dst.dtype == src.dtype and dst.shape == src.shape and dst.element_size() < 8
+            and dst.stride(-1) == 1 and src.stride(-1) == 1
+            and dst.shape[-1] * dst.element_size() % 8 == 0):
+        try:
+            dst.view(words).copy_(src.view(words))
+            return dst
+        except RuntimeError:  # a stride or offset that is not a whole number of words
+            pass
+    return dst.copy_(src)
+
+
+def dense(x: torch.Tensor) -> torch.Tensor:
+    """``x.contiguous()`` by :func:`copy_rows_`."""
+    return x if x.is_contiguous() else copy_rows_(torch.empty(x.shape, dtype=x.dtype, device=x.device), x)
 
 
 def _pad_last(x, pad):
@@ -156,7 +177,7 @@ class _AtenCudnnCUDA:
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         # cuDNN's backward reads dout and out as dense rows: strided views of the layer's
         # [b, n, h, d] tensors gave wrong gradients on an H200 (torch 2.11, cuDNN 9.19).
-        dout, out = dout.contiguous(), out.contiguous()
+        dout, out = dense(dout), dense(out)
         dout, q, k, v, out = (x.transpose(1, 2) for x in (dout, q, k, v, out))  # [B, H, m, d]
         grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
             dout, q, k, v, out, lse.unsqueeze(-1), seed, offset, None, None, None, m, n, 0.0, is_causal,
