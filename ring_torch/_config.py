@@ -34,6 +34,8 @@ def _is_int(x) -> bool:
 def check_int_tuple(name: str, value) -> tuple[int, ...]:
     """``value`` (a tuple or list of ints; NumPy integers accepted, bools and floats refused) as
     a tuple of Python ints; ``TypeError`` naming ``name`` otherwise."""
+    if isinstance(value, (tuple, list, range)) and all(_is_int(x) for x in value):
+        return tuple(int(x) for x in value)  # the common case, without NumPy (torch.compile traces it)
     if not isinstance(value, (tuple, list, range, np.ndarray)) or np.ndim(value) != 1:
         raise TypeError(f"{name}={value!r} must be a tuple or list of ints")
     for x in value:
@@ -230,7 +232,32 @@ def check_shapes(query: torch.Tensor, key: torch.Tensor,
     return b, n, h, h_kv, d
 
 
-@functools.lru_cache(maxsize=256)
+def memo(maxsize: int):
+    """A memo of a pure function of hashable positional arguments (emptied when it holds
+    ``maxsize`` values): a plain dict, so ``torch.compile`` traces through it
+    (``functools.lru_cache`` makes its tracer warn and skip the cache); a miss while tracing is
+    not stored (a traced autograd backward may not mutate outside state)."""
+    def wrap(fn):
+        table: dict = {}
+
+        @functools.wraps(fn)
+        def cached(*args):
+            value = table.get(args)
+            if value is None:
+                value = fn(*args)
+                if torch.compiler.is_compiling():
+                    return value
+                if len(table) >= maxsize:
+                    table.clear()
+                table[args] = value
+            return value
+
+        cached.cache_clear = table.clear
+        return cached
+    return wrap
+
+
+@memo(maxsize=256)
 def _padded_length(segments: tuple[int, ...], rates: tuple[int, ...], n: int) -> int:
     """:meth:`DilatedConfig.padded_length`: on each interval of ``N`` between consecutive
     distinct ``w`` the patterns with ``w <= N`` are fixed, so ``N`` must be a multiple of the lcm

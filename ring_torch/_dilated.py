@@ -14,11 +14,9 @@ the same executor.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from ring_torch._config import DilatedConfig, check_segment_ids, check_seq_lengths
+from ring_torch._config import DilatedConfig, check_segment_ids, check_seq_lengths, memo
 from ring_torch._coords import MaskSpec, unit_coords
 from ring_torch._dropout import Dropout, make_dropout
 from ring_torch._kernels import GradInputs, Kernel, check_backend, kernel_for, select_backend
@@ -77,7 +75,7 @@ def _overlaps(head_lists) -> bool:
     return False
 
 
-@functools.lru_cache(maxsize=256)
+@memo(maxsize=256)
 def _sums(plan: DilatedPlan) -> tuple[bool, bool]:
     """Whether gradients of several query heads or units add into one query head, and into one
     kv head (``kv_repeat`` repeats are summed inside a unit and do not count); once per plan."""

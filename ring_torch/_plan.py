@@ -31,6 +31,12 @@ class LRUCache:
         self.misses = 0
 
     def get_or_create(self, key: Hashable, factory: Callable):
+        """The value of ``key``, made by ``factory()`` on a miss. Under ``torch.compile`` (whose
+        tracer cannot enter a lock) a plain look-up: a hit returns the stored value, a miss the
+        factory's without storing it (a traced value must not outlive its trace); no counters."""
+        if torch.compiler.is_compiling():
+            value = self._data.get(key)
+            return factory() if value is None else value
         with self._lock:
             if key in self._data:
                 self.hits += 1

@@ -83,8 +83,9 @@ def _strided(x: torch.Tensor, unit: Unit, heads: tuple[int, int, int] | None) ->
     ``as_strided`` view of ``x``'s storage (one call instead of a slice, two reshapes and an
     index); None where that view is not what :func:`gather_rows` gives: ``x`` takes part in
     autograd (an ``as_strided`` backward would write a full-size buffer per unit), or its batch
-    and segments do not fold into one stride (the reshape copies)."""
-    if x.requires_grad and torch.is_grad_enabled():
+    and segments do not fold into one stride (the reshape copies); and None under
+    ``torch.compile``, which breaks its graph at ``storage_offset`` (the reshapes trace)."""
+    if (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
         return None
     shape, stride = x.shape, x.stride()
     b, n = shape[0], shape[1]
