@@ -226,12 +226,14 @@ def test_host_benchmark_runs_on_cpu(tmp_path):
     from benchmarks import torch_host
 
     out = tmp_path / "host.json"
-    torch_host.main(["--device", "cpu", "--n", "256", "--heads", "4", "--head-dim", "8",
-                     "--calls", "2", "--repeats", "1", "--out", str(out)])
+    torch_host.main(["--device", "cpu", "--n", "256", "--heads", "4", "--head-dim", "8", "--calls", "2",
+                     "--repeats", "1", "--warmup", "1", "--compile-backend", "eager", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    names = {row["name"] for row in rows}
-    assert {"kernels", "layer", "compiled"} <= names
-    assert all(row["host_ms"] > 0 for row in rows if row.get("host_ms") is not None)
+    assert not [row for row in rows if "error" in row]
+    assert {(row["mix"], row["name"], row["direction"]) for row in rows} == {
+        (mix, name, direction) for mix in MIXES for name in ("kernels", "layer", "compiled")
+        for direction in ("fwd", "fwdbwd")}
+    assert all(row["host_ms"] > 0 and row["wall_ms"] > 0 and row["host_over_kernels"] > 0 for row in rows)
 
 
 # --- CUDA: graph capture, sync-free calls, inductor (run on a GPU; skipped elsewhere) --------
