@@ -7,12 +7,15 @@ Per call, for each row:
 
 * ``host_ms``: wall time of ``--calls`` calls launched back to back without a sync, divided by
   the calls (median of ``--repeats``): what the Python side costs when the GPU keeps up;
-* ``device_ms`` (CUDA): CUDA events around the same calls queued behind a ``torch.cuda._sleep``
-  kernel long enough for every launch to be queued first, so the GPU runs them without gaps:
-  what the kernels cost;
+* ``device_ms`` (CUDA): CUDA events around one call queued behind a ``torch.cuda._sleep``
+  kernel long enough for all its launches to be queued first, so the GPU runs them without
+  gaps: what the kernels cost (one call: many calls would fill CUDA's launch queue, and the
+  host would then feed the GPU at its own pace);
 * ``wall_ms``: one call between two syncs (median of ``--repeats``), for reference;
 * ``host_over_kernels``: ``host_ms`` over the bare kernels' ``device_ms`` (CPU: their
-  ``wall_ms``) of the same mix and direction; the target of issue 15 is <= 2.
+  ``wall_ms``) of the same mix and direction; the target of issue 15 is <= 2;
+* ``rel_err`` (layer programs): the largest relative L2 difference of the output (``fwd``) or of
+  dq, dk, dv (``fwdbwd``) from the eager layer's, so a fast program is also a right one.
 
 The anchors' pattern: bf16, b=1, h=8, d=64, causal, w=(2K, 4K, 8K, 16K), r=(1, 2, 4, 8).
 
@@ -55,27 +58,27 @@ def host_ms(fn, args, calls: int, repeats: int, device) -> float:
     return statistics.median(samples)
 
 
-def device_ms(fn, args, calls: int, repeats: int, host: float) -> float:
-    """Milliseconds of GPU time per call: events around ``calls`` calls that wait, queued,
-    behind a sleep kernel of twice their host time (median of repeats)."""
+def device_ms(fn, args, repeats: int, host: float) -> float:
+    """Milliseconds of GPU time of one call: events around it while it waits, queued, behind a
+    sleep kernel of twice its host time (median of repeats)."""
     import torch
 
     samples = []
     for _ in range(repeats):
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(int(2 * host * calls * SLEEP_CYCLES_PER_MS) + 1000)
+        torch.cuda._sleep(int(2 * host * SLEEP_CYCLES_PER_MS) + 1000)
         start.record()
-        for _ in range(calls):
-            fn(*args)
+        fn(*args)
         end.record()
         end.synchronize()
-        samples.append(start.elapsed_time(end) / calls)
+        samples.append(start.elapsed_time(end))
     return statistics.median(samples)
 
 
 def capture(step, device):
-    """``replay`` of ``step()`` captured in a CUDA graph after a warm-up on a side stream."""
+    """A function replaying ``step()`` captured in a CUDA graph (after a warm-up on a side
+    stream) and returning the captured outputs."""
     import torch
 
     stream = torch.cuda.Stream(device)
@@ -86,13 +89,14 @@ def capture(step, device):
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        step()
-    return graph.replay
+        outputs = step()
+    return lambda: (graph.replay(), outputs)[1]
 
 
-def layer_programs(kw: dict, qkv, device, compile_backend: str):
-    """Yields ``(name, direction, fn, args)`` of the layer: eager, CUDA graph replays (CUDA) and
-    compiled; directions ``fwd`` and ``fwdbwd`` (the gradient of ``sum(out)``). Lazily: each
+def layer_programs(kw: dict, qkv, device, compile_backend: str, names=("layer", "graph", "compiled")):
+    """Yields ``(name, direction, fn, args)`` of the layer's programs among ``names``: eager
+    (``layer``), CUDA graph replays (``graph``, CUDA) and compiled (``compiled``, and on CUDA
+    with inductor ``compiled_cudagraphs``); directions ``fwd`` and ``fwdbwd`` (the gradient of ``sum(out)``). Lazily: each
     compiled variant starts from a reset compiler once the previous one is measured."""
     import torch
 
@@ -103,7 +107,7 @@ def layer_programs(kw: dict, qkv, device, compile_backend: str):
     def fwd(fn):
         def run(q, k, v):
             with torch.no_grad():
-                return fn(q, k, v)
+                return [fn(q, k, v)]
         return run
 
     def both(fn):
@@ -114,23 +118,31 @@ def layer_programs(kw: dict, qkv, device, compile_backend: str):
             return [t.grad for t in xs]
         return run
 
-    yield "layer", "fwd", fwd(attention), qkv
-    yield "layer", "fwdbwd", both(attention), qkv
-    if device.type == "cuda":
-        static = [t.detach().clone().requires_grad_() for t in qkv]
+    def fwd_static():
+        with torch.no_grad():
+            return [attention(*static)]
+
+    if "layer" in names:
+        yield "layer", "fwd", fwd(attention), qkv
+        yield "layer", "fwdbwd", both(attention), qkv
+    static = [t.detach().clone().requires_grad_() for t in qkv]
+    if device.type == "cuda" and "graph" in names:
         ones = torch.ones_like(static[0])
 
         def graph_both():
             for t in static:
                 t.grad = None
             attention(*static).backward(ones)
+            return [t.grad for t in static]
 
-        yield "graph", "fwd", capture(lambda: fwd(attention)(*static), device), ()
+        yield "graph", "fwd", capture(fwd_static, device), ()
         yield "graph", "fwdbwd", capture(graph_both, device), ()
     compiled = {"compiled": dict(backend=compile_backend)}
     if device.type == "cuda" and compile_backend == "inductor":
         compiled["compiled_cudagraphs"] = dict(mode="reduce-overhead")
     for name, options in compiled.items():
+        if name not in names:
+            continue
         torch._dynamo.reset()
         fn = torch.compile(attention, **options)
         yield name, "fwd", fwd(fn), qkv
@@ -143,7 +155,7 @@ def measure(fn, args, opts, device) -> dict:
         fn(*args)
     _sync(device)
     host = host_ms(fn, args, opts.calls, opts.repeats, device)
-    dev = device_ms(fn, args, opts.calls, opts.repeats, host) if device.type == "cuda" else None
+    dev = device_ms(fn, args, opts.repeats, host) if device.type == "cuda" else None
     return {"host_ms": host, "device_ms": dev, "wall_ms": wall_ms(fn, args, opts.repeats, device)}
 
 
@@ -169,11 +181,13 @@ def run(sweep: Sweep, n: int, mix: str, opts, device):
     fwd, both = torch_floor()
     rows = torch_rows(unit_shapes(n, mix, W, R, opts.heads), opts.head_dim, device, dtype)
     for direction, fn in (("fwd", fwd), ("fwdbwd", both)):
-        kernels[direction] = _row(sweep, base, "kernels", direction, fn, (rows,), opts, device, "self")
+        kernels[direction] = _row(sweep, base, "kernels", direction, fn, (rows,), opts, device, "self", None)
+    names = tuple(opts.names.split(","))
     del rows
     qkv = [torch.randn(1, n, opts.heads, opts.head_dim, device=device, dtype=dtype) for _ in range(3)]
     kw = dict(segment_lengths=W, dilation_rates=R, mix=mix, is_causal=True)
-    programs = layer_programs(kw, qkv, device, opts.compile_backend)
+    programs = layer_programs(kw, qkv, device, opts.compile_backend, names)
+    reference = {}
     while sweep.left():
         try:
             name, direction, fn, args = next(programs)
@@ -182,15 +196,26 @@ def run(sweep: Sweep, n: int, mix: str, opts, device):
         except Exception as e:  # noqa: BLE001 - a capture or compile failed: its row, then the next mix
             sweep.add(**base, name="setup", error=f"{type(e).__name__}: {e}"[:500])
             return
-        _row(sweep, base, name, direction, fn, args, opts, device, kernels[direction])
+        if direction not in reference:  # the first program is eager (or stands in for it)
+            reference[direction] = [t.detach().clone() for t in fn(*args)]
+        _row(sweep, base, name, direction, fn, args, opts, device, kernels[direction], reference[direction])
 
 
-def _row(sweep, base, name, direction, fn, args, opts, device, kernels) -> dict | None:
+def rel_err(got, want) -> float:
+    """The largest relative L2 difference of the tensors ``got`` from ``want``."""
+    return max(((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+               for a, b in zip(got, want))
+
+
+def _row(sweep, base, name, direction, fn, args, opts, device, kernels, reference) -> dict | None:
     """Measures one program and adds its row (or its error); returns the measurement.
     ``kernels``: the bare kernels' measurement of this direction (``"self"``: this one; None:
-    they failed) for ``host_over_kernels``."""
+    they failed) for ``host_over_kernels``; ``reference``: the eager layer's outputs (None: no
+    check)."""
     row = dict(base, name=name, direction=direction)
     try:
+        if reference is not None:
+            row["rel_err"] = rel_err(fn(*args), reference)
         got = measure(fn, args, opts, device)
     except Exception as e:  # noqa: BLE001 - a program that cannot run is a row, not the end
         sweep.add(**row, error=f"{type(e).__name__}: {e}"[:500])
@@ -217,6 +242,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: a quick check)")
+    ap.add_argument("--names", default="layer,graph,compiled,compiled_cudagraphs",
+                    help="layer programs to measure besides the bare kernels, comma-separated")
     ap.add_argument("--budget-s", type=float, default=600)
     opts = ap.parse_args(argv)
 

@@ -71,6 +71,20 @@ def test_compile_inductor_equals_eager():
 
 
 @pytest.mark.parametrize("mix", MIXES)
+def test_compile_with_the_fused_call_untraced_equals_eager(mix, monkeypatch):
+    """Where ``traces_fused`` is False (CUDA), FusedDilated runs eagerly behind a graph break."""
+    import ring_torch._dilated as dilated
+
+    monkeypatch.setattr(dilated, "traces_fused", lambda device: False)
+    torch._dynamo.reset()
+    fn = _attention(segment_lengths=W, dilation_rates=R, mix=mix, is_causal=True)
+    assert torch._dynamo.explain(fn)(*_inputs()).graph_break_count >= 1
+    torch._dynamo.reset()
+    for a, b in zip(_step(torch.compile(fn, backend="aot_eager"), _inputs()), _step(fn, _inputs())):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mix", MIXES)
 def test_module_compiles_without_graph_breaks(mix):
     """``MultiheadDilatedAttention`` (through ``RingDilatedAttention``, no process group) traces
     as one graph and equals eager."""
@@ -365,7 +379,8 @@ def test_cuda_call_does_not_synchronise(mix, causal):
 @needs_cuda
 @pytest.mark.parametrize("mix", MIXES)
 def test_cuda_compile_equals_eager(mix):
-    """Default ``torch.compile`` (inductor) on CUDA against eager: forward and gradients."""
+    """Default ``torch.compile`` (inductor) on CUDA against eager: forward and gradients (traced
+    FusedDilated gave zero head_groups gradients here: ``_dilated.traces_fused``)."""
     torch._dynamo.reset()
     fn = _attention(segment_lengths=GPU_W, dilation_rates=GPU_R, mix=mix, is_causal=True)
     qkv = _gpu_inputs(0)

@@ -168,6 +168,23 @@ class AutogradExecutor:
         return out, (lse if with_lse else None)
 
 
+def traces_fused(device: torch.device) -> bool:
+    """Whether ``torch.compile`` traces :class:`FusedDilated` into its graph on ``device``: on
+    the CPU (outputs and gradients bit for bit those of eager, ``parity_tests/test_torch_graphs``);
+    elsewhere it runs eagerly behind a graph break, since traced on CUDA (torch 2.11, H200, with
+    ``aot_eager`` as with inductor, cuDNN or flash) ``head_groups`` came back with zero
+    gradients."""
+    return device.type == "cpu"
+
+
+def _apply_fused(*args):
+    return FusedDilated.apply(*args)
+
+
+# FusedDilated outside the compiled graph (a graph break; eager autograd inside).
+_apply_fused_eagerly = torch.compiler.disable(_apply_fused)
+
+
 class FusedExecutor:
     """Runs a plan's units as one :class:`FusedDilated` call (a kernel with a fused backward:
     ``backend="torch"`` without dropout)."""
@@ -178,10 +195,14 @@ class FusedExecutor:
     def run(self, plan: DilatedPlan, q, k, v, scale: float, spec: MaskSpec, merged_out: bool = False,
             with_lse: bool = True):
         """``(out [b, n, h, d], lse [b, n, h])``; ``out`` in ``q``'s dtype unless ``merged_out``
-        (a longnet merge stays float32); ``with_lse=False``: ``lse`` is None."""
+        (a longnet merge stays float32); ``with_lse=False``: ``lse`` is None. Under
+        ``torch.compile`` traced only where :func:`traces_fused`."""
+        apply = FusedDilated.apply
+        if torch.compiler.is_compiling() and not traces_fused(q.device):
+            apply = _apply_fused_eagerly
         if with_lse:
-            return FusedDilated.apply(q, k, v, plan, scale, self.kernel, spec, merged_out, True)
-        return FusedDilated.apply(q, k, v, plan, scale, self.kernel, spec, merged_out, False), None
+            return apply(q, k, v, plan, scale, self.kernel, spec, merged_out, True)
+        return apply(q, k, v, plan, scale, self.kernel, spec, merged_out, False), None
 
 
 def make_executor(backend: str, device: torch.device, compute: torch.dtype, head_dim: int,
