@@ -305,6 +305,19 @@ def dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
         ``lse [batch, seq, heads]`` (natural log; float64 for float64 inputs, else float32;
         ``-inf`` and ``out = 0`` where a position attends to nothing).
 
+    Host work, CUDA graphs and ``torch.compile``: a call reads no tensor value on the host (no
+    device sync), builds no tensor from host data once its plan and index caches are warm (its
+    first call with these shapes fills them), and its Python work and kernel launches depend on
+    the plan, not on ``seq``; so forward and forward+backward can be captured in a
+    ``torch.cuda.CUDAGraph`` after a warm-up call and replayed on new values copied into the
+    static inputs. ``seq_lengths`` on the query's device are data like the inputs (clamped to
+    ``[0, seq]``, not checked) and can be captured; given as a list or a CPU tensor for CUDA
+    inputs they are checked on the host and copied to the device in every call, which a capture
+    cannot hold. With ``dropout_p > 0`` the seed is a host integer of the call
+    (``dropout_seed=None`` draws it from torch's CPU RNG), so a replay repeats the captured mask.
+    Under ``torch.compile`` the call traces as one graph on the CPU; elsewhere its fused kernels
+    run eagerly behind a graph break (:func:`traces_fused`).
+
     Raises:
         TypeError: an argument of the wrong type (tensors of a non-floating dtype, a non-bool
             ``is_causal``, patterns that are not ints, ``seq_lengths`` or ``segment_ids`` not an

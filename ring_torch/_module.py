@@ -99,6 +99,9 @@ class RingDilatedAttention(nn.Module):
 
         Returns:
             ``out [b, seq, h, d]``, and ``lse [b, seq, h]`` with ``return_lse``.
+
+        Without a process group or ``ring_size`` the call is :func:`ring_torch.dilated_attention`
+        (no host sync; CUDA-graph capturable with ``seq_lengths`` None or on the device).
         """
         dropout_p = self.dropout if self.training else 0.0
         return ring_dilated_attention(
@@ -239,6 +242,11 @@ class MultiheadDilatedAttention(nn.Module):
 
         Returns:
             ``[b, seq, embed_dim]``; with ``cache`` ``(out, cache)``.
+
+        Without ``key_padding_mask`` (which is read on the host: one sync) and with
+        ``seq_lengths`` None or on the device, a call without a process group or ``ring_size``
+        does not synchronise and can be captured in a CUDA graph
+        (:func:`ring_torch.dilated_attention`).
         """
         if cache is not None and (key is not None or value is not None):
             raise ValueError("cache= is causal self-attention: pass key=None, value=None")
