@@ -34,23 +34,26 @@ def _attend_rows(unit: Unit, q, k, v, scale, kernel: Kernel, spec: MaskSpec):
     return kernel.forward(q_rows(q, unit), kv_rows(k, unit), kv_rows(v, unit), scale, coords)
 
 
-def _run_heads(units, q, k, v, scale, kernel, spec):
+def _run_heads(units, q, k, v, scale, kernel, spec, with_lse=True):
     """``units`` covering each query head at most once (``head_groups``, or one ``longnet``
     pattern), each written in place into its heads and rows of one ``(out, lse)``; heads no
-    unit covers (a ring's local sub-plan) stay ``out = 0``, ``lse = -inf``."""
-    out, lse = blank(q, q.shape[2])
+    unit covers (a ring's local sub-plan) stay ``out = 0``, ``lse = -inf``; ``with_lse=False``:
+    ``lse`` is None (not written)."""
+    out, lse = blank(q, q.shape[2], with_lse=with_lse)
     for u in units:
         o, l = _attend_rows(u, q, k, v, scale, kernel, spec)
         q_rows(out, u).copy_(o)
-        q_rows(lse, u).copy_(l)
+        if with_lse:
+            q_rows(lse, u).copy_(l)
     return out, lse
 
 
-def _forward(plan: DilatedPlan, q, k, v, scale, kernel, spec):
+def _forward(plan: DilatedPlan, q, k, v, scale, kernel, spec, with_lse=True):
     """``(out [b, n, h, d], lse [b, n, h])`` of every unit of ``plan``: ``out`` in ``q``'s dtype
-    when heads are not merged, else the float32+ merge."""
+    when heads are not merged, else the float32+ merge; ``with_lse=False``: ``lse`` may be None
+    (``head_groups``: not written; a merge needs it)."""
     if not plan.merged:
-        return _run_heads(plan.units, q, k, v, scale, kernel, spec)
+        return _run_heads(plan.units, q, k, v, scale, kernel, spec, with_lse)
     if not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))):
         # No autograd graph (inference, FusedDilated): merge each unit into one float32 output
         # in place, no per-pattern full-size outputs.
@@ -164,7 +167,7 @@ class AutogradExecutor:
             with_lse: bool = True):
         """``(out [b, n, h, d], lse [b, n, h])`` of ``plan``'s units (``merged_out``: a longnet
         merge is float32+ either way; ``with_lse=False``: ``lse`` is None)."""
-        out, lse = _forward(plan, q, k, v, scale, self.kernel, spec)
+        out, lse = _forward(plan, q, k, v, scale, self.kernel, spec, with_lse)
         return out, (lse if with_lse else None)
 
 
@@ -195,8 +198,13 @@ class FusedExecutor:
     def run(self, plan: DilatedPlan, q, k, v, scale: float, spec: MaskSpec, merged_out: bool = False,
             with_lse: bool = True):
         """``(out [b, n, h, d], lse [b, n, h])``; ``out`` in ``q``'s dtype unless ``merged_out``
-        (a longnet merge stays float32); ``with_lse=False``: ``lse`` is None. Under
-        ``torch.compile`` traced only where :func:`traces_fused`."""
+        (a longnet merge stays float32); ``with_lse=False``: ``lse`` is None. With nothing to
+        differentiate and no LSE asked for (inference), the units run without the autograd
+        Function and without LSE rows (``head_groups``). Under ``torch.compile``
+        :class:`FusedDilated` is traced only where :func:`traces_fused`."""
+        if not with_lse and not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))):
+            out, _ = _forward(plan, q, k, v, scale, self.kernel, spec, with_lse=False)
+            return (out if merged_out else out.to(q.dtype)), None
         apply = FusedDilated.apply
         if torch.compiler.is_compiling() and not traces_fused(q.device):
             apply = _apply_fused_eagerly

@@ -141,11 +141,14 @@ def kv_rows(x: torch.Tensor, unit: Unit) -> torch.Tensor:
     return gather_rows(x, unit).index_select(2, index_tensor(unit.kv_index, x.device))
 
 
-def blank(q: torch.Tensor, heads: int, out_dtype: torch.dtype | None = None):
+def blank(q: torch.Tensor, heads: int, out_dtype: torch.dtype | None = None, with_lse: bool = True):
     """``out = 0 [b, n, heads, d]`` (``q``'s dtype unless ``out_dtype``) and ``lse = -inf
-    [b, n, heads]`` (float32 or wider): what rows no unit writes hold."""
+    [b, n, heads]`` (float32 or wider; None without ``with_lse``): what rows no unit writes
+    hold."""
     b, n, _, d = q.shape
     out = torch.zeros(b, n, heads, d, dtype=out_dtype or q.dtype, device=q.device)
+    if not with_lse:
+        return out, None
     lse = torch.full((b, n, heads), float("-inf"), dtype=torch.promote_types(q.dtype, torch.float32),
                      device=q.device)
     return out, lse
