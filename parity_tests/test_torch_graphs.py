@@ -5,7 +5,9 @@ on the host and does no Python work that grows with the sequence, and (CUDA) it 
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import json
 import sys
 
 import pytest
@@ -13,6 +15,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ring_torch
+import ring_torch._config as config
+import ring_torch._dilated as dilated
+import ring_torch._plan as plan
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 W, R = (8, 16, 32), (1, 2, 4)
@@ -74,8 +79,6 @@ def test_compile_inductor_equals_eager():
 @pytest.mark.parametrize("mix", MIXES)
 def test_compile_with_the_fused_call_untraced_equals_eager(mix, monkeypatch):
     """Where ``traces_fused`` is False (CUDA), FusedDilated runs eagerly behind a graph break."""
-    import ring_torch._dilated as dilated
-
     monkeypatch.setattr(dilated, "traces_fused", lambda device: False)
     torch._dynamo.reset()
     fn = _attention(segment_lengths=W, dilation_rates=R, mix=mix, is_causal=True)
@@ -174,10 +177,7 @@ def test_a_call_reads_no_tensor_values_on_the_host(case, mix):
 
 
 def test_the_host_read_check_catches_a_planted_read(monkeypatch):
-    """The check above can fail: an ``.item()``, a ``.tolist()`` or a ``torch.tensor`` per call
-    is caught."""
-    import ring_torch._dilated as dilated
-
+    """The check above can fail: a planted ``.item()``, ``.tolist()`` or ``torch.tensor``."""
     real = dilated.blank
     fn = _attention(segment_lengths=W, dilation_rates=R, is_causal=True)
     plants = (lambda q: q.sum().item(), lambda q: q[0, 0, 0].tolist(),
@@ -189,12 +189,7 @@ def test_the_host_read_check_catches_a_planted_read(monkeypatch):
 
 
 def _fresh_caches():
-    """Empties the library's caches: a cache holding an equal key from an earlier test compares
-    keys by ``__eq__`` where a key it stored itself is found by identity."""
-    import ring_torch._config as config
-    import ring_torch._dilated as dilated
-    import ring_torch._plan as plan
-
+    """Empties the caches (an equal key left by an earlier test is compared by ``__eq__``)."""
     plan.PATTERN_CACHE.clear()
     plan.MASK_CACHE.clear()
     config._padded_length.cache_clear()
@@ -239,10 +234,6 @@ def test_host_work_does_not_grow_with_the_sequence(mix, backend):
 
 def test_the_growth_check_catches_per_segment_python_work(monkeypatch):
     """The check above can fail: coordinates listing every segment's start are caught."""
-    import dataclasses
-
-    import ring_torch._dilated as dilated
-
     real = dilated.unit_coords
 
     def listed(unit, spec, batch, seq_len):
@@ -256,8 +247,6 @@ def test_the_growth_check_catches_per_segment_python_work(monkeypatch):
 
 def test_host_benchmark_runs_on_cpu(tmp_path):
     """``benchmarks.torch_host`` end to end on tiny CPU sizes."""
-    import json
-
     from benchmarks import torch_host
 
     out = tmp_path / "host.json"
@@ -380,8 +369,7 @@ def test_cuda_graph_module_replay(mix):
 @pytest.mark.parametrize("mix", MIXES)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_cuda_call_does_not_synchronise(mix, causal):
-    """A warm eager forward+backward (no seq_lengths) under ``set_sync_debug_mode("error")``:
-    any synchronising CUDA call raises."""
+    """A warm forward+backward under ``set_sync_debug_mode("error")``: a sync would raise."""
     kw = dict(segment_lengths=GPU_W, dilation_rates=GPU_R, mix=mix, is_causal=causal)
     fn = _attention(**kw)
     qkv = _gpu_inputs(0)
