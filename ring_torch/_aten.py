@@ -15,10 +15,10 @@ turns the kernel's own ``dP - D`` into ``dP + dlse - D``; the appended columns a
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
+
+from ring_torch._config import memo
 
 __all__ = ["ExactLSE", "exact_backward", "copy_rows_", "dense"]
 
@@ -114,7 +114,7 @@ def _rng_state(kernel, q):
     return _rng_state_for(kernel, q.device, q.dtype, q.shape[-1])
 
 
-@functools.cache
+@memo(maxsize=64)
 def _rng_state_for(kernel, device, dtype, head_dim):
     tiny = torch.zeros(1, 1, 1, head_dim, device=device, dtype=dtype)
     return kernel.forward(tiny, tiny, tiny, 1.0, False)[2][1:]

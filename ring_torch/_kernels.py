@@ -32,6 +32,7 @@ import torch
 
 from ring_torch._aten import (CUDNN_MAX_HEAD_DIM, _AtenCPU, _AtenCUDA, _AtenCudnnCUDA, _AtenFlashCUDA, _XFormers,
                               ExactLSE, exact_backward)
+from ring_torch._config import memo
 from ring_torch._coords import BlockCoords, block_masks
 
 __all__ = ["BACKENDS", "KERNELS", "GradInputs", "Kernel", "MathKernel", "TorchKernel",
@@ -119,7 +120,7 @@ def cuda_kernel(dtype: torch.dtype, head_dim: int, capability: tuple[int, int], 
     return "efficient"
 
 
-@functools.cache
+@memo(maxsize=1)
 def cudnn_attention_available() -> bool:
     """Whether this torch build has cuDNN 9 or later (cuDNN's fused attention)."""
     return torch.backends.cudnn.is_available() and (torch.backends.cudnn.version() or 0) >= 90000
@@ -338,7 +339,9 @@ class TorchKernel:
             group = q.shape[2] // k.shape[2]
             if group > 1:  # these kernels want equal head counts; autograd sums the repeats back
                 k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
-        return ExactLSE.apply(q, k, v, self.aten, scale, coords.is_causal)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return ExactLSE.apply(q, k, v, self.aten, scale, coords.is_causal)
+        return self.aten.forward(q, k, v, scale, coords.is_causal)[:2]  # no graph: the kernel alone
 
     def grad_inputs(self, q, out, lse, dout, dlse) -> GradInputs:
         """Operands in ``q``'s dtype (``lse`` stays float32+); ``dout`` None: zero; ``dlse``
