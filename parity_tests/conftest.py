@@ -13,3 +13,14 @@ try:
     jax.config.update("jax_enable_x64", True)
 except ImportError:  # the torch-only half of the suite still runs
     pass
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test skipped for want of a GPU belongs to the GPU set (``-m cuda``)."""
+    import pytest
+
+    for item in items:
+        gpu = any(m.kwargs.get("reason", "").startswith(("needs CUDA", "needs cuDNN"))
+                  for m in item.iter_markers("skipif"))
+        if gpu and item.get_closest_marker("cuda") is None:
+            raise pytest.UsageError(f"{item.nodeid} needs a GPU but is not marked cuda")

@@ -16,7 +16,7 @@ import ring_jax
 from parity_tests.reference import reference_attention
 from ring_jax import _cudnn
 
-pytestmark = pytest.mark.skipif(not _cudnn.usable(jnp.bfloat16, 64), reason="needs cuDNN on a CUDA GPU")
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not _cudnn.usable(jnp.bfloat16, 64), reason="needs cuDNN on a CUDA GPU")]
 
 W, R = (64, 128, 256), (1, 2, 4)
 MODES = {"one_device": {}, "chunks": dict(chunk_size=256), "ring4": dict(ring_size=4),

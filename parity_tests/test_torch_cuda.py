@@ -12,7 +12,7 @@ import ring_torch
 from ring_torch import dilated_attention
 from ring_torch._dilated import resolve_backend
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 # (id, seq_len, heads, kv_heads, head_dim, segment_lengths, dilation_rates)
 CONFIGS = [

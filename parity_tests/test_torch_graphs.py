@@ -19,7 +19,9 @@ import ring_torch._config as config
 import ring_torch._dilated as dilated
 import ring_torch._plan as plan
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def needs_cuda(test):
+    """The GPU set (``-m cuda``), skipped without CUDA."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(test))
 W, R = (8, 16, 32), (1, 2, 4)
 MIXES = ("head_groups", "longnet")
 
