@@ -199,3 +199,17 @@ def test_copy_rows_and_dense_equal_the_plain_copy(dtype, start):
     assert torch.equal(y, expected)
     mixed = torch.zeros(8, 8, 2, 8, dtype=torch.float64)
     assert torch.equal(copy_rows_(mixed, got), got.double())  # dtype conversion: the plain copy
+
+
+def test_copy_rows_takes_the_plain_copy_where_words_do_not_fit():
+    # An odd stride (head_dim 16 of a 17-wide float32 buffer), and a copy autograd records:
+    # both go through the plain copy, the second with its gradient.
+    from ring_torch._aten import _as_words, copy_rows_
+    src = torch.randn(4, 8, 2, 17)[..., :16]
+    assert not _as_words(src)
+    assert torch.equal(copy_rows_(torch.zeros(4, 8, 2, 16), src), src)
+    x = torch.randn(4, 8, 2, 16, dtype=bf16, requires_grad=True)
+    out = torch.zeros(4, 8, 2, 16, dtype=bf16)
+    copy_rows_(out, x * 2)
+    out.float().sum().backward()
+    assert torch.equal(x.grad, torch.full_like(x, 2))

@@ -26,17 +26,24 @@ __all__ = ["ExactLSE", "exact_backward", "copy_rows_", "dense"]
 def copy_rows_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """``dst.copy_(src)`` for rows of equal shape and dtype whose last dim is contiguous, moved as
     8-byte words (strided 16-bit copies then run on 4x fewer, wider elements); any other pair,
-    or views that cannot be reinterpreted (alignment), take the plain copy."""
-    words = torch.int64
-    if (dst.dtype == src.dtype and dst.shape == src.shape and dst.element_size() < 8
-            and dst.stride(-1) == 1 and src.stride(-1) == 1
-            and dst.shape[-1] * dst.element_size() % 8 == 0):
-        try:
-            dst.view(words).copy_(src.view(words))
-            return dst
-        except RuntimeError:  # a stride or offset that is not a whole number of words
-            pass
+    views whose strides or offsets are not whole words, copies autograd records and copies
+    traced by ``torch.compile`` take the plain copy."""
+    if _as_words(dst) and _as_words(src) and dst.dtype == src.dtype and dst.shape == src.shape and not (
+            torch.is_grad_enabled() and (dst.requires_grad or src.requires_grad)):
+        dst.view(torch.int64).copy_(src.view(torch.int64))
+        return dst
     return dst.copy_(src)
+
+
+def _as_words(x: torch.Tensor) -> bool:
+    """Whether ``x`` reads as 8-byte words: a narrower dtype, the last dim contiguous and a whole
+    number of words long, every other stride and the offset whole words (not while compiling)."""
+    size = x.element_size()
+    if size >= 8 or x.dim() == 0 or torch.compiler.is_compiling():
+        return False
+    per_word = 8 // size
+    return (x.stride(-1) == 1 and x.shape[-1] % per_word == 0 and x.storage_offset() % per_word == 0
+            and all(st % per_word == 0 for st in x.stride()[:-1]))
 
 
 def dense(x: torch.Tensor) -> torch.Tensor:

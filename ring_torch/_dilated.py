@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ring_torch._aten import copy_rows_
 from ring_torch._config import DilatedConfig, check_segment_ids, check_seq_lengths, memo
 from ring_torch._coords import MaskSpec, unit_coords
 from ring_torch._dropout import Dropout, make_dropout
@@ -42,9 +43,9 @@ def _run_heads(units, q, k, v, scale, kernel, spec, with_lse=True):
     out, lse = blank(q, q.shape[2], with_lse=with_lse)
     for u in units:
         o, l = _attend_rows(u, q, k, v, scale, kernel, spec)
-        q_rows(out, u).copy_(o)
+        copy_rows_(q_rows(out, u), o)
         if with_lse:
-            q_rows(lse, u).copy_(l)
+            copy_rows_(q_rows(lse, u), l)
     return out, lse
 
 
@@ -111,8 +112,10 @@ def _backward(plan: DilatedPlan, q, k, v, out, lse, dout, dlse, scale, kernel, s
         rows = GradInputs(q_rows(q, u), q_rows(out, u), q_rows(lse, u), q_rows(dout, u),
                           None if dlse is None else q_rows(dlse, u), None)
         gq, gk, gv = kernel.backward(rows, ks, vs, scale, unit_coords(u, spec, q.shape[0], q.shape[1]))
-        rows = q_rows(dq, u)
-        (rows.add_ if q_sums else rows.copy_)(gq)
+        if q_sums:
+            q_rows(dq, u).add_(gq)
+        else:
+            copy_rows_(q_rows(dq, u), gq)
         for full, g in ((dk, gk), (dv, gv)):
             if u.kv_index is not None:
                 gather_rows(full, u).index_add_(2, index_tensor(u.kv_index, g.device), g.to(full.dtype))
@@ -120,8 +123,10 @@ def _backward(plan: DilatedPlan, q, k, v, out, lse, dout, dlse, scale, kernel, s
             if u.kv_repeat > 1:  # repeats summed per kv head, in float32
                 B, m, _, d = g.shape
                 g = g.view(B, m, -1, u.kv_repeat, d).sum(3, dtype=acc)
-            rows = head_rows(full, u, u.kv_heads)
-            (rows.add_ if kv_sums else rows.copy_)(g)
+            if kv_sums:
+                head_rows(full, u, u.kv_heads).add_(g)
+            else:
+                copy_rows_(head_rows(full, u, u.kv_heads), g)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
