@@ -20,7 +20,12 @@ import torch.nn.functional as F
 
 from ring_torch._config import memo
 
-__all__ = ["ExactLSE", "exact_backward", "copy_rows_", "dense"]
+__all__ = ["ExactLSE", "exact_backward", "copy_rows_", "dense", "records_graph"]
+
+
+def records_graph(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records an op on ``tensors`` (grad mode on and one of them requires it)."""
+    return torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
 
 
 def copy_rows_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
@@ -28,8 +33,8 @@ def copy_rows_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     8-byte words (strided 16-bit copies then run on 4x fewer, wider elements); any other pair,
     views whose strides or offsets are not whole words, copies autograd records and copies
     traced by ``torch.compile`` take the plain copy."""
-    if _as_words(dst) and _as_words(src) and dst.dtype == src.dtype and dst.shape == src.shape and not (
-            torch.is_grad_enabled() and (dst.requires_grad or src.requires_grad)):
+    if (_as_words(dst) and _as_words(src) and dst.dtype == src.dtype and dst.shape == src.shape
+            and not records_graph(dst, src)):
         dst.view(torch.int64).copy_(src.view(torch.int64))
         return dst
     return dst.copy_(src)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ring_torch._aten import copy_rows_
+from ring_torch._aten import copy_rows_, records_graph
 from ring_torch._config import DilatedConfig, check_segment_ids, check_seq_lengths, memo
 from ring_torch._coords import MaskSpec, unit_coords
 from ring_torch._dropout import Dropout, make_dropout
@@ -55,7 +55,7 @@ def _forward(plan: DilatedPlan, q, k, v, scale, kernel, spec, with_lse=True):
     (``head_groups``: not written; a merge needs it)."""
     if not plan.merged:
         return _run_heads(plan.units, q, k, v, scale, kernel, spec, with_lse)
-    if not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))):
+    if not records_graph(q, k, v):
         # No autograd graph (inference, FusedDilated): merge each unit into one float32 output
         # in place, no per-pattern full-size outputs.
         acc, acc_lse = blank(q, q.shape[2], out_dtype=torch.promote_types(q.dtype, torch.float32))
@@ -207,7 +207,7 @@ class FusedExecutor:
         differentiate and no LSE asked for (inference), the units run without the autograd
         Function and without LSE rows (``head_groups``). Under ``torch.compile``
         :class:`FusedDilated` is traced only where :func:`traces_fused`."""
-        if not with_lse and not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))):
+        if not with_lse and not records_graph(q, k, v):
             out, _ = _forward(plan, q, k, v, scale, self.kernel, spec, with_lse=False)
             return (out if merged_out else out.to(q.dtype)), None
         apply = FusedDilated.apply

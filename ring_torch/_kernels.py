@@ -31,7 +31,7 @@ from typing import NamedTuple, Protocol
 import torch
 
 from ring_torch._aten import (CUDNN_MAX_HEAD_DIM, _AtenCPU, _AtenCUDA, _AtenCudnnCUDA, _AtenFlashCUDA, _XFormers,
-                              ExactLSE, exact_backward)
+                              ExactLSE, exact_backward, records_graph)
 from ring_torch._config import memo
 from ring_torch._coords import BlockCoords, block_masks
 
@@ -339,7 +339,7 @@ class TorchKernel:
             group = q.shape[2] // k.shape[2]
             if group > 1:  # these kernels want equal head counts; autograd sums the repeats back
                 k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        if records_graph(q, k, v):
             return ExactLSE.apply(q, k, v, self.aten, scale, coords.is_causal)
         return self.aten.forward(q, k, v, scale, coords.is_causal)[:2]  # no graph: the kernel alone
 

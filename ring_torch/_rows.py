@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ring_torch._aten import records_graph
 from ring_torch._coords import MaskSpec, mask_rows, real_rows
 from ring_torch._plan import Unit, index_tensor
 
@@ -85,7 +86,7 @@ def _strided(x: torch.Tensor, unit: Unit, heads: tuple[int, int, int] | None) ->
     autograd (an ``as_strided`` backward would write a full-size buffer per unit), or its batch
     and segments do not fold into one stride (the reshape copies); and None under
     ``torch.compile``, which breaks its graph at ``storage_offset`` (the reshapes trace)."""
-    if (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+    if records_graph(x) or torch.compiler.is_compiling():
         return None
     shape, stride = x.shape, x.stride()
     b, n = shape[0], shape[1]
