@@ -150,6 +150,29 @@ def test_causal_padding_keeps_the_fused_kernel(monkeypatch, causal, fused):
 
 @pytest.mark.parametrize("mix", ["head_groups", "longnet"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("backend", ["math", "torch"])
+def test_cotangents_of_padded_rows_are_ignored(mix, causal, backend):
+    """Padded rows are constants (out 0, LSE -inf): cotangents given there (``autograd.grad``
+    with explicit ``grad_outputs``, no loss that zeroes them) change no gradient."""
+    _, n, h, h_kv, w, r = CONFIGS[0]
+    q, k, v, dout, dlse = _inputs(n, h, h_kv)
+    lengths = torch.tensor([9, 4])
+    real = torch.arange(n)[None, :] < lengths[:, None]  # [b, n]
+
+    def grads(dout, dlse):
+        xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        out, lse = ring_torch.dilated_attention(*xs, segment_lengths=w, dilation_rates=r, mix=mix,
+                                                is_causal=causal, return_lse=True, backend=backend,
+                                                seq_lengths=lengths)
+        return torch.autograd.grad((out, lse), xs, (dout, dlse))
+
+    zeroed = grads(torch.where(real[:, :, None, None], dout, 0), torch.where(real[:, :, None], dlse, 0))
+    for a, b in zip(grads(dout, dlse), zeroed):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("mix", ["head_groups", "longnet"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_padding_content_never_matters(mix, causal):
     """Any finite values in the padded positions of q, k and v give exactly the results of
     other values: outputs, LSE and gradients of the real positions, padded gradients 0."""

@@ -234,19 +234,19 @@ def check_shapes(query: torch.Tensor, key: torch.Tensor,
 
 def memo(maxsize: int):
     """A memo of a pure function of hashable positional arguments (emptied when it holds
-    ``maxsize`` values): a plain dict, so ``torch.compile`` traces through it
-    (``functools.lru_cache`` makes its tracer warn and skip the cache); a miss while tracing is
-    not stored (a traced autograd backward may not mutate outside state)."""
+    ``maxsize`` values). While ``torch.compile`` traces, ``fn`` runs uncached: a traced
+    autograd backward may not mutate outside state, and a look-up would guard the graph on the
+    table's keys, which eager calls change."""
     def wrap(fn):
         table: dict = {}
 
         @functools.wraps(fn)
         def cached(*args):
+            if torch.compiler.is_compiling():
+                return fn(*args)
             value = table.get(args)
             if value is None:
                 value = fn(*args)
-                if torch.compiler.is_compiling():
-                    return value
                 if len(table) >= maxsize:
                     table.clear()
                 table[args] = value

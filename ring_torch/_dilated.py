@@ -18,12 +18,13 @@ import torch
 
 from ring_torch._aten import copy_rows_, records_graph
 from ring_torch._config import DilatedConfig, check_segment_ids, check_seq_lengths, memo
-from ring_torch._coords import MaskSpec, unit_coords
+from ring_torch._coords import MaskSpec, mask_rows, real_rows, unit_coords
 from ring_torch._dropout import Dropout, make_dropout
 from ring_torch._kernels import GradInputs, Kernel, check_backend, kernel_for, select_backend
+from ring_torch._padded import unit_rows_zeroed, zero_padded_rows_
 from ring_torch._plan import DilatedPlan, Unit, build_plan, index_tensor
 from ring_torch._rows import (blank, gather_rows, head_rows, kv_rows, lse_merge, make_padding,
-                              merge_rows, pad_inputs, q_rows, unpad_outputs)
+                              merge_rows, pad_inputs, q_rows, cut_padding)
 
 __all__ = ["dilated_attention", "resolve_backend", "make_executor", "AutogradExecutor",
            "FusedExecutor", "FusedDilated", "grad_dtypes"]
@@ -96,10 +97,11 @@ def grad_dtypes(plan: DilatedPlan, dtype: torch.dtype) -> tuple[torch.dtype, tor
     return tuple(acc if summed else dtype for summed in _sums(plan))
 
 
-def _backward(plan: DilatedPlan, q, k, v, out, lse, dout, dlse, scale, kernel, spec):
+def _backward(plan: DilatedPlan, q, k, v, out, lse, dout, dlse, scale, kernel, spec, row_lengths=None):
     """``(dq, dk, dv)`` from the *merged* ``(out, lse)``: each unit's block gradient is the fused
     kernel's backward fed the global ``out``/``lse`` rows (the ring's formula), written in place
-    into its strided rows: copied where each element has one writer, else added in float32."""
+    into its strided rows: copied where each element has one writer, else added in float32.
+    ``row_lengths`` (int64 ``[b]``): rows at or past them are padding, their ``dout`` taken as 0."""
     acc = torch.promote_types(q.dtype, torch.float32)
     q_sums, kv_sums = _sums(plan)
     q_dtype, kv_dtype = grad_dtypes(plan, q.dtype)
@@ -109,7 +111,10 @@ def _backward(plan: DilatedPlan, q, k, v, out, lse, dout, dlse, scale, kernel, s
         ks, vs = kv_rows(k, u), kv_rows(v, u)
         if u.kv_repeat > 1:  # the fused backward wants one kv head per query head
             ks, vs = ks.repeat_interleave(u.kv_repeat, dim=2), vs.repeat_interleave(u.kv_repeat, dim=2)
-        rows = GradInputs(q_rows(q, u), q_rows(out, u), q_rows(lse, u), q_rows(dout, u),
+        du = q_rows(dout, u)
+        if row_lengths is not None:  # the dense rows cuDNN wants anyway, padded ones zeroed
+            du = unit_rows_zeroed(du, row_lengths, u, q.shape[1])
+        rows = GradInputs(q_rows(q, u), q_rows(out, u), q_rows(lse, u), du,
                           None if dlse is None else q_rows(dlse, u), None)
         gq, gk, gv = kernel.backward(rows, ks, vs, scale, unit_coords(u, spec, q.shape[0], q.shape[1]))
         if q_sums:
@@ -130,6 +135,11 @@ def _backward(plan: DilatedPlan, q, k, v, out, lse, dout, dlse, scale, kernel, s
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+def _real(lengths: torch.Tensor, n: int) -> torch.Tensor:
+    """``[b, n]`` bool: True where the row is before its entry's length."""
+    return real_rows(lengths, torch.arange(n, device=lengths.device))
+
+
 class FusedDilated(torch.autograd.Function):
     """``(out, lse)`` of ``plan``'s units by a kernel with a fused backward: the forward keeps
     only ``q, k, v, out, lse`` and the backward is :func:`_backward` (no per-unit copies or
@@ -142,23 +152,31 @@ class FusedDilated(torch.autograd.Function):
     output (which would widen every backward kernel by the exact-LSE column)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan, scale, kernel, spec, merged_out=False, with_lse=True):
+    def forward(ctx, q, k, v, plan, scale, kernel, spec, merged_out=False, with_lse=True, row_lengths=None):
         out, lse = _forward(plan, q, k, v, scale, kernel, spec)
-        ctx.args = (plan, scale, kernel, spec)
+        if row_lengths is not None:  # padded rows: out 0 (kept so), lse -inf (the kept one stays finite)
+            zero_padded_rows_(out, row_lengths)
+        ctx.args = (plan, scale, kernel, spec, row_lengths)
         rounded = out.to(q.dtype)  # the fused backward reads q's dtype
         ctx.save_for_backward(q, k, v, rounded, lse)
         ctx.set_materialize_grads(False)
         result = out if merged_out else rounded
-        return (result, lse) if with_lse else result
+        if not with_lse:
+            return result
+        if row_lengths is not None:
+            lse = torch.where(_real(row_lengths, q.shape[1])[:, :, None], lse, float("-inf"))
+        return result, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse=None):
         q, k, v, out, lse = ctx.saved_tensors
-        plan, scale, kernel, spec = ctx.args
+        plan, scale, kernel, spec, row_lengths = ctx.args
         dout = torch.zeros_like(out) if dout is None else dout.to(q.dtype)
-        return (*_backward(plan, q, k, v, out, lse, dout, dlse, scale, kernel, spec),
-                None, None, None, None, None, None)
+        if dlse is not None and row_lengths is not None:
+            dlse = torch.where(_real(row_lengths, q.shape[1])[:, :, None], dlse, 0)
+        return (*_backward(plan, q, k, v, out, lse, dout, dlse, scale, kernel, spec, row_lengths),
+                None, None, None, None, None, None, None)
 
 
 class AutogradExecutor:
@@ -169,11 +187,15 @@ class AutogradExecutor:
         self.kernel = kernel
 
     def run(self, plan: DilatedPlan, q, k, v, scale: float, spec: MaskSpec, merged_out: bool = False,
-            with_lse: bool = True):
+            with_lse: bool = True, row_lengths: torch.Tensor | None = None):
         """``(out [b, n, h, d], lse [b, n, h])`` of ``plan``'s units (``merged_out``: a longnet
-        merge is float32+ either way; ``with_lse=False``: ``lse`` is None)."""
+        merge is float32+ either way; ``with_lse=False``: ``lse`` is None; ``row_lengths``
+        (int64 ``[b]``): rows at or past them come back ``0`` / ``-inf``, their cotangents 0)."""
         out, lse = _forward(plan, q, k, v, scale, self.kernel, spec, with_lse)
-        return out, (lse if with_lse else None)
+        lse = lse if with_lse else None
+        if row_lengths is not None:
+            out, lse = mask_rows(out, lse, _real(row_lengths, q.shape[1]))
+        return out, lse
 
 
 def traces_fused(device: torch.device) -> bool:
@@ -201,21 +223,25 @@ class FusedExecutor:
         self.kernel = kernel
 
     def run(self, plan: DilatedPlan, q, k, v, scale: float, spec: MaskSpec, merged_out: bool = False,
-            with_lse: bool = True):
+            with_lse: bool = True, row_lengths: torch.Tensor | None = None):
         """``(out [b, n, h, d], lse [b, n, h])``; ``out`` in ``q``'s dtype unless ``merged_out``
-        (a longnet merge stays float32); ``with_lse=False``: ``lse`` is None. With nothing to
-        differentiate and no LSE asked for (inference), the units run without the autograd
-        Function and without LSE rows (``head_groups``). Under ``torch.compile``
-        :class:`FusedDilated` is traced only where :func:`traces_fused`."""
+        (a longnet merge stays float32); ``with_lse=False``: ``lse`` is None; ``row_lengths``
+        as in :meth:`AutogradExecutor.run`, zeroed inside (:mod:`ring_torch._padded`: on CUDA a
+        kernel that writes the padded rows only). With nothing to differentiate and no LSE asked
+        for (inference), the units run without the autograd Function and without LSE rows
+        (``head_groups``). Under ``torch.compile`` :class:`FusedDilated` is traced only where
+        :func:`traces_fused`."""
         if not with_lse and not records_graph(q, k, v):
             out, _ = _forward(plan, q, k, v, scale, self.kernel, spec, with_lse=False)
+            if row_lengths is not None:
+                zero_padded_rows_(out, row_lengths)
             return (out if merged_out else out.to(q.dtype)), None
         apply = FusedDilated.apply
         if torch.compiler.is_compiling() and not traces_fused(q.device):
             apply = _apply_fused_eagerly
         if with_lse:
-            return apply(q, k, v, plan, scale, self.kernel, spec, merged_out, True)
-        return apply(q, k, v, plan, scale, self.kernel, spec, merged_out, False), None
+            return apply(q, k, v, plan, scale, self.kernel, spec, merged_out, True, row_lengths)
+        return apply(q, k, v, plan, scale, self.kernel, spec, merged_out, False, row_lengths), None
 
 
 def make_executor(backend: str, device: torch.device, compute: torch.dtype, head_dim: int,
@@ -240,7 +266,8 @@ def cached_config(segment_lengths, dilation_rates, mix, is_causal, softmax_scale
     arguments that are not hashable (lists are keyed as tuples; NumPy arrays) are validated
     anew. Invalid arguments raise and are never stored."""
     key = None
-    if type(segment_lengths) in (tuple, list) and type(dilation_rates) in (tuple, list):
+    if (type(segment_lengths) in (tuple, list) and type(dilation_rates) in (tuple, list)
+            and not torch.compiler.is_compiling()):  # traced: no guards on the table's keys
         key = (tuple(segment_lengths), tuple(dilation_rates), mix, is_causal, softmax_scale,
                tuple(map(type, segment_lengths)), tuple(map(type, dilation_rates)), type(mix),
                type(is_causal), type(softmax_scale))
@@ -351,7 +378,9 @@ def dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     spec = MaskSpec(config.is_causal, dropout, **padding.mask_fields())
     executor = make_executor(backend, query.device, compute, d, dropout, spec.needs_key_mask)
     q, k, v = pad_inputs(padding, [x.to(compute) for x in (query, key, value)])
-    out, lse = unpad_outputs(padding, *executor.run(plan, q, k, v, scale, spec, with_lse=return_lse))
+    row_lengths = padding.lengths if padding.mask_rows else None  # padded rows zeroed by the executor
+    out, lse = cut_padding(padding, *executor.run(plan, q, k, v, scale, spec, with_lse=return_lse,
+                                                  row_lengths=row_lengths))
     out = out.to(dtype)
     if not return_lse:
         return out

@@ -31,12 +31,12 @@ class LRUCache:
         self.misses = 0
 
     def get_or_create(self, key: Hashable, factory: Callable):
-        """The value of ``key``, made by ``factory()`` on a miss. Under ``torch.compile`` (whose
-        tracer cannot enter a lock) a plain look-up: a hit returns the stored value, a miss the
-        factory's without storing it (a traced value must not outlive its trace); no counters."""
+        """The value of ``key``, made by ``factory()`` on a miss. Under ``torch.compile`` the
+        factory's value, never stored or looked up: the tracer cannot enter a lock, a traced value
+        must not outlive its trace, and a look-up would guard the compiled graph on the order of
+        the cache's keys, which eager calls reorder (dynamo then fails building that guard)."""
         if torch.compiler.is_compiling():
-            value = self._data.get(key)
-            return factory() if value is None else value
+            return factory()
         with self._lock:
             if key in self._data:
                 self.hits += 1

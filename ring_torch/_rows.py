@@ -16,7 +16,7 @@ from ring_torch._plan import Unit, index_tensor
 
 __all__ = ["gather_rows", "head_rows", "q_rows", "kv_rows", "blank", "lse_merge", "merge_rows", "to_ring",
            "from_ring", "assemble_heads", "Padding", "make_padding", "pad_inputs",
-           "unpad_outputs"]
+           "unpad_outputs", "cut_padding"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,6 +75,12 @@ def unpad_outputs(padding: Padding, out: torch.Tensor, lse: torch.Tensor | None,
         nl = out.shape[1]
         positions = torch.arange(nl, device=out.device) if spec is None else spec.row_positions(nl, out.device)
         out, lse = mask_rows(out, lse, real_rows(padding.lengths, positions))
+    return cut_padding(padding, out, lse)
+
+
+def cut_padding(padding: Padding, out: torch.Tensor, lse: torch.Tensor | None):
+    """``out [b, nl, h, d]``, ``lse [b, nl, h]`` (or None) without the ``padded_len - seq_len``
+    rows :func:`pad_inputs` appended (views)."""
     keep = out.shape[1] - (padding.padded_len - padding.seq_len)
     return out[:, :keep], (None if lse is None else lse[:, :keep])
 
