@@ -41,6 +41,22 @@ def test_jax_dropout_equals_torch_dropout(mix, causal, impl):
     assert max_abs_err(ours.lse, plain.lse) <= 1e-12  # but not to the LSE
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_untiled_length_dropout_equals_jax(causal):
+    """``n = 300`` with ``lcm(w) = 256``: torch runs the prefix and the 44-row tail apart, JAX
+    the whole sequence padded; the keep-mask hashes global positions, so both agree."""
+    ring_torch = pytest.importorskip("ring_torch")
+    case = Case(300, 6, 3, 8, (16, 64, 256), (1, 2, 4), "longnet", causal)
+    x = case.inputs()
+    ours = run_jax(case, x, lambda q, k, v: ring_jax.dilated_attention(
+        q, k, v, return_lse=True, dropout_rate=RATE, dropout_seed=SEED, **case.kwargs))
+    theirs = run_torch(case, x, lambda q, k, v: ring_torch.dilated_attention(
+        q, k, v, return_lse=True, dropout_p=RATE, dropout_seed=SEED, **case.kwargs))
+    for a, b in zip(ours, theirs):
+        assert max_abs_err(a, b) <= 1e-12
+    assert max_abs_err(ours.out, run_jax(case, x).out) > 0.1
+
+
 def test_kernel_dropout_backward_equals_autodiff():
     from ring_jax._coords import Coords, Mods
     from ring_jax._kernels import XlaKernel, block_attention

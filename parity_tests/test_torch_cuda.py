@@ -10,7 +10,7 @@ from parity_tests.oracle import dilated_attention as oracle_attention
 from parity_tests.reference import reference_attention
 import ring_torch
 from ring_torch import dilated_attention
-from ring_torch._dilated import resolve_backend
+from ring_torch._api import resolve_backend
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

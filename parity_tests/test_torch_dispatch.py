@@ -9,8 +9,7 @@ import types
 import pytest
 import torch
 
-import ring_torch._dilated as dilated_module
-from ring_torch._dilated import resolve_backend
+from ring_torch._api import resolve_backend
 import ring_torch._kernels as kernels
 from ring_torch import dilated_attention, select_backend
 

@@ -192,6 +192,7 @@ def test_fuzz_random_ids(data):
 def test_segment_ids_run_the_math_kernel(monkeypatch, causal, ring_size):
     """``backend="torch"`` keeps the fused executor without ``segment_ids`` (causal, no
     padding) and runs the math kernel with them, decided once per call; the results agree."""
+    import ring_torch._api as api
     import ring_torch._dilated as dilated
     import ring_torch._ring as ring
 
@@ -204,7 +205,7 @@ def test_segment_ids_run_the_math_kernel(monkeypatch, causal, ring_size):
         return make
 
     original = dilated.make_executor
-    monkeypatch.setattr(dilated, "make_executor", spy(original))
+    monkeypatch.setattr(api, "make_executor", spy(original))
     monkeypatch.setattr(ring, "make_executor", spy(original))
     n, h, h_kv, w, r = 32, 4, 2, (8, 16), (1, 2)
     q, k, v, *_ = (x.float() for x in inputs(n, h, h_kv))

@@ -15,6 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ring_torch
+import ring_torch._api as api
 import ring_torch._config as config
 import ring_torch._dilated as dilated
 import ring_torch._plan as plan
@@ -196,7 +197,7 @@ def _fresh_caches():
     plan.MASK_CACHE.clear()
     config._padded_length.cache_clear()
     dilated._sums.cache_clear()
-    dilated._CONFIGS.clear()
+    api._CONFIGS.clear()
 
 
 def _python_calls(call) -> int:

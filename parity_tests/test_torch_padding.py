@@ -27,12 +27,14 @@ from parity_tests.oracle import dilated_attention as oracle_attention
 from parity_tests.reference import reference_attention
 
 # (id, n, h, h_kv, w, r): prime n between segment lengths, n below every w, n between w's with
-# MQA, a length every pattern tiles.
+# MQA, a length every pattern tiles, a prime n past the lcm of the w's (a tiled prefix of 32 and
+# a 5-row tail shorter than every w but one).
 CONFIGS = [
     ("prime13", 13, 4, 2, (4, 16), (2, 4)),
     ("n_lt_w", 7, 4, 2, (8, 16), (2, 4)),
     ("between_mqa", 20, 4, 1, (8, 16, 32), (1, 2, 4)),
     ("tiled", 32, 4, 2, (8, 16), (1, 2)),
+    ("tail", 37, 4, 2, (4, 16), (2, 4)),
 ]
 LENGTHS = {"none": None, "full_and_empty": "n,0", "partial": "n-3,1"}
 D = 8
@@ -131,21 +133,55 @@ def test_seq_lengths_all_n_equals_none(mix, causal, backend):
 def test_causal_padding_keeps_the_fused_kernel(monkeypatch, causal, fused):
     """Right padding needs no key mask under causality: the fused executor still runs; a
     non-causal call with padding takes the math kernel."""
+    import ring_torch._api as api
     import ring_torch._dilated as dilated
 
     made = []
-    original = dilated.make_executor
+    original = api.make_executor
 
     def spy(*args, **kwargs):
         made.append(original(*args, **kwargs))
         return made[-1]
 
-    monkeypatch.setattr(dilated, "make_executor", spy)
+    monkeypatch.setattr(api, "make_executor", spy)
     q, k, v, *_ = _inputs(13, 4, 2)
     ring_torch.dilated_attention(q, k, v, segment_lengths=(4, 16), dilation_rates=(2, 4),
                                  is_causal=causal, backend="torch", seq_lengths=torch.tensor([13, 5]))
     assert isinstance(made[0], dilated.FusedExecutor) is fused
     assert made[0].kernel.name == ("torch" if fused else "math")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("lengths", [None, [37, 34]], ids=["none", "lengths"])
+def test_untiled_n_runs_an_unpadded_prefix_and_a_padded_tail(monkeypatch, causal, lengths):
+    """``n = 37`` with ``lcm(w) = 16``: the prefix ``[0, 32)`` runs on views with no padding
+    (so the fused kernel even without causality, unless ``seq_lengths`` ask for a key mask),
+    the tail ``[32, 37)`` padded to its own plan length 40 - 32 = 8."""
+    import ring_torch._api as api
+
+    made, padded = [], []
+    original, pad = api.make_executor, api.pad_inputs
+
+    def spy(*args, **kwargs):
+        made.append(original(*args, **kwargs))
+        return made[-1]
+
+    def spy_pad(padding, xs):
+        padded.append((padding.seq_len, padding.padded_len, xs[0].shape[1]))
+        return pad(padding, xs)
+
+    monkeypatch.setattr(api, "make_executor", spy)
+    monkeypatch.setattr(api, "pad_inputs", spy_pad)
+    _, n, h, h_kv, w, r = CONFIGS[4]
+    q, k, v, dout, dlse = _inputs(n, h, h_kv)
+    sl = None if lengths is None else torch.tensor(lengths)
+    got = _run(lambda *x: ring_torch.dilated_attention(
+        *x, segment_lengths=w, dilation_rates=r, is_causal=causal, return_lse=True, backend="torch",
+        seq_lengths=sl), q, k, v, dout, dlse)
+    _check(got, n, h, h_kv, w, r, "head_groups", causal, lengths)
+    assert padded == [(32, 32, 32), (37, 40, 5)]  # (global stop, global padded stop, rows given)
+    key_mask = not causal and lengths is not None
+    assert [e.kernel.name for e in made] == ["math" if key_mask else "torch", "torch" if causal else "math"]
 
 
 @pytest.mark.parametrize("mix", ["head_groups", "longnet"])

@@ -10,7 +10,8 @@ importing only the ones above it:
 * ``_aten``: adapters of torch's (and xformers') fused kernels, exact in the LSE gradient.
 * ``_kernels``: the kernels (math, torch, xformers) behind one protocol, and backend dispatch.
 * ``_rows``: strided row views and gathers, blank results, the LSE merges and a call's padding.
-* ``_dilated``: one device: the executors (fused or autograd) and ``dilated_attention``.
+* ``_dilated``: one device: the executors (fused or autograd) and the fused autograd Function.
+* ``_api``: the single-device entry point ``dilated_attention``: checks, backend, spans.
 * ``_decode``: cached decoding from a constant-size cache of the current segments.
 * ``_layout``: the ring layouts (contiguous, balanced): the permutations, the balanced rules
   and each spanning unit's per-hop block schedule.
@@ -26,7 +27,7 @@ from ring_torch._comm import CommStats
 from ring_torch._consistency import RingCheckError
 from ring_torch._config import DilatedConfig
 from ring_torch._decode import DecodeCache, decode, init_cache
-from ring_torch._dilated import dilated_attention
+from ring_torch._api import dilated_attention
 from ring_torch._kernels import select_backend
 from ring_torch._layout import from_balanced, to_balanced
 from ring_torch._module import MultiheadDilatedAttention, RingDilatedAttention

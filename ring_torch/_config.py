@@ -177,6 +177,11 @@ class DilatedConfig:
         segments ``[s*w_i, (s+1)*w_i)`` cut at ``seq_len``."""
         return _padded_length(self.segment_lengths, self.dilation_rates, int(seq_len))
 
+    def tiled_prefix(self, seq_len: int) -> int:
+        """The largest multiple ``T <= seq_len`` of every ``w_i`` (of their lcm): no segment of
+        any pattern crosses ``T``, so ``[0, T)`` and ``[T, seq_len)`` attend independently."""
+        return seq_len - seq_len % math.lcm(*self.segment_lengths)
+
     def validate_sizes(self, seq_len: int, num_heads: int, num_kv_heads: int,
                        tiled: bool = True) -> tuple[int, ...]:
         """Checks head counts and (``tiled``) tiling; returns the effective segment lengths.

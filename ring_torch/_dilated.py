@@ -9,7 +9,7 @@ One executor per call runs the units (:func:`make_executor`): :class:`FusedExecu
 kernel with a fused backward (``backend="torch"`` without dropout: :class:`FusedDilated`, its own
 backward fed the merged ``out``/``lse``), :class:`AutogradExecutor` for the rest (``math``,
 ``xformers``, dropout: autograd through every kernel call). The ring runs its local units with
-the same executor.
+the same executor; :mod:`ring_torch._api` runs a call's spans with them.
 """
 
 from __future__ import annotations
@@ -17,17 +17,16 @@ from __future__ import annotations
 import torch
 
 from ring_torch._aten import copy_rows_, records_graph
-from ring_torch._config import DilatedConfig, check_segment_ids, check_seq_lengths, memo
+from ring_torch._config import memo
 from ring_torch._coords import MaskSpec, mask_rows, real_rows, unit_coords
-from ring_torch._dropout import Dropout, make_dropout
-from ring_torch._kernels import GradInputs, Kernel, check_backend, kernel_for, select_backend
+from ring_torch._dropout import Dropout
+from ring_torch._kernels import GradInputs, Kernel, kernel_for
 from ring_torch._padded import unit_rows_zeroed, zero_padded_rows_
-from ring_torch._plan import DilatedPlan, Unit, build_plan, index_tensor
-from ring_torch._rows import (blank, gather_rows, head_rows, kv_rows, lse_merge, make_padding,
-                              merge_rows, pad_inputs, q_rows, cut_padding)
+from ring_torch._plan import DilatedPlan, Unit, index_tensor
+from ring_torch._rows import blank, gather_rows, head_rows, kv_rows, lse_merge, merge_rows, q_rows
 
-__all__ = ["dilated_attention", "resolve_backend", "make_executor", "AutogradExecutor",
-           "FusedExecutor", "FusedDilated", "grad_dtypes"]
+__all__ = ["make_executor", "AutogradExecutor", "FusedExecutor", "FusedDilated", "grad_dtypes",
+           "traces_fused"]
 
 
 def _attend_rows(unit: Unit, q, k, v, scale, kernel: Kernel, spec: MaskSpec):
@@ -253,135 +252,3 @@ def make_executor(backend: str, device: torch.device, compute: torch.dtype, head
     kernel = kernel_for(backend, device, compute, head_dim, needs_dropout=dropout is not None,
                         needs_key_mask=key_mask)
     return (FusedExecutor if kernel.fused_backward else AutogradExecutor)(kernel)
-
-
-# Validated configs by their arguments and the arguments' types (see cached_config).
-_CONFIGS: dict = {}
-
-
-def cached_config(segment_lengths, dilation_rates, mix, is_causal, softmax_scale) -> DilatedConfig:
-    """``DilatedConfig(segment_lengths, dilation_rates, mix, is_causal, softmax_scale)``, built
-    once per distinct arguments. The key holds every argument's type and the patterns' element
-    types, so ``(2.0,)`` or ``(True,)`` never finds the entry of ``(2,)`` and still raises;
-    arguments that are not hashable (lists are keyed as tuples; NumPy arrays) are validated
-    anew. Invalid arguments raise and are never stored."""
-    key = None
-    if (type(segment_lengths) in (tuple, list) and type(dilation_rates) in (tuple, list)
-            and not torch.compiler.is_compiling()):  # traced: no guards on the table's keys
-        key = (tuple(segment_lengths), tuple(dilation_rates), mix, is_causal, softmax_scale,
-               tuple(map(type, segment_lengths)), tuple(map(type, dilation_rates)), type(mix),
-               type(is_causal), type(softmax_scale))
-        try:
-            config = _CONFIGS.get(key)
-        except TypeError:  # an unhashable element: validation raises below
-            config = key = None
-        if config is not None:
-            return config
-    config = DilatedConfig(segment_lengths, dilation_rates, mix, is_causal, softmax_scale)
-    if key is not None:
-        if len(_CONFIGS) >= 1024:
-            _CONFIGS.clear()
-        _CONFIGS[key] = config
-    return config
-
-
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype):
-    """``(backend, compute_dtype)``: ``auto`` asks the device for its capability; an explicit
-    backend is checked and computes in the input dtype."""
-    if backend != "auto":
-        check_backend(backend, device.type, dtype)
-        return backend, dtype
-    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    return select_backend(device.type, dtype, capability)
-
-
-def dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
-                      segment_lengths, dilation_rates, mix: str = "head_groups",
-                      is_causal: bool = False, softmax_scale: float | None = None,
-                      return_lse: bool = False, backend: str = "auto",
-                      dropout_p: float = 0.0, dropout_seed: int | None = None,
-                      seq_lengths: torch.Tensor | None = None,
-                      segment_ids: torch.Tensor | None = None):
-    """Dilated attention of ``query [batch, seq, heads, head_dim]`` against
-    ``key``/``value [batch, seq, kv_heads, head_dim]`` (``heads % kv_heads == 0``).
-
-    Pattern i cuts the sequence into segments ``[s*w_i, (s+1)*w_i)`` (the last one cut at
-    ``seq``) and keeps the positions ``(p % w_i) % r_i == offset`` (``w_i % r_i == 0``; any
-    ``seq >= 1``). ``mix="head_groups"``: heads form K contiguous groups, group i runs pattern i
-    at offset ``i % r_i``. ``mix="longnet"``: head j runs every pattern at offset ``j % r_i``,
-    merged by log-sum-exp (LongNet Eq. 10).
-
-    Args:
-        query: ``[batch, seq, heads, head_dim]``, a floating dtype.
-        key, value: ``[batch, seq, kv_heads, head_dim]``, the query's dtype and device.
-        segment_lengths, dilation_rates: the patterns ``(w_i)``, ``(r_i)``, tuples of ints.
-        mix: ``"head_groups"`` or ``"longnet"``.
-        is_causal: keys after the query are hidden.
-        softmax_scale: the score scale (default ``head_dim ** -0.5``).
-        return_lse: also return the log-sum-exp.
-        backend: ``"auto"`` (see :func:`ring_torch.select_backend`), ``"math"``, ``"torch"`` or
-            ``"xformers"``.
-        dropout_p: dropout on each pattern's attention probabilities, with the counter-based
-            mask of :mod:`ring_torch._dropout` (a hash of seed, pattern, batch, head and the two
-            positions), so the ring computes the same mask. It runs the math path; the LSE is
-            that of the undropped weights.
-        dropout_seed: the mask's seed (default: a draw from torch's RNG).
-        seq_lengths: an integer ``[batch]`` tensor (any device; ``0 <= len <= seq``; lists
-            accepted) or None (all ``seq``): positions ``p >= seq_lengths[b]`` are right
-            padding, never a key; their output is 0, their LSE ``-inf`` and the gradients of
-            their q, k, v exactly 0. They may hold any finite values (a NaN there reaches real rows as ``0 * NaN``). Causal
-            padding keeps the fused kernels; non-causal padding (and a ``seq`` the patterns do
-            not tile, padded with zeros internally) hides padded keys in the math kernel.
-        segment_ids: an integer ``[batch, seq]`` tensor (any device and integers, negative ones
-            too; lists accepted) or None (one document): packed documents, position ``p`` attends
-            key ``q`` only if ``segment_ids[b, p] == segment_ids[b, q]``, on top of the pattern
-            (whose segments and offsets keep their global positions: it does not restart per
-            document), causality and ``seq_lengths``. Dropout masks of the kept scores are
-            unchanged. The fused ``torch``/``xformers`` kernels take no such mask yet: a call
-            with ``segment_ids`` runs the masked math kernel, whatever ``backend``.
-
-    Returns:
-        ``out [batch, seq, heads, head_dim]`` in the input dtype, and with ``return_lse`` also
-        ``lse [batch, seq, heads]`` (natural log; float64 for float64 inputs, else float32;
-        ``-inf`` and ``out = 0`` where a position attends to nothing).
-
-    Host work, CUDA graphs and ``torch.compile``: a call reads no tensor value on the host (no
-    device sync), builds no tensor from host data once its plan and index caches are warm (its
-    first call with these shapes fills them), and its Python work and kernel launches depend on
-    the plan, not on ``seq``; so forward and forward+backward can be captured in a
-    ``torch.cuda.CUDAGraph`` after a warm-up call and replayed on new values copied into the
-    static inputs. ``seq_lengths`` on the query's device are data like the inputs (clamped to
-    ``[0, seq]``, not checked) and can be captured; given as a list or a CPU tensor for CUDA
-    inputs they are checked on the host and copied to the device in every call, which a capture
-    cannot hold. With ``dropout_p > 0`` the seed is a host integer of the call
-    (``dropout_seed=None`` draws it from torch's CPU RNG), so a replay repeats the captured mask.
-    Under ``torch.compile`` the call traces as one graph on the CPU; elsewhere its fused kernels
-    run eagerly behind a graph break (:func:`traces_fused`).
-
-    Raises:
-        TypeError: an argument of the wrong type (tensors of a non-floating dtype, a non-bool
-            ``is_causal``, patterns that are not ints, ``seq_lengths`` or ``segment_ids`` not an
-            int tensor).
-        ValueError: a wrong value. All checks run before any compute.
-    """
-    config = cached_config(segment_lengths, dilation_rates, mix, is_causal, softmax_scale)
-    b, n, h, h_kv, d = config.validate_inputs(query, key, value)
-    lengths = check_seq_lengths(seq_lengths, b, n, query.device)
-    docs = check_segment_ids(segment_ids, b, n, query.device)
-    dtype = query.dtype
-    backend, compute = resolve_backend(backend, query.device, dtype)
-    padding = make_padding(lengths, b, n, config.padded_length(n), config.is_causal, query.device,
-                           docs)
-    plan = build_plan(config, padding.padded_len, h, h_kv)
-    scale = config.scale(d)
-    dropout = make_dropout(dropout_p, dropout_seed)
-    spec = MaskSpec(config.is_causal, dropout, **padding.mask_fields())
-    executor = make_executor(backend, query.device, compute, d, dropout, spec.needs_key_mask)
-    q, k, v = pad_inputs(padding, [x.to(compute) for x in (query, key, value)])
-    row_lengths = padding.lengths if padding.mask_rows else None  # padded rows zeroed by the executor
-    out, lse = cut_padding(padding, *executor.run(plan, q, k, v, scale, spec, with_lse=return_lse,
-                                                  row_lengths=row_lengths))
-    out = out.to(dtype)
-    if not return_lse:
-        return out
-    return out, lse.to(torch.float64 if dtype == torch.float64 else torch.float32)

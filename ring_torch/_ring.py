@@ -41,7 +41,8 @@ from ring_torch._consistency import check_consistent
 from ring_torch._config import (DilatedConfig, check_ring_size, check_segment_ids, check_seq_lengths,
                                 check_shapes)
 from ring_torch._coords import BlockCoords, MaskSpec
-from ring_torch._dilated import dilated_attention, make_executor, resolve_backend
+from ring_torch._api import dilated_attention, resolve_backend
+from ring_torch._dilated import make_executor
 from ring_torch._dropout import Dropout, make_dropout
 from ring_torch._layout import balanced_order, check_layout, from_balanced, to_balanced
 from ring_torch._plan import index_tensor
