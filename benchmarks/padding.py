@@ -6,7 +6,8 @@ forward+backward (the backward of ``sum(out)``), milliseconds, in one process:
   (a) n = 1M (2^20), batch 1: ``seq_lengths`` all n vs no ``seq_lengths``;
   (b) n = 1,000,000 (padded inside to a length the patterns tile) vs n = 1,048,576;
   (c) batch 4 at n = 1M with lengths (1M, 700K, 300K, 10K) in one call vs the sum of four batch-1
-      calls at n = 1M, 700K, 300K and 10K (each an exact length, no seq_lengths).
+      calls at n = 1M, 700K, 300K and 10K (each an exact length, no seq_lengths). torch twice:
+      lengths on the device (one batched run) and on the host (a list: entry by entry).
 
 ``--small``: the same cases at tiny sizes, for a CPU check of the script. ``--ab-counts``: JAX
 twice in the same process, as ``jax`` (cuDNN told each block's real rows) and ``jax_no_counts``
@@ -64,6 +65,9 @@ def summarize(rows) -> dict:
                 b_odd_over_pow2=ratio(odd, ("b", f"n={n}"), field) if odd else None,
                 c_batch_over_sum_of_singles=(batch[field] / sum(r[field] for r in singles)
                                              if batch and singles else None))
+            host = by.get(("c", "batch_with_host_lengths"))
+            if host and singles:
+                res[field]["c_host_lengths_batch_over_sum_of_singles"] = host[field] / sum(r[field] for r in singles)
         out[fw] = res
     return out
 
@@ -134,18 +138,23 @@ def _torch_ms(fn, steps: int, device) -> float:
 
 def run_torch(cfg, args, rows):
     """The cases of :func:`cases` through ``ring_torch.dilated_attention`` on ``args.device``
-    (``seq_lengths`` a device tensor; the backward of ``sum(out)`` in float32, as in JAX)."""
+    (``seq_lengths`` a device tensor, and for (c) also a list; the backward of ``sum(out)`` in
+    float32, as in JAX)."""
     import torch
 
     import ring_torch
 
     device, dt = torch.device(args.device), getattr(torch, args.dtype)
     kw = dict(segment_lengths=cfg["w"], dilation_rates=cfg["r"], mix=args.mix, is_causal=True)
+    points = []
     for case, variant, b, n, lengths in cases(cfg):
+        points.append((case, variant, b, n, lengths, None if lengths is None else torch.tensor(lengths, device=device)))
+        if variant == "batch_with_lengths":
+            points.append((case, "batch_with_host_lengths", b, n, lengths, list(lengths)))
+    for case, variant, b, n, lengths, lens in points:
         gen = torch.Generator(device=device).manual_seed(0)
         q, k, v = (torch.randn(b, n, cfg["h"], cfg["d"], device=device, dtype=dt, generator=gen)
                    for _ in range(3))
-        lens = None if lengths is None else torch.tensor(lengths, device=device)
 
         def fwd():
             with torch.no_grad():

@@ -8,10 +8,17 @@ and the short tail ``[T, seq)`` (fewer than ``lcm(w)`` rows), padded to its own 
 (:meth:`ring_torch._config.DilatedConfig.padded_length`). The tail's masks (dropout, documents,
 padding) see global positions (:attr:`ring_torch._coords.MaskSpec.base`), so the result is that
 of the unsplit sequence.
+
+A batch whose ``seq_lengths`` are known on the host may run entry by entry, each entry on its
+real rows ``[0, seq_lengths[b])`` alone (:func:`_host_lengths` decides once per call), so no
+kernel computes padding.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
 from ring_torch._config import DilatedConfig, check_segment_ids, check_seq_lengths
@@ -65,25 +72,99 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype):
     return select_backend(device.type, dtype, capability)
 
 
-def _attend_span(config: DilatedConfig, backend: str, q, k, v, start: int, lengths, docs, scale: float,
-                 dropout: Dropout | None, with_lse: bool):
-    """``(out [b, t, h, d], lse [b, t, h] or None)`` of the rows ``[start, start + t)`` of
-    ``q [b, t, h, d]``, ``k``/``v [b, t, h_kv, d]`` (compute dtype) against each other alone:
-    ``start`` a multiple of every ``w``, and ``start + t`` one too or the caller's ``seq``.
-    ``lengths`` (int64 ``[b]``, global) and ``docs`` (``[b, seq]``) as checked, or None."""
+# A batch with host-known lengths runs entry by entry (each on its real rows only) when its
+# sequences are at least this long (the kernels, not the per-call host work, dominate) ...
+PER_EXAMPLE_MIN_SEQ = 1 << 16
+# ... and at least this share of its tokens is padding.
+PER_EXAMPLE_MIN_PADDING = 0.125
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What every span of one call shares: the config, the resolved backend, the scale, the
+    dropout, whether the LSE is wanted, the checked ``segment_ids [batch, seq]`` (or None) and
+    the global batch size."""
+
+    config: DilatedConfig
+    backend: str
+    scale: float
+    dropout: Dropout | None
+    with_lse: bool
+    docs: torch.Tensor | None
+    batch: int
+
+
+def _attend_span(call: _Call, q, k, v, start: int, lengths, batch_base: int = 0):
+    """``(out [b, t, h, d], lse [b, t, h] or None)`` of the rows ``[start, start + t)`` of the
+    batch entries ``batch_base + range(b)``, ``q [b, t, h, d]``, ``k``/``v [b, t, h_kv, d]``
+    (compute dtype), attending only each other: ``start`` a multiple of every ``w``, and
+    ``start + t`` one too or the end of the sequence. ``lengths``: int64 ``[batch]`` (global)
+    or None."""
+    config = call.config
     b, t, h, d = q.shape
     stop = start + t
-    padding = make_padding(lengths, b, stop, start + config.padded_length(t), config.is_causal,
+    docs = None if call.docs is None else call.docs[:, :stop]
+    padding = make_padding(lengths, call.batch, stop, start + config.padded_length(t), config.is_causal,
                            q.device, docs)
     plan = build_plan(config, padding.padded_len - start, h, k.shape[2])
-    spec = MaskSpec(config.is_causal, dropout, base=start, **padding.mask_fields())
-    executor = make_executor(backend, q.device, q.dtype, d, dropout, spec.needs_key_mask)
+    spec = MaskSpec(config.is_causal, call.dropout, base=start, batch_base=batch_base, **padding.mask_fields())
+    executor = make_executor(call.backend, q.device, q.dtype, d, call.dropout, spec.needs_key_mask)
     q, k, v = pad_inputs(padding, [q, k, v])
     row_lengths = None  # local rows at or past them are zeroed by the executor
     if padding.mask_rows:
         row_lengths = padding.lengths if start == 0 else (padding.lengths - start).clamp_(min=0)
-    return cut_padding(padding, *executor.run(plan, q, k, v, scale, spec, with_lse=with_lse,
+    return cut_padding(padding, *executor.run(plan, q, k, v, call.scale, spec, with_lse=call.with_lse,
                                               row_lengths=row_lengths))
+
+
+def _attend(call: _Call, q, k, v, lengths, batch_base: int = 0):
+    """``(out, lse or None)`` of ``q [b, n, h, d]``, ``k``/``v [b, n, h_kv, d]``: one span, or
+    the tiled prefix (views) and the short padded tail, independent of each other."""
+    n = q.shape[1]
+    cut = call.config.tiled_prefix(n)
+    if cut in (0, n):
+        return _attend_span(call, q, k, v, 0, lengths, batch_base)
+    prefix, rest = zip(*(x.split([cut, n - cut], dim=1) for x in (q, k, v)))
+    parts = [_attend_span(call, *span, start, lengths, batch_base) for span, start in ((prefix, 0), (rest, cut))]
+    lse = None if parts[0][1] is None else torch.cat([l for _, l in parts], dim=1)
+    return torch.cat([o for o, _ in parts], dim=1), lse
+
+
+def _host_lengths(seq_lengths, batch: int, seq_len: int) -> tuple[int, ...] | None:
+    """The checked ``seq_lengths`` as ints when the caller gave them on the host (a list, an
+    array, a CPU tensor) and the batch gains from running entry by entry
+    (:data:`PER_EXAMPLE_MIN_SEQ`, :data:`PER_EXAMPLE_MIN_PADDING`); else None (also while
+    ``torch.compile`` traces, where the values would become guards)."""
+    if (seq_lengths is None or batch < 2 or seq_len < PER_EXAMPLE_MIN_SEQ
+            or torch.compiler.is_compiling()
+            or (isinstance(seq_lengths, torch.Tensor) and seq_lengths.device.type != "cpu")):
+        return None
+    values = tuple(int(x) for x in torch.as_tensor(np.asarray(seq_lengths)).tolist())
+    return values if sum(values) <= (1 - PER_EXAMPLE_MIN_PADDING) * batch * seq_len else None
+
+
+def _attend_each(call: _Call, q, k, v, lengths: tuple[int, ...]):
+    """:func:`_attend` entry by entry on its real rows ``[0, lengths[i])`` alone (the definition
+    of right padding), the padded rows ``0`` / ``-inf``. The inputs are cut into their real and
+    padded runs of rows by one ``split`` (its backward is one ``cat``, padded rows' gradients
+    0) and the results joined by one ``cat``."""
+    b, n, h, d = q.shape
+    sizes = [size for length in lengths for size in (length, n - length)]
+    runs = [x.reshape(b * n, *x.shape[2:]).split(sizes) for x in (q, k, v)]  # [rows, X, d] each
+    done = {i: _attend(call, *(r[2 * i][None] for r in runs), None, batch_base=i)
+            for i, length in enumerate(lengths) if length}
+    some = next(iter(done.values()), None)
+    out_dtype = q.dtype if some is None else some[0].dtype
+    lse_dtype = torch.promote_types(q.dtype, torch.float32) if some is None or some[1] is None else some[1].dtype
+    outs, lses = [], []
+    for i, length in enumerate(lengths):
+        if i in done:
+            outs.append(done[i][0][0])
+            lses.append(None if done[i][1] is None else done[i][1][0])
+        outs.append(q.new_zeros(n - length, h, d, dtype=out_dtype))
+        lses.append(q.new_full((n - length, h), float("-inf"), dtype=lse_dtype))
+    out = torch.cat(outs).view(b, n, h, d)
+    return out, (None if not call.with_lse else torch.cat(lses).view(b, n, h))
 
 
 def dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
@@ -120,10 +201,15 @@ def dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
         seq_lengths: an integer ``[batch]`` tensor (any device; ``0 <= len <= seq``; lists
             accepted) or None (all ``seq``): positions ``p >= seq_lengths[b]`` are right
             padding, never a key; their output is 0, their LSE ``-inf`` and the gradients of
-            their q, k, v exactly 0. They may hold any finite values (a NaN there reaches real rows as ``0 * NaN``). Causal
-            padding keeps the fused kernels; non-causal padding hides padded keys in the math
-            kernel. A ``seq`` the patterns do not tile runs its tiled prefix on the fused
-            kernels and only the short tail padded (see the module docstring).
+            their q, k, v exactly 0. They may hold any finite values (a NaN there reaches
+            real rows as ``0 * NaN``). Causal padding keeps the fused kernels; non-causal
+            padding hides padded keys in the math kernel. Given on the host (a list, an array,
+            a CPU tensor) for ``seq >= PER_EXAMPLE_MIN_SEQ`` (65,536) with at least
+            ``PER_EXAMPLE_MIN_PADDING`` (1/8) of the batch's tokens padding, the batch runs
+            entry by entry on each entry's real rows only (no work on padding, any causality,
+            the fused kernels kept); on the device it runs as one batch.
+            A ``seq`` the patterns do not tile runs its tiled prefix on the fused kernels and
+            only the short tail padded (see the module docstring).
         segment_ids: an integer ``[batch, seq]`` tensor (any device and integers, negative ones
             too; lists accepted) or None (one document): packed documents, position ``p`` attends
             key ``q`` only if ``segment_ids[b, p] == segment_ids[b, q]``, on top of the pattern
@@ -144,8 +230,8 @@ def dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     ``torch.cuda.CUDAGraph`` after a warm-up call and replayed on new values copied into the
     static inputs. ``seq_lengths`` on the query's device are data like the inputs (clamped to
     ``[0, seq]``, not checked) and can be captured; given as a list or a CPU tensor for CUDA
-    inputs they are checked on the host and copied to the device in every call, which a capture
-    cannot hold. With ``dropout_p > 0`` the seed is a host integer of the call
+    inputs they are checked on the host and copied to the device in every call (and may run the
+    batch entry by entry, see ``seq_lengths``), which a capture cannot hold. With ``dropout_p > 0`` the seed is a host integer of the call
     (``dropout_seed=None`` draws it from torch's CPU RNG), so a replay repeats the captured mask.
     Under ``torch.compile`` the call traces as one graph on the CPU; elsewhere its fused kernels
     run eagerly behind a graph break (:func:`traces_fused`).
@@ -162,18 +248,10 @@ def dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     docs = check_segment_ids(segment_ids, b, n, query.device)
     dtype = query.dtype
     backend, compute = resolve_backend(backend, query.device, dtype)
-    scale = config.scale(d)
-    dropout = make_dropout(dropout_p, dropout_seed)
+    call = _Call(config, backend, config.scale(d), make_dropout(dropout_p, dropout_seed), return_lse, docs, b)
     xs = [x.to(compute) for x in (query, key, value)]
-    cut = config.tiled_prefix(n)
-    if cut in (0, n):
-        out, lse = _attend_span(config, backend, *xs, 0, lengths, docs, scale, dropout, return_lse)
-    else:  # the tiled prefix (views) and the short padded tail, independent of each other
-        prefix, rest = zip(*(x.split([cut, n - cut], dim=1) for x in xs))
-        parts = [_attend_span(config, backend, *span, start, lengths, docs, scale, dropout, return_lse)
-                 for span, start in ((prefix, 0), (rest, cut))]
-        out = torch.cat([o for o, _ in parts], dim=1)
-        lse = None if parts[0][1] is None else torch.cat([l for _, l in parts], dim=1)
+    each = _host_lengths(seq_lengths, b, n)
+    out, lse = _attend(call, *xs, lengths) if each is None else _attend_each(call, *xs, each)
     out = out.to(dtype)
     if not return_lse:
         return out

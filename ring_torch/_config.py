@@ -323,10 +323,12 @@ def check_segment_ids(segment_ids, batch: int, seq_len: int, device: torch.devic
 
 
 def lengths_from_padding_mask(key_padding_mask, batch: int, seq_len: int) -> torch.Tensor:
-    """Right-padding lengths ``[batch]`` (int64) of a boolean ``key_padding_mask [batch, seq_len]``
-    (True = padding, torch's convention); ``ValueError`` naming the first row where a padding
-    position precedes a real one (a mask that is not right padding), ``TypeError`` for a
-    non-bool mask. Reads the mask (one host sync on an accelerator)."""
+    """Right-padding lengths ``[batch]`` (int64, on the CPU) of a boolean ``key_padding_mask
+    [batch, seq_len]`` (True = padding, torch's convention); ``ValueError`` naming the first row
+    where a padding position precedes a real one (a mask that is not right padding),
+    ``TypeError`` for a non-bool mask. Reads the mask (a host sync on an accelerator), so the
+    lengths come back on the host, where a long padded batch can run entry by entry
+    (:func:`ring_torch.dilated_attention`'s ``seq_lengths``)."""
     if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
         raise TypeError(f"key_padding_mask must be a bool torch.Tensor [batch, seq] (True = "
                         f"padding), got {getattr(key_padding_mask, 'dtype', type(key_padding_mask))}")
@@ -341,4 +343,4 @@ def lengths_from_padding_mask(key_padding_mask, batch: int, seq_len: int) -> tor
         raise ValueError(f"key_padding_mask is not right padding: row {b} has padding (True) at "
                          f"position {p} followed by a real position (False) at {p + 1}; only "
                          f"right-padded masks convert to seq_lengths")
-    return (~key_padding_mask).sum(1)
+    return (~key_padding_mask).sum(1).cpu()
