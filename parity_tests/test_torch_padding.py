@@ -156,22 +156,24 @@ def test_causal_padding_keeps_the_fused_kernel(monkeypatch, causal, fused):
 def test_untiled_n_runs_an_unpadded_prefix_and_a_padded_tail(monkeypatch, causal, lengths):
     """``n = 37`` with ``lcm(w) = 16``: the prefix ``[0, 32)`` runs on views with no padding
     (so the fused kernel even without causality, unless ``seq_lengths`` ask for a key mask),
-    the tail ``[32, 37)`` padded to its own plan length 40 - 32 = 8."""
+    the tail ``[32, 37)`` padded to its own plan length 40 - 32 = 8; when both take the fused
+    kernel they run as one ``FusedRuns`` node."""
     import ring_torch._api as api
+    import ring_torch._runs as runs
 
-    made, padded = [], []
-    original, pad = api.make_executor, api.pad_inputs
+    made, fused = [], []
+    spans, apply = api._spans, runs.FusedRuns.apply
 
-    def spy(*args, **kwargs):
-        made.append(original(*args, **kwargs))
-        return made[-1]
+    def spy(*args):
+        made.extend(spans(*args))
+        return made[-2:]
 
-    def spy_pad(padding, xs):
-        padded.append((padding.seq_len, padding.padded_len, xs[0].shape[1]))
-        return pad(padding, xs)
+    def spy_apply(*args):
+        fused.append(args[3])
+        return apply(*args)
 
-    monkeypatch.setattr(api, "make_executor", spy)
-    monkeypatch.setattr(api, "pad_inputs", spy_pad)
+    monkeypatch.setattr(api, "_spans", spy)
+    monkeypatch.setattr(runs.FusedRuns, "apply", spy_apply)
     _, n, h, h_kv, w, r = CONFIGS[4]
     q, k, v, dout, dlse = _inputs(n, h, h_kv)
     sl = None if lengths is None else torch.tensor(lengths)
@@ -179,9 +181,11 @@ def test_untiled_n_runs_an_unpadded_prefix_and_a_padded_tail(monkeypatch, causal
         *x, segment_lengths=w, dilation_rates=r, is_causal=causal, return_lse=True, backend="torch",
         seq_lengths=sl), q, k, v, dout, dlse)
     _check(got, n, h, h_kv, w, r, "head_groups", causal, lengths)
-    assert padded == [(32, 32, 32), (37, 40, 5)]  # (global stop, global padded stop, rows given)
+    assert [(run.start, run.stop, run.pad) for run, _ in made] == [(0, 32, 0), (32, 37, 3)]
     key_mask = not causal and lengths is not None
-    assert [e.kernel.name for e in made] == ["math" if key_mask else "torch", "torch" if causal else "math"]
+    kernels = ["math" if key_mask else "torch", "torch" if causal else "math"]
+    assert [e.kernel.name for _, e in made] == kernels
+    assert len(fused) == (kernels == ["torch", "torch"])
 
 
 @pytest.mark.parametrize("mix", ["head_groups", "longnet"])

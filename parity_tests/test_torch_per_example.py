@@ -20,13 +20,13 @@ def per_example(monkeypatch):
     per-entry ``batch_base`` values the calls ran."""
     monkeypatch.setattr(api, "PER_EXAMPLE_MIN_SEQ", 1)
     ran = []
-    attend = api._attend
+    spans = api._spans
 
-    def spy(call, q, k, v, lengths, batch_base=0):
-        ran.append((batch_base, q.shape[1]))
-        return attend(call, q, k, v, lengths, batch_base)
+    def spy(call, entries, device):
+        ran.extend((base, length) for _, base, length, _ in entries)
+        return spans(call, entries, device)
 
-    monkeypatch.setattr(api, "_attend", spy)
+    monkeypatch.setattr(api, "_spans", spy)
     return ran
 
 

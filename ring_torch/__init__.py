@@ -11,6 +11,7 @@ importing only the ones above it:
 * ``_kernels``: the kernels (math, torch, xformers) behind one protocol, and backend dispatch.
 * ``_rows``: strided row views and gathers, blank results, the LSE merges and a call's padding.
 * ``_dilated``: one device: the executors (fused or autograd) and the fused autograd Function.
+* ``_runs``: independent pieces of one call (spans, batch entries) as one fused autograd node.
 * ``_api``: the single-device entry point ``dilated_attention``: checks, backend, spans.
 * ``_decode``: cached decoding from a constant-size cache of the current segments.
 * ``_layout``: the ring layouts (contiguous, balanced): the permutations, the balanced rules

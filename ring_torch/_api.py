@@ -20,14 +20,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ring_torch._config import DilatedConfig, check_segment_ids, check_seq_lengths
 from ring_torch._coords import MaskSpec
-from ring_torch._dilated import make_executor
+from ring_torch._dilated import FusedExecutor, make_executor
 from ring_torch._dropout import Dropout, make_dropout
 from ring_torch._kernels import check_backend, select_backend
 from ring_torch._plan import build_plan
-from ring_torch._rows import cut_padding, make_padding, pad_inputs
+from ring_torch._rows import make_padding
+from ring_torch._runs import Run, run_fused
 
 __all__ = ["dilated_attention", "resolve_backend", "cached_config"]
 
@@ -81,9 +83,9 @@ PER_EXAMPLE_MIN_PADDING = 0.125
 
 @dataclass(frozen=True)
 class _Call:
-    """What every span of one call shares: the config, the resolved backend, the scale, the
+    """What every run of one call shares: the config, the resolved backend, the scale, the
     dropout, whether the LSE is wanted, the checked ``segment_ids [batch, seq]`` (or None) and
-    the global batch size."""
+    the inputs' shapes."""
 
     config: DilatedConfig
     backend: str
@@ -92,42 +94,96 @@ class _Call:
     with_lse: bool
     docs: torch.Tensor | None
     batch: int
+    seq_len: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    compute: torch.dtype
 
 
-def _attend_span(call: _Call, q, k, v, start: int, lengths, batch_base: int = 0):
-    """``(out [b, t, h, d], lse [b, t, h] or None)`` of the rows ``[start, start + t)`` of the
-    batch entries ``batch_base + range(b)``, ``q [b, t, h, d]``, ``k``/``v [b, t, h_kv, d]``
-    (compute dtype), attending only each other: ``start`` a multiple of every ``w``, and
-    ``start + t`` one too or the end of the sequence. ``lengths``: int64 ``[batch]`` (global)
-    or None."""
+def _span(call: _Call, batch: slice, batch_base: int, start: int, stop: int, lengths, device):
+    """The :class:`ring_torch._runs.Run` of the rows ``[start, stop)`` of the entries
+    ``batch`` (the first ``batch_base``), attending only each other (``start`` a multiple of
+    every ``w``, ``stop`` one too or the end of the entries' rows), and its executor.
+    ``lengths``: int64 ``[batch]`` (global) or None."""
     config = call.config
-    b, t, h, d = q.shape
-    stop = start + t
     docs = None if call.docs is None else call.docs[:, :stop]
-    padding = make_padding(lengths, call.batch, stop, start + config.padded_length(t), config.is_causal,
-                           q.device, docs)
-    plan = build_plan(config, padding.padded_len - start, h, k.shape[2])
+    padding = make_padding(lengths, call.batch, stop, start + config.padded_length(stop - start),
+                           config.is_causal, device, docs)
+    plan = build_plan(config, padding.padded_len - start, call.heads, call.kv_heads)
     spec = MaskSpec(config.is_causal, call.dropout, base=start, batch_base=batch_base, **padding.mask_fields())
-    executor = make_executor(call.backend, q.device, q.dtype, d, call.dropout, spec.needs_key_mask)
-    q, k, v = pad_inputs(padding, [q, k, v])
+    executor = make_executor(call.backend, device, call.compute, call.head_dim, call.dropout,
+                             spec.needs_key_mask)
     row_lengths = None  # local rows at or past them are zeroed by the executor
     if padding.mask_rows:
         row_lengths = padding.lengths if start == 0 else (padding.lengths - start).clamp_(min=0)
-    return cut_padding(padding, *executor.run(plan, q, k, v, call.scale, spec, with_lse=call.with_lse,
-                                              row_lengths=row_lengths))
+    return Run(plan, batch, start, stop, padding.padded_len - stop, spec, row_lengths), executor
 
 
-def _attend(call: _Call, q, k, v, lengths, batch_base: int = 0):
-    """``(out, lse or None)`` of ``q [b, n, h, d]``, ``k``/``v [b, n, h_kv, d]``: one span, or
-    the tiled prefix (views) and the short padded tail, independent of each other."""
+def _spans(call: _Call, entries, device):
+    """``[(run, executor)]`` of ``entries`` (``(batch slice, first entry, real rows, lengths)``):
+    each one span, or its tiled prefix and short tail (:meth:`DilatedConfig.tiled_prefix`)."""
+    runs = []
+    for batch, base, length, lengths in entries:
+        cut = call.config.tiled_prefix(length)
+        bounds = [(0, length)] if cut in (0, length) else [(0, cut), (cut, length)]
+        runs += [_span(call, batch, base, start, stop, lengths, device) for start, stop in bounds]
+    return runs
+
+
+def _stitched(call: _Call, runs, q, k, v):
+    """``(out, lse or None)`` of ``runs`` run one by one by their executors (any kernel): the
+    inputs cut by ``split`` (one ``cat`` each in the backward), the results joined by ``cat``,
+    rows no run covers ``0`` / ``-inf``."""
+    b, n, h, d = q.shape
+    whole = len(runs) and runs[0][0].batch == slice(None)
+    entries = [(q, k, v)] if whole else list(zip(*(x.split(1) for x in (q, k, v))))
+    results = {}
+    for index, xs in enumerate(entries):
+        mine = [(r, e) for r, e in runs if whole or r.batch.start == index]
+        if not mine:
+            continue
+        sizes = [r.stop - r.start for r, _ in mine]
+        pieces = list(zip(*(x.split(sizes + [n - sum(sizes)], dim=1) for x in xs)))
+        parts = []
+        for (run, executor), piece in zip(mine, pieces):
+            padded = [F.pad(x, (0, 0, 0, 0, 0, run.pad)) if run.pad else x for x in piece]
+            o, l = executor.run(run.plan, *padded, call.scale, run.spec, with_lse=call.with_lse,
+                                row_lengths=run.row_lengths)
+            parts.append((o[:, :run.stop - run.start], None if l is None else l[:, :run.stop - run.start]))
+        results[index] = parts
+    dtypes = next(((o.dtype, None if l is None else l.dtype) for parts in results.values() for o, l in parts))
+    outs, lses = [], []
+    for index in range(len(entries)):
+        parts = results.get(index, [])
+        rows = sum(o.shape[1] for o, _ in parts)
+        entry = b if whole else 1
+        outs.append(torch.cat([o for o, _ in parts] + [q.new_zeros(entry, n - rows, h, d, dtype=dtypes[0])], 1))
+        if dtypes[1] is not None:
+            blank_lse = q.new_full((entry, n - rows, h), float("-inf"), dtype=dtypes[1])
+            lses.append(torch.cat([l for _, l in parts] + [blank_lse], 1))
+    return torch.cat(outs), (torch.cat(lses) if lses else None)
+
+
+def _attend(call: _Call, q, k, v, lengths, each):
+    """``(out, lse or None)`` of the call: as one batch (``each`` None; ``lengths`` the device
+    lengths or None) or entry by entry on the real rows ``each``; pieces (spans, entries) that
+    all take the fused kernel run as one :class:`ring_torch._runs.FusedRuns` node."""
     n = q.shape[1]
-    cut = call.config.tiled_prefix(n)
-    if cut in (0, n):
-        return _attend_span(call, q, k, v, 0, lengths, batch_base)
-    prefix, rest = zip(*(x.split([cut, n - cut], dim=1) for x in (q, k, v)))
-    parts = [_attend_span(call, *span, start, lengths, batch_base) for span, start in ((prefix, 0), (rest, cut))]
-    lse = None if parts[0][1] is None else torch.cat([l for _, l in parts], dim=1)
-    return torch.cat([o for o, _ in parts], dim=1), lse
+    if each is None:
+        entries = [(slice(None), 0, n, lengths)]
+    else:
+        entries = [(slice(i, i + 1), i, length, None) for i, length in enumerate(each) if length]
+    runs = _spans(call, entries, q.device)
+    if len(runs) == 1 and each is None:
+        (run, executor), = runs
+        xs = [F.pad(x, (0, 0, 0, 0, 0, run.pad)) if run.pad else x for x in (q, k, v)]
+        o, l = executor.run(run.plan, *xs, call.scale, run.spec, with_lse=call.with_lse,
+                            row_lengths=run.row_lengths)
+        return o[:, :n], (None if l is None else l[:, :n])
+    if all(isinstance(e, FusedExecutor) for _, e in runs) and not torch.compiler.is_compiling():
+        return run_fused([r for r, _ in runs], q, k, v, call.scale, runs[0][1].kernel, call.with_lse)
+    return _stitched(call, runs, q, k, v)
 
 
 def _host_lengths(seq_lengths, batch: int, seq_len: int) -> tuple[int, ...] | None:
@@ -140,31 +196,7 @@ def _host_lengths(seq_lengths, batch: int, seq_len: int) -> tuple[int, ...] | No
             or (isinstance(seq_lengths, torch.Tensor) and seq_lengths.device.type != "cpu")):
         return None
     values = tuple(int(x) for x in torch.as_tensor(np.asarray(seq_lengths)).tolist())
-    return values if sum(values) <= (1 - PER_EXAMPLE_MIN_PADDING) * batch * seq_len else None
-
-
-def _attend_each(call: _Call, q, k, v, lengths: tuple[int, ...]):
-    """:func:`_attend` entry by entry on its real rows ``[0, lengths[i])`` alone (the definition
-    of right padding), the padded rows ``0`` / ``-inf``. The inputs are cut into their real and
-    padded runs of rows by one ``split`` (its backward is one ``cat``, padded rows' gradients
-    0) and the results joined by one ``cat``."""
-    b, n, h, d = q.shape
-    sizes = [size for length in lengths for size in (length, n - length)]
-    runs = [x.reshape(b * n, *x.shape[2:]).split(sizes) for x in (q, k, v)]  # [rows, X, d] each
-    done = {i: _attend(call, *(r[2 * i][None] for r in runs), None, batch_base=i)
-            for i, length in enumerate(lengths) if length}
-    some = next(iter(done.values()), None)
-    out_dtype = q.dtype if some is None else some[0].dtype
-    lse_dtype = torch.promote_types(q.dtype, torch.float32) if some is None or some[1] is None else some[1].dtype
-    outs, lses = [], []
-    for i, length in enumerate(lengths):
-        if i in done:
-            outs.append(done[i][0][0])
-            lses.append(None if done[i][1] is None else done[i][1][0])
-        outs.append(q.new_zeros(n - length, h, d, dtype=out_dtype))
-        lses.append(q.new_full((n - length, h), float("-inf"), dtype=lse_dtype))
-    out = torch.cat(outs).view(b, n, h, d)
-    return out, (None if not call.with_lse else torch.cat(lses).view(b, n, h))
+    return values if 0 < sum(values) <= (1 - PER_EXAMPLE_MIN_PADDING) * batch * seq_len else None
 
 
 def dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
@@ -248,10 +280,10 @@ def dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     docs = check_segment_ids(segment_ids, b, n, query.device)
     dtype = query.dtype
     backend, compute = resolve_backend(backend, query.device, dtype)
-    call = _Call(config, backend, config.scale(d), make_dropout(dropout_p, dropout_seed), return_lse, docs, b)
+    call = _Call(config, backend, config.scale(d), make_dropout(dropout_p, dropout_seed), return_lse, docs,
+                 b, n, h, h_kv, d, compute)
     xs = [x.to(compute) for x in (query, key, value)]
-    each = _host_lengths(seq_lengths, b, n)
-    out, lse = _attend(call, *xs, lengths) if each is None else _attend_each(call, *xs, each)
+    out, lse = _attend(call, *xs, lengths, _host_lengths(seq_lengths, b, n))
     out = out.to(dtype)
     if not return_lse:
         return out

@@ -35,12 +35,22 @@ def _attend_rows(unit: Unit, q, k, v, scale, kernel: Kernel, spec: MaskSpec):
     return kernel.forward(q_rows(q, unit), kv_rows(k, unit), kv_rows(v, unit), scale, coords)
 
 
-def _run_heads(units, q, k, v, scale, kernel, spec, with_lse=True):
+def _cleared(into, with_lse=True):
+    """The destination ``(out, lse)`` views as :func:`blank` leaves them: ``0`` / ``-inf``."""
+    out, lse = into
+    out.zero_()
+    if not with_lse:
+        return out, None
+    return out, lse.fill_(float("-inf"))
+
+
+def _run_heads(units, q, k, v, scale, kernel, spec, with_lse=True, into=None):
     """``units`` covering each query head at most once (``head_groups``, or one ``longnet``
-    pattern), each written in place into its heads and rows of one ``(out, lse)``; heads no
-    unit covers (a ring's local sub-plan) stay ``out = 0``, ``lse = -inf``; ``with_lse=False``:
-    ``lse`` is None (not written)."""
-    out, lse = blank(q, q.shape[2], with_lse=with_lse)
+    pattern), each written in place into its heads and rows of one ``(out, lse)`` (new, or the
+    views ``into`` of the same shapes and dtypes); heads no unit covers (a ring's local
+    sub-plan) stay ``out = 0``, ``lse = -inf``; ``with_lse=False``: ``lse`` is None (not
+    written)."""
+    out, lse = blank(q, q.shape[2], with_lse=with_lse) if into is None else _cleared(into, with_lse)
     for u in units:
         o, l = _attend_rows(u, q, k, v, scale, kernel, spec)
         copy_rows_(q_rows(out, u), o)
@@ -49,19 +59,26 @@ def _run_heads(units, q, k, v, scale, kernel, spec, with_lse=True):
     return out, lse
 
 
-def _forward(plan: DilatedPlan, q, k, v, scale, kernel, spec, with_lse=True):
+def _forward(plan: DilatedPlan, q, k, v, scale, kernel, spec, with_lse=True, into=None):
     """``(out [b, n, h, d], lse [b, n, h])`` of every unit of ``plan``: ``out`` in ``q``'s dtype
     when heads are not merged, else the float32+ merge; ``with_lse=False``: ``lse`` may be None
-    (``head_groups``: not written; a merge needs it)."""
+    (``head_groups``: not written; a merge needs it). ``into`` (no autograd graph): views
+    ``(out, lse)`` in ``q``'s dtype and float32+ the result is written to and returned as."""
     if not plan.merged:
-        return _run_heads(plan.units, q, k, v, scale, kernel, spec, with_lse)
+        return _run_heads(plan.units, q, k, v, scale, kernel, spec, with_lse, into)
     if not records_graph(q, k, v):
         # No autograd graph (inference, FusedDilated): merge each unit into one float32 output
         # in place, no per-pattern full-size outputs.
-        acc, acc_lse = blank(q, q.shape[2], out_dtype=torch.promote_types(q.dtype, torch.float32))
+        acc_dtype = torch.promote_types(q.dtype, torch.float32)
+        if into is not None and into[0].dtype == acc_dtype:
+            acc, acc_lse = _cleared(into)
+        else:
+            acc, acc_lse = blank(q, q.shape[2], out_dtype=acc_dtype)
         for u in plan.units:
             o, l = _attend_rows(u, q, k, v, scale, kernel, spec)
             merge_rows(q_rows(acc, u), q_rows(acc_lse, u), o, l)
+        if into is not None and acc is not into[0]:
+            return copy_rows_(into[0], acc), into[1].copy_(acc_lse)
         return acc, acc_lse
     patterns = sorted({u.pattern for u in plan.units})  # a ring's local sub-plan may hold a few
     outs, lses = zip(*(_run_heads(plan.pattern_units(i), q, k, v, scale, kernel, spec)
@@ -96,16 +113,28 @@ def grad_dtypes(plan: DilatedPlan, dtype: torch.dtype) -> tuple[torch.dtype, tor
     return tuple(acc if summed else dtype for summed in _sums(plan))
 
 
-def _backward(plan: DilatedPlan, q, k, v, out, lse, dout, dlse, scale, kernel, spec, row_lengths=None):
+def _grad_buffers(plan: DilatedPlan, q, k, into):
+    """Zeroed ``(dq, dk, dv)`` in :func:`grad_dtypes`: the views ``into`` where their dtype is
+    that, else new tensors."""
+    q_dtype, kv_dtype = grad_dtypes(plan, q.dtype)
+    wanted = (q_dtype, kv_dtype, kv_dtype)
+    if into is None:
+        into = (None,) * 3
+    return tuple(dst.zero_() if dst is not None and dst.dtype == dt else
+                 torch.zeros(x.shape, dtype=dt, device=x.device)
+                 for dst, dt, x in zip(into, wanted, (q, k, k)))
+
+
+def _backward(plan: DilatedPlan, q, k, v, out, lse, dout, dlse, scale, kernel, spec, row_lengths=None,
+              into=None):
     """``(dq, dk, dv)`` from the *merged* ``(out, lse)``: each unit's block gradient is the fused
     kernel's backward fed the global ``out``/``lse`` rows (the ring's formula), written in place
     into its strided rows: copied where each element has one writer, else added in float32.
-    ``row_lengths`` (int64 ``[b]``): rows at or past them are padding, their ``dout`` taken as 0."""
+    ``row_lengths`` (int64 ``[b]``): rows at or past them are padding, their ``dout`` taken as 0.
+    ``into``: views ``(dq, dk, dv)`` in the inputs' dtypes the gradients are written to."""
     acc = torch.promote_types(q.dtype, torch.float32)
     q_sums, kv_sums = _sums(plan)
-    q_dtype, kv_dtype = grad_dtypes(plan, q.dtype)
-    dq = torch.zeros(q.shape, dtype=q_dtype, device=q.device)
-    dk, dv = (torch.zeros(k.shape, dtype=kv_dtype, device=k.device) for _ in range(2))
+    dq, dk, dv = _grad_buffers(plan, q, k, into)
     for u in plan.units:
         ks, vs = kv_rows(k, u), kv_rows(v, u)
         if u.kv_repeat > 1:  # the fused backward wants one kv head per query head
@@ -131,6 +160,8 @@ def _backward(plan: DilatedPlan, q, k, v, out, lse, dout, dlse, scale, kernel, s
                 head_rows(full, u, u.kv_heads).add_(g)
             else:
                 copy_rows_(head_rows(full, u, u.kv_heads), g)
+    if into is not None:
+        return tuple(dst if dst is g else dst.copy_(g) for dst, g in zip(into, (dq, dk, dv)))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
