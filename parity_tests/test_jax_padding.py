@@ -110,35 +110,6 @@ def test_full_lengths_equal_no_lengths_exactly(extra, causal):
         assert np.array_equal(a, b)
 
 
-@pytest.mark.parametrize("n", [32, 29])
-def test_causal_lengths_pick_the_plain_call_when_nothing_is_padded(monkeypatch, n):
-    """A causal call with ``seq_lengths`` traces both calls under one ``lax.cond``: the plain one
-    (no skipped padding, no per-row counts for cuDNN) and the padding-aware one; lengths all
-    ``n`` give the plain call's result exactly (also where the patterns pad ``n`` inside), and
-    shorter ones the oracle's (``test_one_device_entry_points_match_the_oracle``)."""
-    traced = []
-    make_mode = api.one_device_mode
-
-    def spy(plan, N):
-        mode = make_mode(plan, N)
-
-        def recorded(plan, spec, *args):
-            traced.append(spec.skip_padding)
-            return mode(plan, spec, *args)
-        return recorded
-
-    monkeypatch.setattr(api, "one_device_mode", spy)
-    kw = dict(segment_lengths=(4, 16), dilation_rates=(1, 2), is_causal=True, return_lse=True)
-    q, k, v = (jnp.asarray(a) for a in _inputs(n)[:3])
-    full = ring_jax.dilated_attention(q, k, v, seq_lengths=jnp.array([n, n]), **kw)
-    assert traced == [False, True]
-    plain = ring_jax.dilated_attention(q, k, v, **kw)
-    for a, b in zip(full, plain):
-        assert np.array_equal(a, b)
-    cut = ring_jax.dilated_attention(q, k, v, seq_lengths=jnp.array([n, 5]), **kw)
-    assert not np.array_equal(cut[0], plain[0]) and np.array_equal(cut[0][0], plain[0][0])
-
-
 def test_traced_lengths_compile_once():
     kw = dict(segment_lengths=(4, 8), dilation_rates=(1, 2))
     q, k, v = (jnp.asarray(a) for a in _inputs(11)[:3])

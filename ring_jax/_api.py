@@ -3,7 +3,6 @@ simulated ring, a sharded ring), choose the block kernel once, and call the step
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -116,25 +115,10 @@ def finish(result, with_lse: bool, origin: Origin, seq_len: int):
 def one_device_attention(mode, plan: Plan, spec: BlockSpec, with_lse: bool, padded_len: int, query, key, value,
                          origin: Origin):
     """One device: the inputs padded to ``padded_len`` tokens, ``mode`` (the ``custom_vjp`` of
-    :func:`one_device_mode`), padded rows zeroed and the result cut back to the input length.
-    A call that may skip padded rows (causal, ``seq_lengths``) picks at run time, by one
-    ``lax.cond``, the plain call where every length is the input's (cuDNN's padding-aware
-    variant costs about 10% where nothing is padded), else the padding-aware one."""
-    n = query.shape[1]
+    :func:`one_device_mode`), padded rows zeroed and the result cut back to the input length."""
     q, k, v = (pad_to(x, padded_len) for x in (query, key, value))
-    if not spec.skip_padding:
-        return finish(mode(plan, spec, with_lse, q, k, v, origin), with_lse, origin, n)
-    # No length below n: exactly the call without seq_lengths (padding only past n, if any).
-    whole = origin._replace(lengths=None if padded_len == n else jnp.full_like(origin.lengths, n))
-
-    def plain(q, k, v):
-        return finish(mode(plan, dataclasses.replace(spec, skip_padding=False), with_lse, q, k, v, whole),
-                      with_lse, whole, n)
-
-    def padded(q, k, v):
-        return finish(mode(plan, spec, with_lse, q, k, v, origin), with_lse, origin, n)
-
-    return lax.cond(jnp.all(origin.lengths >= n), plain, padded, q, k, v)
+    result = mode(plan, spec, with_lse, q, k, v, origin)
+    return finish(result, with_lse, origin, query.shape[1])
 
 
 def simulated_ring_attention(query, key, value, config: DilatedConfig, ring_size: int, spec: BlockSpec,
