@@ -70,7 +70,8 @@ def _core(**kw):
 
 
 # (n, segment_lengths, dilation_rates, mix, causal, lengths): prime n, n < w, n between segment
-# lengths, lengths 0, n and in between (None: all n).
+# lengths, lengths 0, n and in between (None: all n), a tiled prefix of 32 and a tail of 5 with a
+# length inside the tail.
 CASES = [
     (13, (4, 8), (1, 2), "head_groups", False, None),
     (13, (4, 8), (1, 2), "longnet", True, (13, 6)),
@@ -78,6 +79,7 @@ CASES = [
     (12, (8, 16), (1, 2), "head_groups", True, (12, 0)),
     (23, (4, 8, 16), (1, 2, 4), "longnet", False, (9, 23)),
     (16, (4, 16), (1, 4), "head_groups", False, (16, 11)),
+    (37, (4, 16), (2, 4), "head_groups", True, (37, 34)),
 ]
 ENTRY = {"one": {}, "chunk": "chunk", "ring": dict(ring_size=2), "ring3": dict(ring_size=3)}
 
@@ -110,6 +112,28 @@ def test_full_lengths_equal_no_lengths_exactly(extra, causal):
         assert np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_untiled_n_runs_an_unpadded_prefix_and_a_padded_tail(monkeypatch, causal):
+    """``n = 37``, ``lcm(w) = 16``: the prefix ``[0, 32)`` runs unpadded (without ``seq_lengths``
+    its spec masks no keys, so a non-causal call keeps cuDNN where it runs), the tail ``[32, 37)``
+    padded to 8 rows; the result is the oracle's (``CASES``) and the whole padded call's."""
+    seen = []
+    attend = api.one_device_attention
+
+    def spy(mode, plan, spec, with_lse, padded_len, q, *args):
+        seen.append((q.shape[1], padded_len, spec.key_mask))
+        return attend(mode, plan, spec, with_lse, padded_len, q, *args)
+
+    monkeypatch.setattr(api, "one_device_attention", spy)
+    kw = dict(segment_lengths=(4, 16), dilation_rates=(2, 4), is_causal=causal, return_lse=True)
+    q, k, v = (jnp.asarray(a) for a in _inputs(37)[:3])
+    got = ring_jax.dilated_attention(q, k, v, **kw)
+    assert seen == [(32, 32, False), (5, 8, not causal)]
+    whole = ring_jax.dilated_attention(q, k, v, chunk_size=48, **kw)  # one padded chunk of 48
+    for a, b in zip(got, whole):
+        np.testing.assert_allclose(a, b, atol=1e-12, rtol=0)
+
+
 def test_traced_lengths_compile_once():
     kw = dict(segment_lengths=(4, 8), dilation_rates=(1, 2))
     q, k, v = (jnp.asarray(a) for a in _inputs(11)[:3])
@@ -125,7 +149,7 @@ def test_traced_lengths_compile_once():
     assert len(traces) == 1
     # Eager calls: one jitted program for every value of the lengths.
     ring_jax.dilated_attention(q, k, v, seq_lengths=jnp.array([1, 2]), **kw)
-    compiled = api._jitted(api.one_device_attention, (0, 1, 2, 3, 4))
+    compiled = api._jitted(api.spans_attention, (0, 1))  # 11 = a tiled prefix of 8 and a tail of 3
     size = compiled._cache_size()
     ring_jax.dilated_attention(q, k, v, seq_lengths=jnp.array([5, 9]), **kw)
     assert compiled._cache_size() == size

@@ -4,6 +4,7 @@ simulated ring, a sharded ring), choose the block kernel once, and call the step
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -201,9 +202,41 @@ def dilated_attention(query, key, value, *, segment_lengths, dilation_rates, mix
         run = _compiled(simulated_ring_attention, (3, 4, 5, 7, 8), query, key, value, origin)
         out, lse = run(query, key, value, config, ring_size, spec, origin, N, layout)
         return (out, lse) if return_lse else out
+    cut = n - n % math.lcm(*config.segment_lengths)
+    if chunk_size is None and N > n and cut > 0:  # the tiled prefix unpadded, only the tail padded
+        spans = tuple(_span(config, query, key, rate, segment_ids is not None, seq_lengths is not None, start, stop)
+                      for start, stop in ((0, cut), (cut, n)))
+        run = _compiled(spans_attention, (0, 1), query, key, value, origin)
+        return run(spans, bool(return_lse), query, key, value, origin)
     plan = get_plan(config, check_chunk_size(chunk_size, N, config), h, h_kv)  # the plan of one chunk
     run = _compiled(one_device_attention, (0, 1, 2, 3, 4), query, key, value, origin)
     return run(one_device_mode(plan, N), plan, spec, bool(return_lse), N, query, key, value, origin)
+
+
+def _span(config: DilatedConfig, query, key, rate: float, documents: bool, lengths: bool, start: int, stop: int):
+    """``(start, stop, mode, plan, spec, padded_len, padded)`` of the rows ``[start, stop)`` run
+    alone (``start`` a multiple of every ``w``): padded to their own plan length ``padded_len``;
+    ``padded``: the span needs the call's lengths (given, or rows appended)."""
+    t = stop - start
+    N = padded_length(config, t)
+    padded = lengths or N > t
+    plan = get_plan(config, N, query.shape[2], key.shape[2])
+    return (start, stop, one_device_mode(plan, N), plan, _spec(config, query, rate, padded, documents, lengths),
+            N, padded)
+
+
+def spans_attention(spans, with_lse: bool, query, key, value, origin: Origin):
+    """One device, the sequence cut into independent spans (no segment of any pattern crosses a
+    cut; :func:`_span`), each run by :func:`one_device_attention` from its global position and
+    the results concatenated."""
+    parts = []
+    for start, stop, mode, plan, spec, N, padded in spans:
+        here = origin.at(start) if padded else origin.at(start)._replace(lengths=None)
+        xs = (x[:, start:stop] for x in (query, key, value))
+        parts.append(one_device_attention(mode, plan, spec, with_lse, N, *xs, here))
+    if not with_lse:
+        return jnp.concatenate(parts, axis=1)
+    return tuple(jnp.concatenate(z, axis=1) for z in zip(*parts))
 
 
 def ring_dilated_attention(query, key, value, *, axis_name, segment_lengths, dilation_rates,
