@@ -1,13 +1,14 @@
 """Padding and any length: what ``seq_lengths`` and a length off the patterns' grid cost.
 
-bf16, h=8, d=64, causal, w=(2048, 4096, 8192, 16384), r=(1, 2, 4, 8), head groups; forward and
+bf16, h=8, d=64, causal unless said, w=(2048, 4096, 8192, 16384), r=(1, 2, 4, 8), head groups; forward and
 forward+backward (the backward of ``sum(out)``), milliseconds, in one process:
 
   (a) n = 1M (2^20), batch 1: ``seq_lengths`` all n vs no ``seq_lengths``;
   (b) n = 1,000,000 (padded inside to a length the patterns tile) vs n = 1,048,576;
   (c) batch 4 at n = 1M with lengths (1M, 700K, 300K, 10K) in one call vs the sum of four batch-1
       calls at n = 1M, 700K, 300K and 10K (each an exact length, no seq_lengths). torch twice:
-      lengths on the device (one batched run) and on the host (a list: entry by entry).
+      lengths on the device (one batched run) and on the host (a list: entry by entry);
+  (d) as (b), not causal (keys past n must be masked: only a padded tail may need it).
 
 ``--small``: the same cases at tiny sizes, for a CPU check of the script. ``--ab-counts``: JAX
 twice in the same process, as ``jax`` (cuDNN told each block's real rows) and ``jax_no_counts``
@@ -24,6 +25,7 @@ Each framework has a ``run_<framework>(cfg, args, rows)`` that appends one row p
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import time
@@ -34,15 +36,17 @@ SMALL = dict(w=(16, 32, 64, 128), r=(1, 2, 4, 8), h=8, d=64, n=4096, n_odd=4000,
 
 
 def cases(cfg):
-    """``(case, variant, batch, n, lengths or None)`` of every measurement."""
+    """``(case, variant, batch, n, lengths or None, causal)`` of every measurement."""
     n, lengths = cfg["n"], tuple(cfg["lengths"])
-    yield "a", "seq_lengths_all_n", 1, n, (n,)
-    yield "a", "no_seq_lengths", 1, n, None
-    yield "b", f"n={cfg['n_odd']}", 1, cfg["n_odd"], None
-    yield "b", f"n={n}", 1, n, None
-    yield "c", "batch_with_lengths", len(lengths), n, lengths
+    yield "a", "seq_lengths_all_n", 1, n, (n,), True
+    yield "a", "no_seq_lengths", 1, n, None, True
+    yield "b", f"n={cfg['n_odd']}", 1, cfg["n_odd"], None, True
+    yield "b", f"n={n}", 1, n, None, True
+    yield "c", "batch_with_lengths", len(lengths), n, lengths, True
     for length in lengths:
-        yield "c", f"single_n={length}", 1, length, None
+        yield "c", f"single_n={length}", 1, length, None, True
+    yield "d", f"n={cfg['n_odd']}", 1, cfg["n_odd"], None, False
+    yield "d", f"n={n}", 1, n, None, False
 
 
 def summarize(rows) -> dict:
@@ -58,11 +62,13 @@ def summarize(rows) -> dict:
         batch = by.get(("c", "batch_with_lengths"))
         n = next((r["n"] for (c, v), r in by.items() if c == "a"), None)
         odd = next((k for k in by if k[0] == "b" and k[1] != f"n={n}"), None)
+        odd_full = next((k for k in by if k[0] == "d" and k[1] != f"n={n}"), None)
         res = {}
         for field in ("fwd_ms", "fwd_bwd_ms"):
             res[field] = dict(
                 a_lengths_over_none=ratio(("a", "seq_lengths_all_n"), ("a", "no_seq_lengths"), field),
                 b_odd_over_pow2=ratio(odd, ("b", f"n={n}"), field) if odd else None,
+                d_odd_over_pow2_not_causal=ratio(odd_full, ("d", f"n={n}"), field) if odd_full else None,
                 c_batch_over_sum_of_singles=(batch[field] / sum(r[field] for r in singles)
                                              if batch and singles else None))
             host = by.get(("c", "batch_with_host_lengths"))
@@ -90,17 +96,19 @@ def run_jax(cfg, args, rows, label="jax"):
     import ring_jax
 
     dt = jnp.dtype(args.dtype)
-    kw = dict(segment_lengths=cfg["w"], dilation_rates=cfg["r"], mix=args.mix, is_causal=True)
+    kw = dict(segment_lengths=cfg["w"], dilation_rates=cfg["r"], mix=args.mix)
 
-    def attention(q, k, v, lens):
-        return ring_jax.dilated_attention(q, k, v, seq_lengths=lens, **kw)
+    def attention(q, k, v, lens, causal):
+        return ring_jax.dilated_attention(q, k, v, seq_lengths=lens, is_causal=causal, **kw)
 
-    def loss(q, k, v, lens):
-        return attention(q, k, v, lens).astype(jnp.float32).sum()
+    def loss(q, k, v, lens, causal):
+        return attention(q, k, v, lens, causal).astype(jnp.float32).sum()
 
-    fwd = jax.jit(attention)
-    fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-    for case, variant, b, n, lengths in cases(cfg):
+    jitted = {causal: (jax.jit(functools.partial(attention, causal=causal)),
+                       jax.jit(jax.grad(functools.partial(loss, causal=causal), argnums=(0, 1, 2))))
+              for causal in (False, True)}
+    for case, variant, b, n, lengths, causal in cases(cfg):
+        fwd, fwd_bwd = jitted[causal]
         keys = jax.random.split(jax.random.key(0), 3)
         q, k, v = (jax.random.normal(key, (b, n, cfg["h"], cfg["d"]), dt) for key in keys)
         lens = None if lengths is None else jnp.asarray(lengths, jnp.int32)
@@ -145,13 +153,14 @@ def run_torch(cfg, args, rows):
     import ring_torch
 
     device, dt = torch.device(args.device), getattr(torch, args.dtype)
-    kw = dict(segment_lengths=cfg["w"], dilation_rates=cfg["r"], mix=args.mix, is_causal=True)
     points = []
-    for case, variant, b, n, lengths in cases(cfg):
-        points.append((case, variant, b, n, lengths, None if lengths is None else torch.tensor(lengths, device=device)))
+    for case, variant, b, n, lengths, causal in cases(cfg):
+        points.append((case, variant, b, n, lengths, causal,
+                       None if lengths is None else torch.tensor(lengths, device=device)))
         if variant == "batch_with_lengths":
-            points.append((case, "batch_with_host_lengths", b, n, lengths, list(lengths)))
-    for case, variant, b, n, lengths, lens in points:
+            points.append((case, "batch_with_host_lengths", b, n, lengths, causal, list(lengths)))
+    for case, variant, b, n, lengths, causal, lens in points:
+        kw = dict(segment_lengths=cfg["w"], dilation_rates=cfg["r"], mix=args.mix, is_causal=causal)
         gen = torch.Generator(device=device).manual_seed(0)
         q, k, v = (torch.randn(b, n, cfg["h"], cfg["d"], device=device, dtype=dt, generator=gen)
                    for _ in range(3))
@@ -189,7 +198,7 @@ def main():
     args = ap.parse_args()
     cfg = SMALL if args.small else FULL
     rows, meta = [], dict(config={k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
-                          dtype=args.dtype, mix=args.mix, causal=True, steps=args.steps, host=platform.node())
+                          dtype=args.dtype, mix=args.mix, causal="True except case d", steps=args.steps, host=platform.node())
     frameworks = args.frameworks.split(",")
     if "jax" in frameworks:
         import jax
