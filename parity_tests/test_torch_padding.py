@@ -519,11 +519,17 @@ MODULE = [(mix, causal) for mix in ("head_groups", "longnet") for causal in (Fal
 
 
 @pytest.mark.parametrize("mix,causal", MODULE, ids=[f"{m}-{'causal' if c else 'full'}" for m, c in MODULE])
-@pytest.mark.parametrize("ring_size", [None, 3])
-def test_module_padding_equals_each_example_alone(mix, causal, ring_size):
+@pytest.mark.parametrize("ring_size,per_example", [(None, False), (None, True), (3, False)],
+                         ids=["one_device", "per_example", "ring3"])
+def test_module_padding_equals_each_example_alone(monkeypatch, mix, causal, ring_size, per_example):
     """A padded batch: each example's real rows (outputs and input gradients) equal the module
     on that example alone, unpadded; padded inputs get zero gradients; ``key_padding_mask``
-    (right padding) gives exactly the ``seq_lengths`` result."""
+    (right padding) gives exactly the ``seq_lengths`` result (``per_example``: the host lengths
+    run the batch entry by entry, the threshold lowered to this size)."""
+    if per_example:
+        import ring_torch._api as api
+
+        monkeypatch.setattr(api, "PER_EXAMPLE_MIN_SEQ", 1)
     case = dict(n=13, h=4, h_kv=2, w=(4, 16), r=(2, 4), mix=mix)
     module = _module(case, ring_size=ring_size)
     module._causal = causal
