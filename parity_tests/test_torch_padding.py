@@ -293,23 +293,31 @@ def test_seq_lengths_accepts_lists_and_int32():
     assert torch.equal(a, b)
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=16, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_fuzz_any_n_and_lengths(data):
     """Any ``n``, lengths, mix and causality, one device and the simulated ring: the oracle's
     values and LSE, the reference's gradients."""
-    _, _, h, h_kv, w, r = data.draw(st.sampled_from(CONFIGS[:3]))
+    _, _, h, h_kv, w, r = data.draw(st.sampled_from(CONFIGS[:3]))  # n past lcm(w) = 16 splits (4, 16)
     n = data.draw(st.integers(1, 40))
     lengths = data.draw(st.none() | st.lists(st.integers(0, n), min_size=2, max_size=2))
     mix = data.draw(st.sampled_from(["head_groups", "longnet"]))
     causal = data.draw(st.booleans())
     ring_size = data.draw(st.sampled_from([None, 2, 3]))
     backend = data.draw(st.sampled_from(["math", "torch"]))
+    per_example = data.draw(st.booleans())  # host lengths entry by entry (one device only)
     q, k, v, dout, dlse = _inputs(n, h, h_kv)
     sl = None if lengths is None else torch.tensor(lengths)
-    got = _run(lambda *x: ring_torch.ring_dilated_attention(
-        *x, segment_lengths=w, dilation_rates=r, mix=mix, is_causal=causal, return_lse=True,
-        backend=backend, seq_lengths=sl, ring_size=ring_size), q, k, v, dout, dlse)
+    import ring_torch._api as api
+
+    threshold = api.PER_EXAMPLE_MIN_SEQ
+    api.PER_EXAMPLE_MIN_SEQ = 1 if per_example else threshold
+    try:
+        got = _run(lambda *x: ring_torch.ring_dilated_attention(
+            *x, segment_lengths=w, dilation_rates=r, mix=mix, is_causal=causal, return_lse=True,
+            backend=backend, seq_lengths=sl, ring_size=ring_size), q, k, v, dout, dlse)
+    finally:
+        api.PER_EXAMPLE_MIN_SEQ = threshold
     _check(got, n, h, h_kv, w, r, mix, causal, lengths)
 
 
