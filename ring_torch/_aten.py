@@ -33,22 +33,26 @@ def copy_rows_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     8-byte words (strided 16-bit copies then run on 4x fewer, wider elements); any other pair,
     views whose strides or offsets are not whole words, copies autograd records and copies
     traced by ``torch.compile`` take the plain copy."""
-    if (_as_words(dst) and _as_words(src) and dst.dtype == src.dtype and dst.shape == src.shape
-            and not records_graph(dst, src)):
+    if (dst.dtype == src.dtype and dst.shape == src.shape and dst.element_size() < 8 and dst.dim()
+            and not records_graph(dst, src) and not torch.compiler.is_compiling()
+            and _as_words(dst) and _as_words(src)):
         dst.view(torch.int64).copy_(src.view(torch.int64))
         return dst
     return dst.copy_(src)
 
 
 def _as_words(x: torch.Tensor) -> bool:
-    """Whether ``x`` reads as 8-byte words: a narrower dtype, the last dim contiguous and a whole
-    number of words long, every other stride and the offset whole words (not while compiling)."""
-    size = x.element_size()
-    if size >= 8 or x.dim() == 0 or torch.compiler.is_compiling():
+    """Whether ``x`` (a dtype narrower than 8 bytes, at least one dim) reads as 8-byte words: the
+    last dim contiguous and a whole number of words long, every other stride and the offset
+    whole words."""
+    per_word = 8 // x.element_size()
+    *outer, last = x.stride()
+    if last != 1 or x.shape[-1] % per_word or x.storage_offset() % per_word:
         return False
-    per_word = 8 // size
-    return (x.stride(-1) == 1 and x.shape[-1] % per_word == 0 and x.storage_offset() % per_word == 0
-            and all(st % per_word == 0 for st in x.stride()[:-1]))
+    for stride in outer:
+        if stride % per_word:
+            return False
+    return True
 
 
 def dense(x: torch.Tensor) -> torch.Tensor:
