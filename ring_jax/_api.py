@@ -144,7 +144,9 @@ def dilated_attention(query, key, value, *, segment_lengths, dilation_rates, mix
 
     Args:
       query: ``[batch, seq, heads, head_dim]``; any ``seq >= 1`` (segments ``[s*w, (s+1)*w)`` cut at
-        ``seq``: computed on the inputs zero-padded to a length every pattern tiles, padding masked).
+        ``seq``: computed on the inputs zero-padded to a length every pattern tiles, padding masked;
+        without ``chunk_size`` or ``ring_size`` only the tail past the longest prefix that is a
+        multiple of ``lcm(w)`` is padded, the prefix runs unpadded).
       key, value: ``[batch, seq, kv_heads, head_dim]``, ``heads % kv_heads == 0`` (GQA).
       segment_lengths, dilation_rates: the patterns ``(w_1..w_K)``, ``(r_1..r_K)``: static Python
         ints (part of the compiled program, never traced), each ``w`` a multiple of its ``r``.
