@@ -113,3 +113,29 @@ def test_returned_output_is_the_tensor_kept_for_the_backward(mix):
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.data_ptr()) or t, lambda t: t):
         out = dilated_attention(q, k, v, backend="torch", **kw)
     assert out.dtype == torch.bfloat16 and out.data_ptr() in kept
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c[0] for c in CONFIGS])
+@pytest.mark.parametrize("mix", ["head_groups", "longnet"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_backward_in_row_blocks_equals_whole_units(config, mix, causal, monkeypatch):
+    """With the block budget at one byte every unit's backward runs one segment of one batch
+    entry at a time (more kernel calls, each on its own coordinates): the gradients equal those
+    of whole units to rounding, and the reference's."""
+    _, n, h, h_kv, d, w, r = config
+    kw = dict(segment_lengths=w, dilation_rates=r, mix=mix, is_causal=causal, return_lse=True, backend="torch")
+    inputs = _inputs(n, h, h_kv, d)
+    whole = _grads(lambda *x: dilated_attention(*x, **kw), inputs, _out_loss)
+    calls = []
+    real = kernels.fused_block_grads
+    monkeypatch.setattr(kernels, "fused_block_grads", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    monkeypatch.setattr(dilated, "BACKWARD_BLOCK_BYTES", 1)
+    blocks = _grads(lambda *x: dilated_attention(*x, **kw), inputs, _out_loss)
+    units = build_plan(DilatedConfig(w, r, mix, causal), n, h, h_kv).units
+    assert len(calls) == sum(2 * (n // u.segment) for u in units)  # batch 2, one segment per call
+    assert all(shape[0] == 1 for shape in calls)
+    want = _grads(lambda *x: reference_attention(*x, **{k: v for k, v in kw.items() if k not in ("return_lse", "backend")}),
+                  inputs, _out_loss)
+    for name, a, b, c in zip("qkv", blocks, whole, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=f"d{name} blocks vs whole")
+        torch.testing.assert_close(a, c, rtol=0, atol=1e-9, msg=f"d{name} blocks vs reference")

@@ -14,11 +14,13 @@ the same executor; :mod:`ring_torch._api` runs a call's spans with them.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ring_torch._aten import copy_rows_, records_graph
 from ring_torch._config import memo
-from ring_torch._coords import MaskSpec, mask_rows, real_rows, unit_coords
+from ring_torch._coords import BlockCoords, MaskSpec, mask_rows, real_rows, unit_coords
 from ring_torch._dropout import Dropout
 from ring_torch._kernels import GradInputs, Kernel, kernel_for
 from ring_torch._padded import unit_rows_zeroed, zero_padded_rows_
@@ -125,41 +127,76 @@ def _grad_buffers(plan: DilatedPlan, q, k, into):
                  for dst, dt, x in zip(into, wanted, (q, k, k)))
 
 
+# A unit's backward runs on blocks of its folded rows (whole segments of one batch entry) so that
+# its temporaries (the dense dout and out rows cuDNN reads, the kernel's gradients and float32
+# workspace: about BACKWARD_TEMPS_PER_Q times the block's q rows) stay under
+# BACKWARD_BLOCK_BYTES; smaller units run whole.
+BACKWARD_TEMPS_PER_Q = 7
+BACKWARD_BLOCK_BYTES = 256 << 20
+
+
+def _row_blocks(coords: BlockCoords, folded: int, segments: int, q_bytes: int):
+    """``[(rows, coords)]``: slices of a unit's ``folded = b * segments`` rows and their
+    coordinates, within :data:`BACKWARD_BLOCK_BYTES` (one block: the whole unit)."""
+    per = max(1, BACKWARD_BLOCK_BYTES * folded // max(1, BACKWARD_TEMPS_PER_Q * q_bytes))
+    if per >= folded:
+        return [(slice(None), coords)]
+    per = min(per, segments)
+    spec = coords.spec
+    return [(slice(e * segments + s, e * segments + min(segments, s + per)),
+             replace(coords, batch=1, q_starts=coords.q_starts[s:s + per],
+                     spec=replace(spec, batch_base=spec.batch_base + e)))
+            for e in range(folded // segments) for s in range(0, segments, per)]
+
+
 def _backward(plan: DilatedPlan, q, k, v, out, lse, dout, dlse, scale, kernel, spec, row_lengths=None,
               into=None):
     """``(dq, dk, dv)`` from the *merged* ``(out, lse)``: each unit's block gradient is the fused
     kernel's backward fed the global ``out``/``lse`` rows (the ring's formula), written in place
-    into its strided rows: copied where each element has one writer, else added in float32.
+    into its strided rows: copied where each element has one writer, else added in float32; a
+    long unit in row blocks (:func:`_row_blocks`).
     ``row_lengths`` (int64 ``[b]``): rows at or past them are padding, their ``dout`` taken as 0.
     ``into``: views ``(dq, dk, dv)`` in the inputs' dtypes the gradients are written to."""
     acc = torch.promote_types(q.dtype, torch.float32)
     q_sums, kv_sums = _sums(plan)
     dq, dk, dv = _grad_buffers(plan, q, k, into)
+    b, n = q.shape[:2]
     for u in plan.units:
-        ks, vs = kv_rows(k, u), kv_rows(v, u)
-        if u.kv_repeat > 1:  # the fused backward wants one kv head per query head
-            ks, vs = ks.repeat_interleave(u.kv_repeat, dim=2), vs.repeat_interleave(u.kv_repeat, dim=2)
+        coords = unit_coords(u, spec, b, n)
+        qs = q_rows(q, u)
         du = q_rows(dout, u)
         if row_lengths is not None:  # the dense rows cuDNN wants anyway, padded ones zeroed
-            du = unit_rows_zeroed(du, row_lengths, u, q.shape[1])
-        rows = GradInputs(q_rows(q, u), q_rows(out, u), q_rows(lse, u), du,
-                          None if dlse is None else q_rows(dlse, u), None)
-        gq, gk, gv = kernel.backward(rows, ks, vs, scale, unit_coords(u, spec, q.shape[0], q.shape[1]))
-        if q_sums:
-            q_rows(dq, u).add_(gq)
-        else:
-            copy_rows_(q_rows(dq, u), gq)
-        for full, g in ((dk, gk), (dv, gv)):
-            if u.kv_index is not None:
-                gather_rows(full, u).index_add_(2, index_tensor(u.kv_index, g.device), g.to(full.dtype))
-                continue
-            if u.kv_repeat > 1:  # repeats summed per kv head, in float32
-                B, m, _, d = g.shape
-                g = g.view(B, m, -1, u.kv_repeat, d).sum(3, dtype=acc)
-            if kv_sums:
-                head_rows(full, u, u.kv_heads).add_(g)
+            du = unit_rows_zeroed(du, row_lengths, u, n)
+        kv = [gather_rows(x, u) if u.kv_index is not None else head_rows(x, u, u.kv_heads) for x in (k, v)]
+        dkv = [gather_rows(x, u) if u.kv_index is not None else head_rows(x, u, u.kv_heads) for x in (dk, dv)]
+        outs, lses, dq_rows = q_rows(out, u), q_rows(lse, u), q_rows(dq, u)
+        dls = None if dlse is None else q_rows(dlse, u)
+        blocks = ([(slice(None), coords)] if row_lengths is not None else
+                  _row_blocks(coords, qs.shape[0], n // u.segment, qs.numel() * qs.element_size()))
+        for rows_, block in blocks:
+            ks, vs = (x[rows_] for x in kv)
+            if u.kv_index is not None:  # one kv head per query head
+                ks, vs = (x.index_select(2, index_tensor(u.kv_index, x.device)) for x in (ks, vs))
+            elif u.kv_repeat > 1:  # the fused backward wants one kv head per query head
+                ks, vs = ks.repeat_interleave(u.kv_repeat, dim=2), vs.repeat_interleave(u.kv_repeat, dim=2)
+            grads = GradInputs(qs[rows_], outs[rows_], lses[rows_], du[rows_],
+                               None if dls is None else dls[rows_], None)
+            gq, gk, gv = kernel.backward(grads, ks, vs, scale, block)
+            if q_sums:
+                dq_rows[rows_].add_(gq)
             else:
-                copy_rows_(head_rows(full, u, u.kv_heads), g)
+                copy_rows_(dq_rows[rows_], gq)
+            for full, g in zip(dkv, (gk, gv)):
+                if u.kv_index is not None:
+                    full[rows_].index_add_(2, index_tensor(u.kv_index, g.device), g.to(full.dtype))
+                    continue
+                if u.kv_repeat > 1:  # repeats summed per kv head, in float32
+                    B, m, _, d = g.shape
+                    g = g.view(B, m, -1, u.kv_repeat, d).sum(3, dtype=acc)
+                if kv_sums:
+                    full[rows_].add_(g)
+                else:
+                    copy_rows_(full[rows_], g)
     if into is not None:
         return tuple(dst if dst is g else dst.copy_(g) for dst, g in zip(into, (dq, dk, dv)))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
