@@ -22,6 +22,7 @@ def main():
     ap.add_argument("--sizes", default="262144,1048576,4194304")
     ap.add_argument("--mixes", default="head_groups,longnet")
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--budgets-mib", default="", help="extra block budgets to compare, MiB, comma-separated")
     args = ap.parse_args()
 
     import torch
@@ -32,6 +33,7 @@ def main():
 
     dev = torch.device("cuda")
     budgets = {"blocks": dilated.BACKWARD_BLOCK_BYTES, "whole_units": 1 << 62}
+    budgets.update({f"blocks_{mib}mib": int(mib) << 20 for mib in filter(None, args.budgets_mib.split(","))})
     rows = []
     for n in (int(x) for x in args.sizes.split(",")):
         qkv = [torch.randn(1, n, 8, 64, device=dev, dtype=torch.bfloat16) for _ in range(3)]

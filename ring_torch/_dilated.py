@@ -132,7 +132,7 @@ def _grad_buffers(plan: DilatedPlan, q, k, into):
 # workspace: about BACKWARD_TEMPS_PER_Q times the block's q rows) stay under
 # BACKWARD_BLOCK_BYTES; smaller units run whole.
 BACKWARD_TEMPS_PER_Q = 7
-BACKWARD_BLOCK_BYTES = 256 << 20
+BACKWARD_BLOCK_BYTES = 1 << 30
 
 
 def _row_blocks(coords: BlockCoords, folded: int, segments: int, q_bytes: int):
