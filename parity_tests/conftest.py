@@ -1,11 +1,15 @@
-"""Test set-up: 8 simulated CPU devices for shard_map rings, fast compiles, float64 in JAX."""
+"""Test set-up: 8 simulated CPU devices for shard_map rings, fast compiles, float64 in JAX;
+Triton kernels in Triton's interpreter where no NVIDIA device exists (before triton is imported)."""
 
+import glob
 import os
 
 from parity_tests._env import simulate_cpu_devices
 
 simulate_cpu_devices(8, fast_compile=True)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if not glob.glob("/dev/nvidia[0-9]*"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 try:
     import jax

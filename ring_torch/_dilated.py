@@ -51,14 +51,44 @@ def _run_heads(units, q, k, v, scale, kernel, spec, with_lse=True, into=None):
     pattern), each written in place into its heads and rows of one ``(out, lse)`` (new, or the
     views ``into`` of the same shapes and dtypes); heads no unit covers (a ring's local
     sub-plan) stay ``out = 0``, ``lse = -inf``; ``with_lse=False``: ``lse`` is None (not
-    written)."""
-    out, lse = blank(q, q.shape[2], with_lse=with_lse) if into is None else _cleared(into, with_lse)
+    written). A kernel with :attr:`~ring_torch._kernels.Kernel.rows` writes the rows itself
+    (outside autograd), and the rows between them too when the units cover every head."""
+    in_place = kernel.rows is not None and not records_graph(q, k, v)
+    fill = in_place and _tiles(units, q.shape[2])
+    if fill:  # every element is written by one unit: no clearing
+        out, lse = into if into is not None else _empty(q, with_lse)
+        lse = lse if with_lse else None
+    else:
+        out, lse = blank(q, q.shape[2], with_lse=with_lse) if into is None else _cleared(into, with_lse)
     for u in units:
+        if in_place:
+            coords = unit_coords(u, spec, q.shape[0], q.shape[1])
+            kernel.forward_into(q_rows(q, u), kv_rows(k, u), kv_rows(v, u), q_rows(out, u),
+                                q_rows(lse, u) if with_lse else None, scale, coords,
+                                (u.rate, u.offset) if fill else None)
+            continue
         o, l = _attend_rows(u, q, k, v, scale, kernel, spec)
         copy_rows_(q_rows(out, u), o)
         if with_lse:
             copy_rows_(q_rows(lse, u), l)
     return out, lse
+
+
+@memo(maxsize=256)
+def _tiles(units, num_heads: int) -> bool:
+    """Whether the units' query heads are every head once (each element of the output then
+    belongs to one unit's rows or the positions between them)."""
+    heads = sorted(j for u in units for j in range(*u.q_heads))
+    return heads == list(range(num_heads))
+
+
+def _empty(q, with_lse: bool):
+    """Uninitialised ``(out, lse)`` of :func:`blank`'s shapes and dtypes."""
+    b, n, h, d = q.shape
+    out = torch.empty(b, n, h, d, dtype=q.dtype, device=q.device)
+    if not with_lse:
+        return out, None
+    return out, torch.empty(b, n, h, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
 
 
 def _forward(plan: DilatedPlan, q, k, v, scale, kernel, spec, with_lse=True, into=None):

@@ -18,7 +18,9 @@ Kernels (:data:`KERNELS`, one per backend; :func:`kernel_for` picks one per call
   dropout, no key mask (non-causal padding and ``segment_ids`` documents run the math kernel;
   torch's masked and variable-length kernels are not used yet).
   Its backward is the fused kernel's, fed the global ``(out, lse)``, in the input dtype
-  (:attr:`~TorchKernel.fused_backward`).
+  (:attr:`~TorchKernel.fused_backward`). Where :func:`rows_config` names a configuration (CUDA,
+  measured faster on that card) its forward outside autograd is :mod:`ring_torch._triton_rows`,
+  reading and writing the strided rows in place (:attr:`~TorchKernel.rows`).
 * :class:`XFormersKernel` (``xformers``): CUDA only, xformers' forward; no dropout; the backward
   from a global LSE is the math formula.
 """
@@ -34,10 +36,12 @@ from ring_torch._aten import (CUDNN_MAX_HEAD_DIM, _AtenCPU, _AtenCUDA, _AtenCudn
                               ExactLSE, exact_backward, records_graph)
 from ring_torch._config import memo
 from ring_torch._coords import BlockCoords, block_masks
+from ring_torch._triton_rows import RowsConfig, attend_into
+from ring_torch._triton_rows import supports as rows_support
 
 __all__ = ["BACKENDS", "KERNELS", "GradInputs", "Kernel", "MathKernel", "TorchKernel",
            "XFormersKernel", "check_backend", "cuda_kernel", "fused_block_grads", "kernel_for",
-           "select_backend", "xformers_available"]
+           "rows_config", "select_backend", "xformers_available"]
 
 BACKENDS = ("auto", "math", "torch", "xformers")
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -120,6 +124,19 @@ def cuda_kernel(dtype: torch.dtype, head_dim: int, capability: tuple[int, int], 
     return "efficient"
 
 
+# The Triton rows kernel's configuration per (compute capability, head_dim), for fp16/bf16: only
+# where it measured faster than the aten kernel plus its row copies (benchmarks/triton_rows.py).
+ROWS_CONFIGS: dict[tuple[tuple[int, int], int], RowsConfig] = {}
+
+
+def rows_config(dtype: torch.dtype, head_dim: int, capability: tuple[int, int]) -> RowsConfig | None:
+    """The :data:`ROWS_CONFIGS` entry ``backend="torch"`` runs its forward with on this card, or
+    None (the aten kernel and row copies)."""
+    if dtype not in (torch.float16, torch.bfloat16) or not rows_support(dtype, head_dim):
+        return None
+    return ROWS_CONFIGS.get((tuple(capability), head_dim))
+
+
 @memo(maxsize=1)
 def cudnn_attention_available() -> bool:
     """Whether this torch build has cuDNN 9 or later (cuDNN's fused attention)."""
@@ -170,6 +187,7 @@ class Kernel(Protocol):
 
     name: str
     fused_backward: bool  # its backward takes the global (out, lse) in the input dtype
+    rows: RowsConfig | None  # set: forward_into writes the rows in place (no autograd graph)
 
     @classmethod
     def supports(cls, dtype: torch.dtype, device_type: str, head_dim: int, needs_dropout: bool,
@@ -181,6 +199,12 @@ class Kernel(Protocol):
     def forward(self, q, k, v, scale: float, coords: BlockCoords) -> tuple[torch.Tensor, torch.Tensor]:
         """``q [B, m, H, d]``, ``k``/``v [B, m, H_kv, d]`` -> ``out [B, m, H, d]`` (q's dtype),
         ``lse [B, m, H]`` (float32+), differentiable by autograd."""
+
+    def forward_into(self, q, k, v, out, lse, scale: float, coords: BlockCoords,
+                     fill: tuple[int, int] | None = None):
+        """Where :attr:`rows` is set: the forward written into the views ``out``/``lse`` (None:
+        not written) outside autograd; ``fill=(rate, offset)`` also writes the positions between
+        the rows (:func:`ring_torch._triton_rows.attend_into`)."""
 
     def grad_inputs(self, q, out, lse, dout, dlse) -> GradInputs:
         """The backward operands of a whole unit, once: ``q``, the float32+ global ``out``,
@@ -264,6 +288,7 @@ class MathKernel:
 
     name = "math"
     fused_backward = False
+    rows = None
 
     @classmethod
     def supports(cls, dtype, device_type, head_dim, needs_dropout, needs_key_mask=False) -> bool:
@@ -319,8 +344,9 @@ class TorchKernel:
     name = "torch"
     fused_backward = True
 
-    def __init__(self, aten):
+    def __init__(self, aten, rows: RowsConfig | None = None):
         self.aten = aten
+        self.rows = rows
 
     @classmethod
     def supports(cls, dtype, device_type, head_dim, needs_dropout, needs_key_mask=False) -> bool:
@@ -331,8 +357,9 @@ class TorchKernel:
     def create(cls, device: torch.device, dtype: torch.dtype, head_dim: int) -> TorchKernel:
         if device.type == "cpu":
             return cls(_AtenCPU)
-        name = cuda_kernel(dtype, head_dim, torch.cuda.get_device_capability(device), cudnn_attention_available())
-        return cls(CUDA_ATEN[name])
+        capability = torch.cuda.get_device_capability(device)
+        name = cuda_kernel(dtype, head_dim, capability, cudnn_attention_available())
+        return cls(CUDA_ATEN[name], rows_config(dtype, head_dim, capability))
 
     def forward(self, q, k, v, scale, coords):
         if self.aten is not _AtenCPU:
@@ -342,6 +369,9 @@ class TorchKernel:
         if records_graph(q, k, v):
             return ExactLSE.apply(q, k, v, self.aten, scale, coords.is_causal)
         return self.aten.forward(q, k, v, scale, coords.is_causal)[:2]  # no graph: the kernel alone
+
+    def forward_into(self, q, k, v, out, lse, scale, coords, fill=None):
+        attend_into(q, k, v, out, lse, scale, coords.is_causal, self.rows, fill)
 
     def grad_inputs(self, q, out, lse, dout, dlse) -> GradInputs:
         """Operands in ``q``'s dtype (``lse`` stays float32+); ``dout`` None: zero; ``dlse``

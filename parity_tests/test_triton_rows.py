@@ -1,0 +1,228 @@
+"""``ring_torch._triton_rows``: the Triton forward over strided rows, written in place.
+
+On the CPU the kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``, set by the conftest
+where no NVIDIA device exists) against a float64 block reference and the float64 oracle; the same
+tests run compiled on CUDA (``-m cuda``), bf16 within 2x a bf16 math kernel's error.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import ring_torch._kernels as kernels
+from parity_tests import oracle
+from ring_torch._aten import _AtenCPU
+from ring_torch._config import DilatedConfig
+from ring_torch._coords import MaskSpec
+from ring_torch._dilated import FusedExecutor, _run_heads
+from ring_torch._plan import build_plan
+from ring_torch._triton_rows import RowsConfig, attend_into, triton_available
+
+if triton_available():
+    from ring_torch._triton_rows import interpreted
+else:  # pragma: no cover - depends on the install
+    def interpreted():
+        return False
+
+CPU = pytest.param("cpu", marks=pytest.mark.skipif(
+    not (triton_available() and interpreted()), reason="triton's interpreter (TRITON_INTERPRET=1) absent"))
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not (torch.cuda.is_available() and triton_available()), reason="needs CUDA and triton")])
+SMALL = RowsConfig(block_m=32, block_n=16, num_warps=4, num_stages=2)
+
+
+def _block_reference(q, k, v, scale, causal):
+    """``(out, lse)`` of each block's rows in float64: ``[B, m, H, d]``, ``[B, m, H]``."""
+    B, m, H, d = q.shape
+    g = H // k.shape[2]
+    k, v = (x.double().repeat_interleave(g, 2) for x in (k, v))
+    s = torch.einsum("bihd,bjhd->bhij", q.double(), k) * scale
+    if causal:
+        s = s.masked_fill(torch.ones(m, m, dtype=torch.bool, device=q.device).triu(1), -math.inf)
+    out = torch.einsum("bhij,bjhd->bihd", torch.softmax(s, -1), v)
+    return out, torch.logsumexp(s, -1).transpose(1, 2)
+
+
+def _views(x, S, m, rate, offset, heads):
+    """The rows of ``x [b, n, h, d]`` at ``offset`` of every ``rate`` in each of ``S`` segments,
+    heads ``heads``: ``[b * S, m, |heads|, d]`` (a view)."""
+    b = x.shape[0]
+    return x.view(b, S, m, rate, *x.shape[2:])[:, :, :, offset, heads[0]:heads[1]].flatten(0, 1)
+
+
+def _tolerance(dtype):
+    return {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+
+
+@pytest.mark.parametrize("device", [CPU, CUDA])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("m", [64, 50], ids=["even", "ragged"])
+@pytest.mark.parametrize("fill", [False, True])
+def test_rows_against_float64(device, dtype, causal, m, fill):
+    """Strided rows of a larger buffer with GQA: values and LSE; with ``fill`` the positions
+    between the rows get 0 / -inf; nothing else is touched."""
+    torch.manual_seed(0)
+    b, S, rate, offset, h, h_kv, d = 2, 3, 2, 1, 6, 3, 16
+    n = S * m * rate
+    Q = torch.randn(b, n, h, d, dtype=dtype, device=device)
+    K, V = (torch.randn(b, n, h_kv, d, dtype=dtype, device=device) for _ in range(2))
+    O = torch.full((b, n, h, d), 7.0, dtype=dtype, device=device)
+    L = torch.full((b, n, h), 7.0, device=device)
+    q, k, v = _views(Q, S, m, rate, offset, (2, 4)), _views(K, S, m, rate, offset, (1, 2)), _views(V, S, m, rate, offset, (1, 2))
+    o, l = _views(O, S, m, rate, offset, (2, 4)), _views(L, S, m, rate, offset, (2, 4))
+    got = attend_into(q, k, v, o, l, 0.3, causal, SMALL, fill=(rate, offset) if fill else None)
+    assert got[0] is o and got[1] is l
+    want_o, want_l = _block_reference(q, k, v, 0.3, causal)
+    tol = _tolerance(dtype)
+    assert (o.double() - want_o).abs().max() <= tol
+    assert (l.double() - want_l).abs().max() <= 2e-5 * max(1.0, want_l.abs().max().item())
+    others = _views(O, S, m, rate, 1 - offset, (2, 4)), _views(L, S, m, rate, 1 - offset, (2, 4))
+    if fill:
+        assert (others[0] == 0).all() and (others[1] == -math.inf).all()
+    else:
+        assert (others[0] == 7).all() and (others[1] == 7).all()
+    assert (O[:, :, :2] == 7).all() and (O[:, :, 4:] == 7).all() and (L[:, :, :2] == 7).all()
+
+
+@pytest.mark.parametrize("device", [CPU, CUDA])
+def test_rows_without_lse_and_one_row_blocks(device):
+    """``lse=None`` writes out alone; a block of one row attends to itself."""
+    q, k, v = (torch.randn(3, 1, 2, 32, device=device) for _ in range(3))
+    out = torch.zeros_like(q)
+    attend_into(q, k, v, out, None, 0.5, True, SMALL)
+    torch.testing.assert_close(out, v, rtol=0, atol=1e-6)
+
+
+def _layer_inputs(device, dtype, n=96, h=4, h_kv=2, d=16):
+    torch.manual_seed(1)
+    return [torch.randn(2, n, x, d, dtype=dtype, device=device) for x in (h, h_kv, h_kv)]
+
+
+@pytest.mark.parametrize("device", [CPU, CUDA])
+@pytest.mark.parametrize("causal", [True, False])
+def test_layer_rows_against_oracle(device, causal):
+    """The units of a head-groups plan through ``FusedDilated`` with the rows kernel: out and LSE
+    against the float64 oracle, gradients against the plain kernel path (the backward is the
+    same; only the forward's kernel differs)."""
+    W, R = (16, 32, 96), (1, 2, 4)
+    config = DilatedConfig(segment_lengths=W, dilation_rates=R, mix="head_groups", is_causal=causal)
+    q, k, v = _layer_inputs(device, torch.float32)
+    n, h = q.shape[1], q.shape[2]
+    plan = build_plan(config, n, h, k.shape[2])
+    aten = _AtenCPU if device == "cpu" else kernels.CUDA_ATEN["efficient"]
+    spec = MaskSpec(is_causal=causal)
+    results = {}
+    for label, rows in (("rows", SMALL), ("plain", None)):
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        out, lse = FusedExecutor(kernels.TorchKernel(aten, rows)).run(plan, *xs, 0.25, spec)
+        (out.square().sum() + lse.sin().sum()).backward()
+        results[label] = (out.detach(), lse.detach(), *(x.grad for x in xs))
+    want_o, want_l = oracle.dilated_attention(*(x.cpu().numpy() for x in (q, k, v)), segment_lengths=W,
+                                              dilation_rates=R, is_causal=causal, softmax_scale=0.25)
+    out, lse = results["rows"][:2]
+    np.testing.assert_allclose(out.cpu().double().numpy(), want_o, atol=2e-5, rtol=0)
+    np.testing.assert_allclose(lse.cpu().double().numpy(), want_l, atol=2e-5, rtol=1e-6)
+    for got, plain in zip(results["rows"][2:], results["plain"][2:]):
+        torch.testing.assert_close(got, plain, atol=5e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", [CPU, CUDA])
+def test_units_not_covering_every_head_leave_the_rest_blank(device):
+    """A subset of the units (a ring's local sub-plan): their rows written, every other head
+    ``0`` / ``-inf`` as the plain path leaves them."""
+    config = DilatedConfig(segment_lengths=(16, 32), dilation_rates=(1, 2), mix="head_groups", is_causal=True)
+    q, k, v = _layer_inputs(device, torch.float32, n=64)
+    plan = build_plan(config, 64, 4, 2)
+    aten = _AtenCPU if device == "cpu" else kernels.CUDA_ATEN["efficient"]
+    units = plan.units[1:]
+    got = _run_heads(units, q, k, v, 0.25, kernels.TorchKernel(aten, SMALL), MaskSpec(is_causal=True))
+    want = _run_heads(units, q, k, v, 0.25, kernels.TorchKernel(aten), MaskSpec(is_causal=True))
+    torch.testing.assert_close(got[0], want[0], atol=2e-5, rtol=0)
+    torch.testing.assert_close(got[1], want[1], atol=2e-5, rtol=0)
+    assert (got[0][:, :, :2] == 0).all() and (got[1][:, :, :2] == -math.inf).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and triton_available()), reason="needs CUDA and triton")
+@pytest.mark.parametrize("mix", ["head_groups", "longnet"])
+def test_cuda_layer_bf16_within_twice_math(mix):
+    """``ring_torch.dilated_attention`` in bf16 with the rows kernel forced on: its error against
+    float32 math at most twice that of the bf16 math kernel's; gradients likewise."""
+    import ring_torch
+
+    q, k, v = _layer_inputs("cuda", torch.bfloat16, n=4096, h=8, h_kv=8, d=64)
+    kw = dict(segment_lengths=(512, 1024, 2048, 4096), dilation_rates=(1, 2, 4, 8), mix=mix, is_causal=True)
+    key = (torch.cuda.get_device_capability(), 64)
+    exact = ring_torch.dilated_attention(*(x.float() for x in (q, k, v)), backend="math", **kw)
+    naive = ring_torch.dilated_attention(q, k, v, backend="math", **kw).float()
+    saved = kernels.ROWS_CONFIGS.get(key)
+    kernels.ROWS_CONFIGS[key] = RowsConfig()
+    try:
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = ring_torch.dilated_attention(*xs, backend="torch", **kw)
+        out.float().square().sum().backward()
+    finally:
+        kernels.ROWS_CONFIGS.pop(key)
+        if saved is not None:
+            kernels.ROWS_CONFIGS[key] = saved
+    assert (out.float() - exact).abs().max() <= 2 * (naive - exact).abs().max()
+    xs32 = [x.float().requires_grad_() for x in (q, k, v)]
+    ring_torch.dilated_attention(*xs32, backend="math", **kw).square().sum().backward()
+    xs16 = [x.clone().requires_grad_() for x in (q, k, v)]
+    ring_torch.dilated_attention(*xs16, backend="math", **kw).float().square().sum().backward()
+    for got, ref, nv in zip(xs, xs32, xs16):
+        assert (got.grad.float() - ref.grad).abs().max() <= 2 * (nv.grad.float() - ref.grad).abs().max()
+
+
+def test_rows_config_only_from_the_table():
+    """``backend="torch"`` takes the rows kernel only where ``ROWS_CONFIGS`` names this card and
+    head_dim, for fp16/bf16 and a head_dim the kernel takes."""
+    key = ((9, 0), 64)
+    saved = dict(kernels.ROWS_CONFIGS)
+    try:
+        kernels.ROWS_CONFIGS.clear()
+        assert kernels.rows_config(torch.bfloat16, 64, (9, 0)) is None
+        kernels.ROWS_CONFIGS[key] = SMALL
+        assert kernels.rows_config(torch.bfloat16, 64, (9, 0)) == SMALL
+        assert kernels.rows_config(torch.float16, 64, (9, 0)) == SMALL
+        assert kernels.rows_config(torch.float32, 64, (9, 0)) is None
+        assert kernels.rows_config(torch.bfloat16, 64, (8, 0)) is None
+        assert kernels.rows_config(torch.bfloat16, 48, (9, 0)) is None
+    finally:
+        kernels.ROWS_CONFIGS.clear()
+        kernels.ROWS_CONFIGS.update(saved)
+    assert kernels.TorchKernel.create(torch.device("cpu"), torch.float32, 64).rows is None
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
+@pytest.mark.parametrize("case,message", [
+    ("lse_dtype", "lse must be float32"),
+    ("head_stride", "head dim must be contiguous"),
+    ("head_dim", "power-of-two head_dim"),
+    ("gqa", "not a multiple of num_kv_heads"),
+    ("fill", "are not rate=3 positions"),
+    ("blocks", "does not divide"),
+])
+def test_rows_errors_name_the_argument(case, message):
+    q, k, v = (torch.randn(2, 8, 4, 16) for _ in range(3))
+    out, lse, config, fill = torch.empty_like(q), torch.empty(2, 8, 4), SMALL, None
+    if case == "lse_dtype":
+        lse = lse.double()
+    elif case == "head_stride":
+        q = torch.randn(2, 8, 4, 32)[..., ::2]
+    elif case == "head_dim":
+        q, k, v = (torch.randn(2, 8, 4, 24) for _ in range(3))
+        out = torch.empty_like(q)
+    elif case == "gqa":
+        k, v = (torch.randn(2, 8, 3, 16) for _ in range(2))
+    elif case == "fill":
+        fill = (3, 0)
+    else:
+        config = RowsConfig(block_m=32, block_n=64)
+    with pytest.raises(ValueError, match=message):
+        attend_into(q, k, v, out, lse, 0.5, True, config, fill)

@@ -1,0 +1,231 @@
+"""Flash-attention forward over strided rows, written in place (Triton).
+
+:func:`attend_into` reads a unit's selected rows through their strides (the views
+``ring_torch._rows.q_rows``/``kv_rows`` make: ``[B, m, H, d]`` with any row, head and block
+strides) and writes ``out`` and a float32 ``lse`` straight into the rows of the layer's
+buffers: no dense operand copies, no kernel output to scatter. GQA by head index (query head
+``j`` reads kv head ``j // (H / H_kv)``), no repeated kv heads. Causal is the lower triangle of
+each ``m x m`` block.
+
+On CUDA tensors the compiled kernel runs; on CPU tensors Triton's interpreter does (the CPU
+tests: the same kernel body, numpy underneath) when ``TRITON_INTERPRET=1`` was set before
+``triton`` was imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+__all__ = ["RowsConfig", "attend_into", "supports", "triton_available"]
+
+try:  # triton ships with torch's CUDA builds; CPU installs add it for the interpreter
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+
+def triton_available() -> bool:
+    """Whether ``triton`` imports (the kernel, or its interpreter on CPU tensors)."""
+    return triton is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class RowsConfig:
+    """Tile sizes and launch shape of the kernel (``block_n`` divides ``block_m``)."""
+
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+DEFAULT_CONFIG = RowsConfig()
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def supports(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the kernel takes ``dtype`` and ``head_dim`` (a power of two, 16 to 256)."""
+    return (triton is not None and dtype in _DTYPES and 16 <= head_dim <= 256
+            and head_dim & (head_dim - 1) == 0)
+
+
+if triton is not None:
+    @triton.jit
+    def _block(acc, m_i, l_i, q, k_base, v_base, sk_m, sv_m, rows, start, m, scale_log2,
+               D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+               PRECISION: tl.constexpr):
+        """One key block ``[start, start + BLOCK_N)`` folded into the running ``(acc, m_i, l_i)``
+        (base-2 online softmax)."""
+        cols = start + tl.arange(0, BLOCK_N)
+        dd = tl.arange(0, D)
+        k_ptr = k_base + cols[None, :].to(tl.int64) * sk_m + dd[:, None]  # [D, BLOCK_N]
+        v_ptr = v_base + cols[:, None].to(tl.int64) * sv_m + dd[None, :]  # [BLOCK_N, D]
+        if MASK:
+            k = tl.load(k_ptr, mask=cols[None, :] < m, other=0.0)
+            v = tl.load(v_ptr, mask=cols[:, None] < m, other=0.0)
+        else:
+            k = tl.load(k_ptr)
+            v = tl.load(v_ptr)
+        s = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+        if MASK:
+            keep = cols[None, :] < m
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= rows[:, None])
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        return acc, m_new, l_i
+
+    @triton.jit
+    def _forward_kernel(Q, K, V, O, L, scale_log2, m, H, group, row_blocks,
+                        sq_b, sq_m, sq_h, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h,
+                        so_b, so_m, so_h, sl_b, sl_m, sl_h, rate, offset,
+                        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        CAUSAL: tl.constexpr, EVEN: tl.constexpr, WRITE_LSE: tl.constexpr,
+                        FILL: tl.constexpr, PRECISION: tl.constexpr):
+        pid = tl.program_id(0)
+        # Row blocks of one (block, head) are neighbours (their keys share L2); within them the
+        # last (the longest causal row block) runs first.
+        row_block = row_blocks - 1 - pid % row_blocks
+        bh = pid // row_blocks
+        b = (bh // H).to(tl.int64)
+        h = bh % H
+        kh = h // group
+        start_m = row_block * BLOCK_M
+        rows = start_m + tl.arange(0, BLOCK_M)
+        dd = tl.arange(0, D)
+        q_ptr = Q + b * sq_b + h * sq_h + rows[:, None].to(tl.int64) * sq_m + dd[None, :]
+        if EVEN:
+            q = tl.load(q_ptr)
+        else:
+            q = tl.load(q_ptr, mask=rows[:, None] < m, other=0.0)
+        k_base = K + b * sk_b + kh * sk_h
+        v_base = V + b * sv_b + kh * sv_h
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        if CAUSAL:  # keys before the row block need no mask; the diagonal blocks do
+            full_end = start_m
+            end = tl.minimum(start_m + BLOCK_M, m)
+        else:
+            full_end = (m // BLOCK_N) * BLOCK_N
+            end = m
+        for start in range(0, full_end, BLOCK_N):
+            acc, m_i, l_i = _block(acc, m_i, l_i, q, k_base, v_base, sk_m, sv_m, rows, start, m, scale_log2,
+                                   D, BLOCK_N, False, CAUSAL, PRECISION)
+        for start in range(full_end, end, BLOCK_N):
+            acc, m_i, l_i = _block(acc, m_i, l_i, q, k_base, v_base, sk_m, sv_m, rows, start, m, scale_log2,
+                                   D, BLOCK_N, True, CAUSAL, PRECISION)
+        nonempty = l_i > 0
+        l_safe = tl.where(nonempty, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        o_ptr = O + b * so_b + h * so_h + rows[:, None].to(tl.int64) * so_m + dd[None, :]
+        if EVEN:
+            tl.store(o_ptr, out.to(O.dtype.element_ty))
+        else:
+            tl.store(o_ptr, out.to(O.dtype.element_ty), mask=rows[:, None] < m)
+        if WRITE_LSE:
+            lse = tl.where(nonempty, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+            l_ptr = L + b * sl_b + h * sl_h + rows.to(tl.int64) * sl_m
+            if EVEN:
+                tl.store(l_ptr, lse)
+            else:
+                tl.store(l_ptr, lse, mask=rows < m)
+        if FILL:  # the rows between the selected ones (offsets other than ``offset``): 0 / -inf
+            zero = tl.zeros([BLOCK_M, D], O.dtype.element_ty)
+            empty = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            for j in range(0, rate):
+                if j != offset:
+                    shift = j - offset
+                    if EVEN:
+                        tl.store(o_ptr + shift * (so_m // rate), zero)
+                    else:
+                        tl.store(o_ptr + shift * (so_m // rate), zero, mask=rows[:, None] < m)
+                    if WRITE_LSE:
+                        if EVEN:
+                            tl.store(l_ptr + shift * (sl_m // rate), empty)
+                        else:
+                            tl.store(l_ptr + shift * (sl_m // rate), empty, mask=rows < m)
+
+
+
+def interpreted() -> bool:
+    """Whether ``triton.jit`` made interpreted kernels (``TRITON_INTERPRET=1`` before ``triton``
+    was imported): the only way the kernel runs on CPU tensors."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_forward_kernel, InterpretedFunction)
+
+
+def _check(q, k, v, out, lse, fill):
+    B, m, H, d = q.shape
+    if k.shape != v.shape or k.shape[:2] != (B, m) or k.shape[3] != d:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} do not match q {tuple(q.shape)}")
+    if H % k.shape[2]:
+        raise ValueError(f"num_heads={H} is not a multiple of num_kv_heads={k.shape[2]}")
+    if out.shape != q.shape:
+        raise ValueError(f"out {tuple(out.shape)} is not q's shape {tuple(q.shape)}")
+    if lse is not None and (lse.shape != q.shape[:3] or lse.dtype != torch.float32):
+        raise ValueError(f"lse must be float32 {tuple(q.shape[:3])}, got {lse.dtype} {tuple(lse.shape)}")
+    for name, x in (("q", q), ("k", k), ("v", v), ("out", out)):
+        if x.stride(-1) != 1:
+            raise ValueError(f"{name}.stride(-1)={x.stride(-1)}: the head dim must be contiguous")
+    if not supports(q.dtype, d):
+        raise ValueError(f"the rows kernel takes fp16/bf16/fp32 and a power-of-two head_dim in [16, 256], "
+                         f"got {q.dtype} and head_dim={d}")
+    if fill is not None:
+        rate, offset = fill
+        strides = [out.stride(1)] + ([] if lse is None else [lse.stride(1)])
+        if not 0 <= offset < rate or any(st % rate for st in strides):
+            raise ValueError(f"fill={fill}: the row strides {strides} are not rate={rate} positions")
+
+
+def attend_into(q, k, v, out, lse, scale: float, causal: bool, config: RowsConfig = DEFAULT_CONFIG,
+                fill: tuple[int, int] | None = None):
+    """Attention of each block's rows among themselves, written into ``out`` and ``lse``.
+
+    Args:
+      q: ``[B, m, H, d]`` query rows, any strides with the last dim contiguous.
+      k, v: ``[B, m, H_kv, d]``; ``H % H_kv == 0``.
+      out: ``[B, m, H, d]`` destination (a view; written in place, in ``out``'s dtype).
+      lse: ``[B, m, H]`` float32 destination of the natural-log LSE, or None (not written).
+      scale: the score scale.
+      causal: the lower triangle of each block (row ``i`` sees keys ``<= i``).
+      config: tile sizes (:class:`RowsConfig`).
+      fill: ``(rate, offset)``: ``out``/``lse`` rows are every ``rate``-th position from
+        ``offset``; the positions between them (same heads) are written ``0`` / ``-inf``, so the
+        destination needs no clearing first. None: only the rows themselves are written.
+
+    Returns:
+      ``(out, lse)``, the destinations.
+    """
+    _check(q, k, v, out, lse, fill)
+    B, m, H, d = q.shape
+    if B == 0 or m == 0 or H == 0:
+        return out, lse
+    if config.block_m % config.block_n:
+        raise ValueError(f"{config.block_n=} does not divide {config.block_m=}")
+    if (q.device.type == "cuda") == interpreted():
+        raise ValueError(f"q on {q.device} needs " + ("the compiled kernel: unset TRITON_INTERPRET"
+                         if interpreted() else "Triton's interpreter: TRITON_INTERPRET=1 before triton is imported"))
+    row_blocks = triton.cdiv(m, config.block_m)
+    lse_arg = lse if lse is not None else out  # never written
+    lse_strides = lse.stride() if lse is not None else (0, 0, 0)
+    rate, offset = fill if fill is not None else (1, 0)
+    _forward_kernel[(row_blocks * B * H,)](
+        q, k, v, out, lse_arg, scale * math.log2(math.e), m, H, H // k.shape[2], row_blocks,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse_strides, rate, offset,
+        D=d, BLOCK_M=config.block_m, BLOCK_N=config.block_n, CAUSAL=bool(causal),
+        EVEN=m % config.block_m == 0, WRITE_LSE=lse is not None, FILL=fill is not None and rate > 1,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    return out, lse
