@@ -63,7 +63,8 @@ def _tolerance(dtype):
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("m", [64, 50], ids=["even", "ragged"])
 @pytest.mark.parametrize("fill", [False, True])
-def test_rows_against_float64(device, dtype, causal, m, fill):
+@pytest.mark.parametrize("tma", [False, True])
+def test_rows_against_float64(device, dtype, causal, m, fill, tma):
     """Strided rows of a larger buffer with GQA: values and LSE; with ``fill`` the positions
     between the rows get 0 / -inf; nothing else is touched."""
     torch.manual_seed(0)
@@ -75,7 +76,10 @@ def test_rows_against_float64(device, dtype, causal, m, fill):
     L = torch.full((b, n, h), 7.0, device=device)
     q, k, v = _views(Q, S, m, rate, offset, (2, 4)), _views(K, S, m, rate, offset, (1, 2)), _views(V, S, m, rate, offset, (1, 2))
     o, l = _views(O, S, m, rate, offset, (2, 4)), _views(L, S, m, rate, offset, (2, 4))
-    got = attend_into(q, k, v, o, l, 0.3, causal, SMALL, fill=(rate, offset) if fill else None)
+    config = RowsConfig(block_m=32, block_n=16, num_warps=4, num_stages=2, tma=tma)
+    if tma and device == "cuda" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("tensor descriptors need compute capability 9")
+    got = attend_into(q, k, v, o, l, 0.3, causal, config, fill=(rate, offset) if fill else None)
     assert got[0] is o and got[1] is l
     want_o, want_l = _block_reference(q, k, v, 0.3, causal)
     tol = _tolerance(dtype)
@@ -207,6 +211,7 @@ def test_rows_config_only_from_the_table():
     ("gqa", "not a multiple of num_kv_heads"),
     ("fill", "are not rate=3 positions"),
     ("blocks", "does not divide"),
+    ("tma", "not 16-byte aligned"),
 ])
 def test_rows_errors_name_the_argument(case, message):
     q, k, v = (torch.randn(2, 8, 4, 16) for _ in range(3))
@@ -222,6 +227,9 @@ def test_rows_errors_name_the_argument(case, message):
         k, v = (torch.randn(2, 8, 3, 16) for _ in range(2))
     elif case == "fill":
         fill = (3, 0)
+    elif case == "tma":
+        q = torch.randn(2, 8, 4, 17)[..., :16]
+        config = RowsConfig(block_m=32, block_n=16, tma=True)
     else:
         config = RowsConfig(block_m=32, block_n=64)
     with pytest.raises(ValueError, match=message):

@@ -35,12 +35,17 @@ def triton_available() -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class RowsConfig:
-    """Tile sizes and launch shape of the kernel (``block_n`` divides ``block_m``)."""
+    """Tile sizes and launch shape of the kernel (``block_n`` divides ``block_m``); ``tma``: rows
+    through tensor descriptors (Hopper's bulk tensor copies; compute capability 9+, 16-byte
+    aligned rows) instead of pointer loads; ``warp_specialize``: Triton's warp specialization of
+    the unmasked key loop."""
 
     block_m: int = 128
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 3
+    tma: bool = False
+    warp_specialize: bool = False
 
 
 DEFAULT_CONFIG = RowsConfig()
@@ -55,23 +60,29 @@ def supports(dtype: torch.dtype, head_dim: int) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _block(acc, m_i, l_i, q, k_base, v_base, sk_m, sv_m, rows, start, m, scale_log2,
-               D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
-               PRECISION: tl.constexpr):
+    def _rows(X, b, h, start, sx_b, sx_m, sx_h, m, BLOCK: tl.constexpr, D: tl.constexpr,
+              MASK: tl.constexpr, TMA: tl.constexpr):
+        """``[BLOCK, D]`` rows ``start ..`` of block ``b``, head ``h`` (zeros past ``m``): through
+        the tensor descriptor ``X`` (``[B, H, m, D]``) or from the pointer ``X`` and strides."""
+        if TMA:
+            return X.load([b, h, start, 0]).reshape([BLOCK, D])
+        rows = start + tl.arange(0, BLOCK)
+        ptr = X + b.to(tl.int64) * sx_b + h * sx_h + rows[:, None].to(tl.int64) * sx_m + tl.arange(0, D)[None, :]
+        if MASK:
+            return tl.load(ptr, mask=rows[:, None] < m, other=0.0)
+        return tl.load(ptr)
+
+    @triton.jit
+    def _block(acc, m_i, l_i, q, K, V, b, kh, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h, rows, start, m,
+               scale_log2, D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+               CAUSAL: tl.constexpr, TMA: tl.constexpr, PRECISION: tl.constexpr):
         """One key block ``[start, start + BLOCK_N)`` folded into the running ``(acc, m_i, l_i)``
         (base-2 online softmax)."""
-        cols = start + tl.arange(0, BLOCK_N)
-        dd = tl.arange(0, D)
-        k_ptr = k_base + cols[None, :].to(tl.int64) * sk_m + dd[:, None]  # [D, BLOCK_N]
-        v_ptr = v_base + cols[:, None].to(tl.int64) * sv_m + dd[None, :]  # [BLOCK_N, D]
+        k = _rows(K, b, kh, start, sk_b, sk_m, sk_h, m, BLOCK_N, D, MASK, TMA)
+        v = _rows(V, b, kh, start, sv_b, sv_m, sv_h, m, BLOCK_N, D, MASK, TMA)
+        s = tl.dot(q, k.T, input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
         if MASK:
-            k = tl.load(k_ptr, mask=cols[None, :] < m, other=0.0)
-            v = tl.load(v_ptr, mask=cols[:, None] < m, other=0.0)
-        else:
-            k = tl.load(k_ptr)
-            v = tl.load(v_ptr)
-        s = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
-        if MASK:
+            cols = start + tl.arange(0, BLOCK_N)
             keep = cols[None, :] < m
             if CAUSAL:
                 keep = keep & (cols[None, :] <= rows[:, None])
@@ -86,30 +97,24 @@ if triton is not None:
         return acc, m_new, l_i
 
     @triton.jit
-    def _forward_kernel(Q, K, V, O, L, scale_log2, m, H, group, row_blocks,
+    def _forward_kernel(Q, K, V, O, Op, L, scale_log2, m, H, group, row_blocks,
                         sq_b, sq_m, sq_h, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h,
                         so_b, so_m, so_h, sl_b, sl_m, sl_h, rate, offset,
                         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         CAUSAL: tl.constexpr, EVEN: tl.constexpr, WRITE_LSE: tl.constexpr,
-                        FILL: tl.constexpr, PRECISION: tl.constexpr):
+                        FILL: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
+                        PRECISION: tl.constexpr):
         pid = tl.program_id(0)
         # Row blocks of one (block, head) are neighbours (their keys share L2); within them the
         # last (the longest causal row block) runs first.
         row_block = row_blocks - 1 - pid % row_blocks
         bh = pid // row_blocks
-        b = (bh // H).to(tl.int64)
+        b = bh // H
         h = bh % H
         kh = h // group
         start_m = row_block * BLOCK_M
         rows = start_m + tl.arange(0, BLOCK_M)
-        dd = tl.arange(0, D)
-        q_ptr = Q + b * sq_b + h * sq_h + rows[:, None].to(tl.int64) * sq_m + dd[None, :]
-        if EVEN:
-            q = tl.load(q_ptr)
-        else:
-            q = tl.load(q_ptr, mask=rows[:, None] < m, other=0.0)
-        k_base = K + b * sk_b + kh * sk_h
-        v_base = V + b * sv_b + kh * sv_h
+        q = _rows(Q, b, h, start_m, sq_b, sq_m, sq_h, m, BLOCK_M, D, not EVEN, TMA)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -119,29 +124,32 @@ if triton is not None:
         else:
             full_end = (m // BLOCK_N) * BLOCK_N
             end = m
-        for start in range(0, full_end, BLOCK_N):
-            acc, m_i, l_i = _block(acc, m_i, l_i, q, k_base, v_base, sk_m, sv_m, rows, start, m, scale_log2,
-                                   D, BLOCK_N, False, CAUSAL, PRECISION)
+        for start in tl.range(0, full_end, BLOCK_N, warp_specialize=WS):
+            acc, m_i, l_i = _block(acc, m_i, l_i, q, K, V, b, kh, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h, rows,
+                                   start, m, scale_log2, D, BLOCK_N, False, CAUSAL, TMA, PRECISION)
         for start in range(full_end, end, BLOCK_N):
-            acc, m_i, l_i = _block(acc, m_i, l_i, q, k_base, v_base, sk_m, sv_m, rows, start, m, scale_log2,
-                                   D, BLOCK_N, True, CAUSAL, PRECISION)
+            acc, m_i, l_i = _block(acc, m_i, l_i, q, K, V, b, kh, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h, rows,
+                                   start, m, scale_log2, D, BLOCK_N, True, CAUSAL, TMA, PRECISION)
         nonempty = l_i > 0
         l_safe = tl.where(nonempty, l_i, 1.0)
-        out = acc / l_safe[:, None]
-        o_ptr = O + b * so_b + h * so_h + rows[:, None].to(tl.int64) * so_m + dd[None, :]
-        if EVEN:
-            tl.store(o_ptr, out.to(O.dtype.element_ty))
+        out = (acc / l_safe[:, None]).to(Op.dtype.element_ty)
+        b64 = b.to(tl.int64)
+        o_ptr = Op + b64 * so_b + h * so_h + rows[:, None].to(tl.int64) * so_m + tl.arange(0, D)[None, :]
+        if TMA:
+            O.store([b, h, start_m, 0], out.reshape([1, 1, BLOCK_M, D]))
+        elif EVEN:
+            tl.store(o_ptr, out)
         else:
-            tl.store(o_ptr, out.to(O.dtype.element_ty), mask=rows[:, None] < m)
+            tl.store(o_ptr, out, mask=rows[:, None] < m)
+        l_ptr = L + b64 * sl_b + h * sl_h + rows.to(tl.int64) * sl_m
         if WRITE_LSE:
             lse = tl.where(nonempty, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-            l_ptr = L + b * sl_b + h * sl_h + rows.to(tl.int64) * sl_m
             if EVEN:
                 tl.store(l_ptr, lse)
             else:
                 tl.store(l_ptr, lse, mask=rows < m)
         if FILL:  # the rows between the selected ones (offsets other than ``offset``): 0 / -inf
-            zero = tl.zeros([BLOCK_M, D], O.dtype.element_ty)
+            zero = tl.zeros([BLOCK_M, D], Op.dtype.element_ty)
             empty = tl.full([BLOCK_M], float("-inf"), tl.float32)
             for j in range(0, rate):
                 if j != offset:
@@ -156,8 +164,6 @@ if triton is not None:
                         else:
                             tl.store(l_ptr + shift * (sl_m // rate), empty, mask=rows < m)
 
-
-
 def interpreted() -> bool:
     """Whether ``triton.jit`` made interpreted kernels (``TRITON_INTERPRET=1`` before ``triton``
     was imported): the only way the kernel runs on CPU tensors."""
@@ -166,7 +172,7 @@ def interpreted() -> bool:
     return isinstance(_forward_kernel, InterpretedFunction)
 
 
-def _check(q, k, v, out, lse, fill):
+def _check(q, k, v, out, lse, fill, config):
     B, m, H, d = q.shape
     if k.shape != v.shape or k.shape[:2] != (B, m) or k.shape[3] != d:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} do not match q {tuple(q.shape)}")
@@ -182,6 +188,10 @@ def _check(q, k, v, out, lse, fill):
     if not supports(q.dtype, d):
         raise ValueError(f"the rows kernel takes fp16/bf16/fp32 and a power-of-two head_dim in [16, 256], "
                          f"got {q.dtype} and head_dim={d}")
+    if config.tma:
+        for name, x in (("q", q), ("k", k), ("v", v), ("out", out)):
+            if x.data_ptr() % 16 or any(st * x.element_size() % 16 for st in x.stride()[:3]):
+                raise ValueError(f"{name}'s start or strides {x.stride()} are not 16-byte aligned: tma=True needs them so")
     if fill is not None:
         rate, offset = fill
         strides = [out.stride(1)] + ([] if lse is None else [lse.stride(1)])
@@ -208,7 +218,7 @@ def attend_into(q, k, v, out, lse, scale: float, causal: bool, config: RowsConfi
     Returns:
       ``(out, lse)``, the destinations.
     """
-    _check(q, k, v, out, lse, fill)
+    _check(q, k, v, out, lse, fill, config)
     B, m, H, d = q.shape
     if B == 0 or m == 0 or H == 0:
         return out, lse
@@ -221,11 +231,18 @@ def attend_into(q, k, v, out, lse, scale: float, causal: bool, config: RowsConfi
     lse_arg = lse if lse is not None else out  # never written
     lse_strides = lse.stride() if lse is not None else (0, 0, 0)
     rate, offset = fill if fill is not None else (1, 0)
+    tensors = (q, k, v, out)
+    if config.tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        tensors = tuple(TensorDescriptor(x, [x.shape[0], x.shape[2], x.shape[1], d],
+                                         [x.stride(0), x.stride(2), x.stride(1), 1], [1, 1, block, d])
+                        for x, block in zip(tensors, (config.block_m, config.block_n, config.block_n, config.block_m)))
     _forward_kernel[(row_blocks * B * H,)](
-        q, k, v, out, lse_arg, scale * math.log2(math.e), m, H, H // k.shape[2], row_blocks,
+        *tensors, out, lse_arg, scale * math.log2(math.e), m, H, H // k.shape[2], row_blocks,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse_strides, rate, offset,
         D=d, BLOCK_M=config.block_m, BLOCK_N=config.block_n, CAUSAL=bool(causal),
         EVEN=m % config.block_m == 0, WRITE_LSE=lse is not None, FILL=fill is not None and rate > 1,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        TMA=config.tma, WS=config.warp_specialize, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out, lse
