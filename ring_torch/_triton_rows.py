@@ -65,12 +65,15 @@ if triton is not None:
         """``[BLOCK, D]`` rows ``start ..`` of block ``b``, head ``h`` (zeros past ``m``): through
         the tensor descriptor ``X`` (``[B, H, m, D]``) or from the pointer ``X`` and strides."""
         if TMA:
-            return X.load([b, h, start, 0]).reshape([BLOCK, D])
-        rows = start + tl.arange(0, BLOCK)
-        ptr = X + b.to(tl.int64) * sx_b + h * sx_h + rows[:, None].to(tl.int64) * sx_m + tl.arange(0, D)[None, :]
-        if MASK:
-            return tl.load(ptr, mask=rows[:, None] < m, other=0.0)
-        return tl.load(ptr)
+            x = X.load([b, h, start, 0]).reshape([BLOCK, D])
+        else:  # (an else, not an early return: the compiler visits both branches)
+            rows = start + tl.arange(0, BLOCK)
+            ptr = X + b.to(tl.int64) * sx_b + h * sx_h + rows[:, None].to(tl.int64) * sx_m + tl.arange(0, D)[None, :]
+            if MASK:
+                x = tl.load(ptr, mask=rows[:, None] < m, other=0.0)
+            else:
+                x = tl.load(ptr)
+        return x
 
     @triton.jit
     def _block(acc, m_i, l_i, q, K, V, b, kh, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h, rows, start, m,
@@ -137,10 +140,11 @@ if triton is not None:
         o_ptr = Op + b64 * so_b + h * so_h + rows[:, None].to(tl.int64) * so_m + tl.arange(0, D)[None, :]
         if TMA:
             O.store([b, h, start_m, 0], out.reshape([1, 1, BLOCK_M, D]))
-        elif EVEN:
-            tl.store(o_ptr, out)
         else:
-            tl.store(o_ptr, out, mask=rows[:, None] < m)
+            if EVEN:
+                tl.store(o_ptr, out)
+            else:
+                tl.store(o_ptr, out, mask=rows[:, None] < m)
         l_ptr = L + b64 * sl_b + h * sl_h + rows.to(tl.int64) * sl_m
         if WRITE_LSE:
             lse = tl.where(nonempty, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
