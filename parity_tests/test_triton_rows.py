@@ -108,13 +108,39 @@ def _layer_inputs(device, dtype, n=96, h=4, h_kv=2, d=16):
 
 
 @pytest.mark.parametrize("device", [CPU, CUDA])
+@pytest.mark.parametrize("m", [64, 50], ids=["even", "ragged"])
+def test_rows_merge_into_accumulators(device, m):
+    """``merge=True``: the rows' attention merged into float32 ``(out, lse)`` already holding a
+    partial attention over other keys (``0`` / ``-inf`` rows among them) by the exact softmax
+    merge; other positions untouched."""
+    torch.manual_seed(2)
+    B, H, d = 3, 2, 16
+    q, k, v = (torch.randn(B, m, H, d, device=device) for _ in range(3))
+    old_o = torch.randn(B, m, H, d, device=device)
+    old_l = torch.randn(B, m, H, device=device)
+    old_l[0, :7] = -math.inf
+    old_o[0, :7] = 0
+    out, lse = old_o.clone(), old_l.clone()
+    attend_into(q, k, v, out, lse, 0.3, True, SMALL, merge=True)
+    new_o, new_l = _block_reference(q, k, v, 0.3, True)
+    total = torch.logaddexp(old_l.double(), new_l)
+    want = old_o.double() * torch.exp(old_l.double() - total)[..., None] + new_o * torch.exp(new_l - total)[..., None]
+    assert (out.double() - want).abs().max() <= 2e-5
+    assert (lse.double() - total).abs().max() <= 2e-5
+    with pytest.raises(ValueError, match="merge=True needs float32"):
+        attend_into(q.half(), k.half(), v.half(), out.half(), lse, 0.3, True, SMALL, merge=True)
+
+
+@pytest.mark.parametrize("device", [CPU, CUDA])
 @pytest.mark.parametrize("causal", [True, False])
-def test_layer_rows_against_oracle(device, causal):
-    """The units of a head-groups plan through ``FusedDilated`` with the rows kernel: out and LSE
-    against the float64 oracle, gradients against the plain kernel path (the backward is the
-    same; only the forward's kernel differs)."""
+@pytest.mark.parametrize("mix", ["head_groups", "longnet"])
+def test_layer_rows_against_oracle(device, causal, mix):
+    """A plan's units through ``FusedDilated`` with the rows kernel (head groups written in
+    place, longnet merged into the accumulators by the kernel): out and LSE against the float64
+    oracle, gradients against the plain kernel path (the backward is the same; only the
+    forward's kernel differs)."""
     W, R = (16, 32, 96), (1, 2, 4)
-    config = DilatedConfig(segment_lengths=W, dilation_rates=R, mix="head_groups", is_causal=causal)
+    config = DilatedConfig(segment_lengths=W, dilation_rates=R, mix=mix, is_causal=causal)
     q, k, v = _layer_inputs(device, torch.float32)
     n, h = q.shape[1], q.shape[2]
     plan = build_plan(config, n, h, k.shape[2])
@@ -127,7 +153,7 @@ def test_layer_rows_against_oracle(device, causal):
         (out.square().sum() + lse.sin().sum()).backward()
         results[label] = (out.detach(), lse.detach(), *(x.grad for x in xs))
     want_o, want_l = oracle.dilated_attention(*(x.cpu().numpy() for x in (q, k, v)), segment_lengths=W,
-                                              dilation_rates=R, is_causal=causal, softmax_scale=0.25)
+                                              dilation_rates=R, mix=mix, is_causal=causal, softmax_scale=0.25)
     out, lse = results["rows"][:2]
     np.testing.assert_allclose(out.cpu().double().numpy(), want_o, atol=2e-5, rtol=0)
     np.testing.assert_allclose(lse.cpu().double().numpy(), want_l, atol=2e-5, rtol=1e-6)

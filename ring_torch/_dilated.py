@@ -107,6 +107,10 @@ def _forward(plan: DilatedPlan, q, k, v, scale, kernel, spec, with_lse=True, int
         else:
             acc, acc_lse = blank(q, q.shape[2], out_dtype=acc_dtype)
         for u in plan.units:
+            if kernel.rows is not None:  # the kernel merges into the accumulators itself
+                kernel.forward_into(q_rows(q, u), kv_rows(k, u), kv_rows(v, u), q_rows(acc, u), q_rows(acc_lse, u),
+                                    scale, unit_coords(u, spec, q.shape[0], q.shape[1]), merge=True)
+                continue
             o, l = _attend_rows(u, q, k, v, scale, kernel, spec)
             merge_rows(q_rows(acc, u), q_rows(acc_lse, u), o, l)
         if into is not None and acc is not into[0]:

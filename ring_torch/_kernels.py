@@ -201,10 +201,11 @@ class Kernel(Protocol):
         ``lse [B, m, H]`` (float32+), differentiable by autograd."""
 
     def forward_into(self, q, k, v, out, lse, scale: float, coords: BlockCoords,
-                     fill: tuple[int, int] | None = None):
+                     fill: tuple[int, int] | None = None, merge: bool = False):
         """Where :attr:`rows` is set: the forward written into the views ``out``/``lse`` (None:
         not written) outside autograd; ``fill=(rate, offset)`` also writes the positions between
-        the rows (:func:`ring_torch._triton_rows.attend_into`)."""
+        the rows; ``merge``: merged into the float32 ``out``/``lse`` there
+        (:func:`ring_torch._triton_rows.attend_into`)."""
 
     def grad_inputs(self, q, out, lse, dout, dlse) -> GradInputs:
         """The backward operands of a whole unit, once: ``q``, the float32+ global ``out``,
@@ -370,8 +371,8 @@ class TorchKernel:
             return ExactLSE.apply(q, k, v, self.aten, scale, coords.is_causal)
         return self.aten.forward(q, k, v, scale, coords.is_causal)[:2]  # no graph: the kernel alone
 
-    def forward_into(self, q, k, v, out, lse, scale, coords, fill=None):
-        attend_into(q, k, v, out, lse, scale, coords.is_causal, self.rows, fill)
+    def forward_into(self, q, k, v, out, lse, scale, coords, fill=None, merge=False):
+        attend_into(q, k, v, out, lse, scale, coords.is_causal, self.rows, fill, merge)
 
     def grad_inputs(self, q, out, lse, dout, dlse) -> GradInputs:
         """Operands in ``q``'s dtype (``lse`` stays float32+); ``dout`` None: zero; ``dlse``

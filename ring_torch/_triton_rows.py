@@ -105,7 +105,7 @@ if triton is not None:
                         so_b, so_m, so_h, sl_b, sl_m, sl_h, rate, offset,
                         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         CAUSAL: tl.constexpr, EVEN: tl.constexpr, WRITE_LSE: tl.constexpr,
-                        FILL: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
+                        FILL: tl.constexpr, MERGE: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
                         PRECISION: tl.constexpr):
         pid = tl.program_id(0)
         # Row blocks of one (block, head) are neighbours (their keys share L2); within them the
@@ -135,19 +135,35 @@ if triton is not None:
                                    start, m, scale_log2, D, BLOCK_N, True, CAUSAL, TMA, PRECISION)
         nonempty = l_i > 0
         l_safe = tl.where(nonempty, l_i, 1.0)
-        out = (acc / l_safe[:, None]).to(Op.dtype.element_ty)
+        out = acc / l_safe[:, None]
+        lse = tl.where(nonempty, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
         b64 = b.to(tl.int64)
         o_ptr = Op + b64 * so_b + h * so_h + rows[:, None].to(tl.int64) * so_m + tl.arange(0, D)[None, :]
-        if TMA:
+        l_ptr = L + b64 * sl_b + h * sl_h + rows.to(tl.int64) * sl_m
+        if MERGE:  # fold into the float32 (out, lse) already in these rows (earlier patterns)
+            if EVEN:
+                old_l = tl.load(l_ptr)
+                old_o = tl.load(o_ptr)
+            else:
+                old_l = tl.load(l_ptr, mask=rows < m, other=float("-inf"))
+                old_o = tl.load(o_ptr, mask=rows[:, None] < m, other=0.0)
+            top = tl.maximum(old_l, lse)
+            top = tl.where(top == float("-inf"), 0.0, top)
+            w_old = tl.exp(old_l - top)
+            w_new = tl.exp(lse - top)
+            total = w_old + w_new
+            total_safe = tl.where(total > 0, total, 1.0)
+            out = (old_o * w_old[:, None] + out * w_new[:, None]) / total_safe[:, None]
+            lse = tl.where(total > 0, top + tl.log(total_safe), float("-inf"))
+        out = out.to(Op.dtype.element_ty)
+        if TMA and not MERGE:
             O.store([b, h, start_m, 0], out.reshape([1, 1, BLOCK_M, D]))
         else:
             if EVEN:
                 tl.store(o_ptr, out)
             else:
                 tl.store(o_ptr, out, mask=rows[:, None] < m)
-        l_ptr = L + b64 * sl_b + h * sl_h + rows.to(tl.int64) * sl_m
         if WRITE_LSE:
-            lse = tl.where(nonempty, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
             if EVEN:
                 tl.store(l_ptr, lse)
             else:
@@ -204,7 +220,7 @@ def _check(q, k, v, out, lse, fill, config):
 
 
 def attend_into(q, k, v, out, lse, scale: float, causal: bool, config: RowsConfig = DEFAULT_CONFIG,
-                fill: tuple[int, int] | None = None):
+                fill: tuple[int, int] | None = None, merge: bool = False):
     """Attention of each block's rows among themselves, written into ``out`` and ``lse``.
 
     Args:
@@ -218,11 +234,17 @@ def attend_into(q, k, v, out, lse, scale: float, causal: bool, config: RowsConfi
       fill: ``(rate, offset)``: ``out``/``lse`` rows are every ``rate``-th position from
         ``offset``; the positions between them (same heads) are written ``0`` / ``-inf``, so the
         destination needs no clearing first. None: only the rows themselves are written.
+      merge: ``out`` (float32) and ``lse`` already hold a partial attention of these rows over
+        other keys (``0`` / ``-inf`` where none): the result is their exact softmax merge with
+        this one (the longnet mix, pattern after pattern, with no per-pattern output).
 
     Returns:
       ``(out, lse)``, the destinations.
     """
     _check(q, k, v, out, lse, fill, config)
+    if merge and (lse is None or out.dtype != torch.float32 or fill is not None):
+        raise ValueError(f"merge=True needs float32 out and lse accumulators and no fill, got out {out.dtype}, "
+                         f"lse {None if lse is None else lse.dtype}, {fill=}")
     B, m, H, d = q.shape
     if B == 0 or m == 0 or H == 0:
         return out, lse
@@ -246,7 +268,7 @@ def attend_into(q, k, v, out, lse, scale: float, causal: bool, config: RowsConfi
         *tensors, out, lse_arg, scale * math.log2(math.e), m, H, H // k.shape[2], row_blocks,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse_strides, rate, offset,
         D=d, BLOCK_M=config.block_m, BLOCK_N=config.block_n, CAUSAL=bool(causal),
-        EVEN=m % config.block_m == 0, WRITE_LSE=lse is not None, FILL=fill is not None and rate > 1,
+        EVEN=m % config.block_m == 0, WRITE_LSE=lse is not None, FILL=fill is not None and rate > 1, MERGE=merge,
         TMA=config.tma, WS=config.warp_specialize, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out, lse
