@@ -51,9 +51,10 @@ def _run_heads(units, q, k, v, scale, kernel, spec, with_lse=True, into=None):
     pattern), each written in place into its heads and rows of one ``(out, lse)`` (new, or the
     views ``into`` of the same shapes and dtypes); heads no unit covers (a ring's local
     sub-plan) stay ``out = 0``, ``lse = -inf``; ``with_lse=False``: ``lse`` is None (not
-    written). A kernel with :attr:`~ring_torch._kernels.Kernel.rows` writes the rows itself
-    (outside autograd), and the rows between them too when the units cover every head."""
-    in_place = kernel.rows is not None and not records_graph(q, k, v)
+    written). A kernel with :attr:`~ring_torch._kernels.Kernel.rows` (``in_place_heads``) writes
+    the rows itself (outside autograd), and the rows between them too when the units cover every
+    head."""
+    in_place = kernel.rows is not None and kernel.rows.in_place_heads and not records_graph(q, k, v)
     fill = in_place and _tiles(units, q.shape[2])
     if fill:  # every element is written by one unit: no clearing
         out, lse = into if into is not None else _empty(q, with_lse)

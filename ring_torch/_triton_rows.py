@@ -38,7 +38,8 @@ class RowsConfig:
     """Tile sizes and launch shape of the kernel (``block_n`` divides ``block_m``); ``tma``: rows
     through tensor descriptors (Hopper's bulk tensor copies; compute capability 9+, 16-byte
     aligned rows) instead of pointer loads; ``warp_specialize``: Triton's warp specialization of
-    the unmasked key loop."""
+    the unmasked key loop. ``in_place_heads``: whether layers whose units each own their heads
+    (``head_groups``) write their rows with it too, or only merge with it (``longnet``)."""
 
     block_m: int = 128
     block_n: int = 64
@@ -46,6 +47,7 @@ class RowsConfig:
     num_stages: int = 3
     tma: bool = False
     warp_specialize: bool = False
+    in_place_heads: bool = True
 
 
 DEFAULT_CONFIG = RowsConfig()
