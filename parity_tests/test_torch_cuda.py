@@ -42,7 +42,8 @@ def _inputs(n, h, h_kv, d, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_output_only_gradients_and_kernel_choice(config, mix, dtype, monkeypatch):
     """No LSE cotangent: the fused backward runs as is (no extra column); the kernel is the one
-    cuda_kernel names (cuDNN on sm90+, flash on sm80+, with head_dim % 8 == 0)."""
+    cuda_kernel names (cuDNN on sm90+, flash on sm80+, with head_dim % 8 == 0), and the longnet
+    forward the Triton rows kernel where ``rows_config`` names one."""
     import ring_torch._kernels as kernels
 
     _, n, h, h_kv, d, w, r = config
@@ -54,6 +55,7 @@ def test_cuda_output_only_gradients_and_kernel_choice(config, mix, dtype, monkey
         kernel = getattr(kernels, name)
         monkeypatch.setattr(kernel, "forward", staticmethod(
             lambda *a, f=kernel.forward, name=name: used.append(name) or f(*a)))
+    monkeypatch.setattr(kernels, "attend_into", lambda *a, f=kernels.attend_into: used.append("rows") or f(*a))
 
     def grads(fn, *x):
         x = [t.detach().clone().requires_grad_() for t in x]
@@ -64,8 +66,12 @@ def test_cuda_output_only_gradients_and_kernel_choice(config, mix, dtype, monkey
     ref = grads(lambda *x: reference_attention(*x, **kw)[0], q, k, v)
     for name, a, b in zip("qkv", got, ref):
         assert _rel(a.numpy(), b.numpy()) <= 5 * TOL[dtype], f"d{name}"
-    chosen = kernels.cuda_kernel(dtype, d, torch.cuda.get_device_capability(), kernels.cudnn_attention_available())
-    assert set(used) == {kernels.CUDA_ATEN[chosen].__name__}
+    capability = torch.cuda.get_device_capability()
+    chosen = kernels.CUDA_ATEN[kernels.cuda_kernel(dtype, d, capability, kernels.cudnn_attention_available())].__name__
+    if mix == "longnet" and kernels.rows_config(dtype, d, capability) is not None:
+        assert "rows" in used and set(used) <= {"rows", chosen}  # the aten kernel at most for its RNG state
+    else:
+        assert set(used) == {chosen}
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c[0] for c in CONFIGS])

@@ -127,7 +127,7 @@ def cuda_kernel(dtype: torch.dtype, head_dim: int, capability: tuple[int, int], 
 # The Triton rows kernel's configuration per (compute capability, head_dim), for fp16/bf16: only
 # where it measured faster than the aten kernel plus its row copies (python -m
 # benchmarks.triton_rows). H200, head_dim 64, bf16, 2026-12-01 (h200_triton_rows_2026-12-01.json):
-# longnet forward 1.44-1.52x faster from 256K to 4M (the kernel merges each pattern into the
+# longnet forward 1.44-1.56x faster from 256K to 4M (the kernel merges each pattern into the
 # float32 accumulators), forward+backward 1.11-1.12x; head_groups written in place measured
 # within -8%..+2% of cuDNN plus row copies, so it keeps cuDNN (in_place_heads=False).
 ROWS_CONFIGS: dict[tuple[tuple[int, int], int], RowsConfig] = {
