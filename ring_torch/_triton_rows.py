@@ -3,9 +3,12 @@
 :func:`attend_into` reads a unit's selected rows through their strides (the views
 ``ring_torch._rows.q_rows``/``kv_rows`` make: ``[B, m, H, d]`` with any row, head and block
 strides) and writes ``out`` and a float32 ``lse`` straight into the rows of the layer's
-buffers: no dense operand copies, no kernel output to scatter. GQA by head index (query head
-``j`` reads kv head ``j // (H / H_kv)``), no repeated kv heads. Causal is the lower triangle of
-each ``m x m`` block.
+buffers: no dense operand copies, no kernel output to scatter. Or, ``merge=True``, it folds the
+rows' attention into float32 ``(out, lse)`` accumulators in its epilogue (the longnet mix,
+pattern after pattern, with no per-pattern output and no merge pass). GQA by head index (query
+head ``j`` reads kv head ``j // (H / H_kv)``), no repeated kv heads. Causal is the lower
+triangle of each ``m x m`` block. Rows load through pointers or, ``RowsConfig.tma``, tensor
+descriptors.
 
 On CUDA tensors the compiled kernel runs; on CPU tensors Triton's interpreter does (the CPU
 tests: the same kernel body, numpy underneath) when ``TRITON_INTERPRET=1`` was set before
@@ -19,7 +22,7 @@ import math
 
 import torch
 
-__all__ = ["RowsConfig", "attend_into", "supports", "triton_available"]
+__all__ = ["RowsConfig", "attend_into", "interpreted", "supports", "triton_available"]
 
 try:  # triton ships with torch's CUDA builds; CPU installs add it for the interpreter
     import triton
