@@ -7,6 +7,7 @@ tests run compiled on CUDA (``-m cuda``), bf16 within 2x a bf16 math kernel's er
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -20,7 +21,7 @@ from ring_torch._config import DilatedConfig
 from ring_torch._coords import MaskSpec
 from ring_torch._dilated import FusedExecutor, _run_heads
 from ring_torch._plan import build_plan
-from ring_torch._triton_rows import RowsConfig, attend_into, triton_available
+from ring_torch._triton_rows import GradConfig, RowsConfig, attend_into, grads_into, triton_available
 
 if triton_available():
     from ring_torch._triton_rows import interpreted
@@ -33,6 +34,7 @@ CPU = pytest.param("cpu", marks=pytest.mark.skipif(
 CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
     not (torch.cuda.is_available() and triton_available()), reason="needs CUDA and triton")])
 SMALL = RowsConfig(block_m=32, block_n=16, num_warps=4, num_stages=2)
+SMALL_GRADS = GradConfig(dkv_block_m=16, dkv_block_n=32, dq_block_m=32, dq_block_n=16, num_warps=4, num_stages=2)
 
 
 def _block_reference(q, k, v, scale, causal):
@@ -102,6 +104,60 @@ def test_rows_without_lse_and_one_row_blocks(device):
     torch.testing.assert_close(out, v, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", [CPU, CUDA])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("m", [64, 50, 7], ids=["even", "ragged", "short"])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_grads_against_float64(device, dtype, causal, m, accumulate):
+    """Strided rows with GQA (two query heads per kv head) and an LSE cotangent: ``dq``, ``dk``,
+    ``dv`` against float64 autograd of the block; written over (every other element of the
+    buffers untouched) or added to float32 accumulators."""
+    torch.manual_seed(3)
+    b, S, rate, offset, h, h_kv, d = 2, 2, 2, 1, 6, 3, 16
+    n = S * m * rate
+    Q, DO = (torch.randn(b, n, h, d, dtype=dtype, device=device) for _ in range(2))
+    K, V = (torch.randn(b, n, h_kv, d, dtype=dtype, device=device) for _ in range(2))
+    q, do = _views(Q, S, m, rate, offset, (2, 6)), _views(DO, S, m, rate, offset, (2, 6))
+    k, v = _views(K, S, m, rate, offset, (1, 3)), _views(V, S, m, rate, offset, (1, 3))
+    leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    want_o, want_l = _block_reference(*leaves, 0.3, causal)
+    dlse = torch.randn(want_l.shape, device=device)
+    (want_o * do.double()).sum().add_((want_l * dlse.double()).sum()).backward()
+    out, lse = want_o.detach().to(dtype), want_l.detach().float()
+    grad_dtype = torch.float32 if accumulate else dtype
+    bufs = [torch.randn(b, n, x, d, device=device).to(grad_dtype) if accumulate else
+            torch.full((b, n, x, d), 7.0, dtype=grad_dtype, device=device) for x in (h, h_kv, h_kv)]
+    before = [x.clone() for x in bufs]
+    heads = ((2, 6), (1, 3), (1, 3))
+    views = [_views(x, S, m, rate, offset, hs) for x, hs in zip(bufs, heads)]
+    got = grads_into(q, k, v, out, lse, do, dlse, *views, 0.3, causal, SMALL_GRADS,
+                     accumulate_q=accumulate, accumulate_kv=accumulate)
+    assert all(g is w for g, w in zip(got, views))
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    for name, view, old, leaf, hs in zip("qkv", views, before, leaves, heads):
+        want = leaf.grad + (_views(old, S, m, rate, offset, hs).double() if accumulate else 0)
+        err = (view.double() - want).abs().max().item()
+        assert err <= tol * max(1.0, leaf.grad.abs().max().item()), (name, err)
+        rest = torch.ones(old.shape, dtype=torch.bool, device=device)
+        _views(rest, S, m, rate, offset, hs).fill_(False)
+        after = bufs["qkv".index(name)]
+        assert torch.equal(after[rest], old[rest]), name
+
+
+@pytest.mark.parametrize("device", [CPU, CUDA])
+def test_grads_of_empty_rows_are_zero(device):
+    """Rows whose LSE is ``-inf`` (no key) get no gradient, whatever ``out`` and ``dlse`` hold,
+    and add nothing to the keys."""
+    B, m, H, d = 1, 16, 2, 16
+    q, k, v, out, dout = (torch.randn(B, m, H, d, device=device) for _ in range(5))
+    lse = torch.full((B, m, H), -math.inf, device=device)
+    grads = [torch.full_like(q, 5.0) for _ in range(3)]
+    grads_into(q, k, v, out, lse, dout, torch.randn(B, m, H, device=device), *grads, 0.5, False, SMALL_GRADS)
+    for g in grads:
+        assert (g == 0).all()
+
+
 def _layer_inputs(device, dtype, n=96, h=4, h_kv=2, d=16):
     torch.manual_seed(1)
     return [torch.randn(2, n, x, d, dtype=dtype, device=device) for x in (h, h_kv, h_kv)]
@@ -137,8 +193,8 @@ def test_rows_merge_into_accumulators(device, m):
 def test_layer_rows_against_oracle(device, causal, mix):
     """A plan's units through ``FusedDilated`` with the rows kernel (head groups written in
     place, longnet merged into the accumulators by the kernel): out and LSE against the float64
-    oracle, gradients against the plain kernel path (the backward is the same; only the
-    forward's kernel differs)."""
+    oracle, gradients against the plain kernel path, with the aten backward and with the rows
+    backward (gradients written or added into their rows by :func:`grads_into`)."""
     W, R = (16, 32, 96), (1, 2, 4)
     config = DilatedConfig(segment_lengths=W, dilation_rates=R, mix=mix, is_causal=causal)
     q, k, v = _layer_inputs(device, torch.float32)
@@ -147,7 +203,8 @@ def test_layer_rows_against_oracle(device, causal, mix):
     aten = _AtenCPU if device == "cpu" else kernels.CUDA_ATEN["efficient"]
     spec = MaskSpec(is_causal=causal)
     results = {}
-    for label, rows in (("rows", SMALL), ("plain", None)):
+    variants = (("rows", SMALL), ("rows_grads", dataclasses.replace(SMALL, backward=SMALL_GRADS)), ("plain", None))
+    for label, rows in variants:
         xs = [x.clone().requires_grad_() for x in (q, k, v)]
         out, lse = FusedExecutor(kernels.TorchKernel(aten, rows)).run(plan, *xs, 0.25, spec)
         (out.square().sum() + lse.sin().sum()).backward()
@@ -157,8 +214,9 @@ def test_layer_rows_against_oracle(device, causal, mix):
     out, lse = results["rows"][:2]
     np.testing.assert_allclose(out.cpu().double().numpy(), want_o, atol=2e-5, rtol=0)
     np.testing.assert_allclose(lse.cpu().double().numpy(), want_l, atol=2e-5, rtol=1e-6)
-    for got, plain in zip(results["rows"][2:], results["plain"][2:]):
-        torch.testing.assert_close(got, plain, atol=5e-5, rtol=1e-5)
+    for label in ("rows", "rows_grads"):
+        for got, plain in zip(results[label][2:], results["plain"][2:]):
+            torch.testing.assert_close(got, plain, atol=5e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("device", [CPU, CUDA])

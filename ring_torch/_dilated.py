@@ -189,23 +189,31 @@ def _backward(plan: DilatedPlan, q, k, v, out, lse, dout, dlse, scale, kernel, s
     """``(dq, dk, dv)`` from the *merged* ``(out, lse)``: each unit's block gradient is the fused
     kernel's backward fed the global ``out``/``lse`` rows (the ring's formula), written in place
     into its strided rows: copied where each element has one writer, else added in float32; a
-    long unit in row blocks (:func:`_row_blocks`).
+    long unit in row blocks (:func:`_row_blocks`). A kernel whose :attr:`~Kernel.rows` has a
+    ``backward`` computes a unit's gradients into those rows itself (no dense copies, no row
+    blocks), except for units with ``kv_index``.
     ``row_lengths`` (int64 ``[b]``): rows at or past them are padding, their ``dout`` taken as 0.
     ``into``: views ``(dq, dk, dv)`` in the inputs' dtypes the gradients are written to."""
     acc = torch.promote_types(q.dtype, torch.float32)
     q_sums, kv_sums = _sums(plan)
     dq, dk, dv = _grad_buffers(plan, q, k, into)
     b, n = q.shape[:2]
+    in_place = kernel.rows is not None and kernel.rows.backward is not None
     for u in plan.units:
         coords = unit_coords(u, spec, b, n)
         qs = q_rows(q, u)
         du = q_rows(dout, u)
         if row_lengths is not None:  # the dense rows cuDNN wants anyway, padded ones zeroed
             du = unit_rows_zeroed(du, row_lengths, u, n)
+        dls = None if dlse is None else q_rows(dlse, u)
+        if in_place and u.kv_index is None:  # the kernel reads and writes the strided rows itself
+            kernel.backward_into(qs, *(head_rows(x, u, u.kv_heads) for x in (k, v)), q_rows(out, u),
+                                 q_rows(lse, u), du, dls, q_rows(dq, u), *(head_rows(x, u, u.kv_heads) for x in (dk, dv)),
+                                 scale, coords, accumulate_q=q_sums, accumulate_kv=kv_sums)
+            continue
         kv = [gather_rows(x, u) if u.kv_index is not None else head_rows(x, u, u.kv_heads) for x in (k, v)]
         dkv = [gather_rows(x, u) if u.kv_index is not None else head_rows(x, u, u.kv_heads) for x in (dk, dv)]
         outs, lses, dq_rows = q_rows(out, u), q_rows(lse, u), q_rows(dq, u)
-        dls = None if dlse is None else q_rows(dlse, u)
         blocks = ([(slice(None), coords)] if row_lengths is not None else
                   _row_blocks(coords, qs.shape[0], n // u.segment, qs.numel() * qs.element_size()))
         for rows_, block in blocks:

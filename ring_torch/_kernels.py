@@ -36,7 +36,7 @@ from ring_torch._aten import (CUDNN_MAX_HEAD_DIM, _AtenCPU, _AtenCUDA, _AtenCudn
                               ExactLSE, exact_backward, records_graph)
 from ring_torch._config import memo
 from ring_torch._coords import BlockCoords, block_masks
-from ring_torch._triton_rows import RowsConfig, attend_into
+from ring_torch._triton_rows import GradConfig, RowsConfig, attend_into, grads_into
 from ring_torch._triton_rows import supports as rows_support
 
 __all__ = ["BACKENDS", "KERNELS", "GradInputs", "Kernel", "MathKernel", "TorchKernel",
@@ -213,6 +213,12 @@ class Kernel(Protocol):
         the rows; ``merge``: merged into the float32 ``out``/``lse`` there
         (:func:`ring_torch._triton_rows.attend_into`)."""
 
+    def backward_into(self, q, k, v, out, lse, dout, dlse, dq, dk, dv, scale: float, coords: BlockCoords,
+                      accumulate_q: bool = False, accumulate_kv: bool = False):
+        """Where :attr:`rows` has a ``backward``: one unit's ``(dq, dk, dv)`` from its rows' global
+        ``(out, lse)`` written (or added, ``accumulate_*``) into the views ``dq``, ``dk``, ``dv``;
+        ``k``/``v`` with their own kv heads (:func:`ring_torch._triton_rows.grads_into`)."""
+
     def grad_inputs(self, q, out, lse, dout, dlse) -> GradInputs:
         """The backward operands of a whole unit, once: ``q``, the float32+ global ``out``,
         ``lse`` and the cotangents ``dout``, ``dlse`` (None: zero)."""
@@ -379,6 +385,11 @@ class TorchKernel:
 
     def forward_into(self, q, k, v, out, lse, scale, coords, fill=None, merge=False):
         attend_into(q, k, v, out, lse, scale, coords.is_causal, self.rows, fill, merge)
+
+    def backward_into(self, q, k, v, out, lse, dout, dlse, dq, dk, dv, scale, coords,
+                      accumulate_q=False, accumulate_kv=False):
+        grads_into(q, k, v, out, lse, dout, dlse, dq, dk, dv, scale, coords.is_causal, self.rows.backward,
+                   accumulate_q, accumulate_kv)
 
     def grad_inputs(self, q, out, lse, dout, dlse) -> GradInputs:
         """Operands in ``q``'s dtype (``lse`` stays float32+); ``dout`` None: zero; ``dlse``

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-__all__ = ["RowsConfig", "attend_into", "interpreted", "supports", "triton_available"]
+__all__ = ["GradConfig", "RowsConfig", "attend_into", "grads_into", "interpreted", "supports", "triton_available"]
 
 try:  # triton ships with torch's CUDA builds; CPU installs add it for the interpreter
     import triton
@@ -37,12 +37,29 @@ def triton_available() -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
+class GradConfig:
+    """Tile sizes of the backward kernels (:func:`grads_into`): the dk/dv kernel takes
+    ``dkv_block_n`` keys per program and walks the queries ``dkv_block_m`` at a time
+    (``dkv_block_m`` divides ``dkv_block_n``); the dq kernel takes ``dq_block_m`` queries and
+    walks the keys ``dq_block_n`` at a time (``dq_block_n`` divides ``dq_block_m``)."""
+
+    dkv_block_m: int = 32
+    dkv_block_n: int = 64
+    dq_block_m: int = 64
+    dq_block_n: int = 32
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
 class RowsConfig:
     """Tile sizes and launch shape of the kernel (``block_n`` divides ``block_m``); ``tma``: rows
     through tensor descriptors (Hopper's bulk tensor copies; compute capability 9+, 16-byte
     aligned rows) instead of pointer loads; ``warp_specialize``: Triton's warp specialization of
     the unmasked key loop. ``in_place_heads``: whether layers whose units each own their heads
-    (``head_groups``) write their rows with it too, or only merge with it (``longnet``)."""
+    (``head_groups``) write their rows with it too, or only merge with it (``longnet``).
+    ``backward``: the tiles of :func:`grads_into` where the layers' backward runs it (dq, dk, dv
+    written or added into their rows in place); None: the aten backward."""
 
     block_m: int = 128
     block_n: int = 64
@@ -51,6 +68,7 @@ class RowsConfig:
     tma: bool = False
     warp_specialize: bool = False
     in_place_heads: bool = True
+    backward: GradConfig | None = None
 
 
 DEFAULT_CONFIG = RowsConfig()
@@ -189,6 +207,182 @@ if triton is not None:
                         else:
                             tl.store(l_ptr + shift * (sl_m // rate), empty, mask=rows < m)
 
+    @triton.jit
+    def _delta_kernel(O, DO, L, DL, Delta, m, H, row_blocks, so_b, so_m, so_h, sd_b, sd_m, sd_h,
+                      sl_b, sl_m, sl_h, sg_b, sg_m, sg_h, D: tl.constexpr, BLOCK: tl.constexpr,
+                      HAS_DLSE: tl.constexpr):
+        """``Delta [B*H, m]`` = rowsum(dout * out) - dlse (dlse taken as 0 where lse is -inf)."""
+        pid = tl.program_id(0)
+        bh = pid // row_blocks
+        b = (bh // H).to(tl.int64)
+        h = bh % H
+        rows = (pid % row_blocks) * BLOCK + tl.arange(0, BLOCK)
+        keep = rows < m
+        cols = tl.arange(0, D)[None, :]
+        r64 = rows.to(tl.int64)
+        o = tl.load(O + b * so_b + h * so_h + r64[:, None] * so_m + cols, mask=keep[:, None], other=0.0)
+        do = tl.load(DO + b * sd_b + h * sd_h + r64[:, None] * sd_m + cols, mask=keep[:, None], other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        if HAS_DLSE:
+            lse = tl.load(L + b * sl_b + h * sl_h + r64 * sl_m, mask=keep, other=0.0)
+            dlse = tl.load(DL + b * sg_b + h * sg_h + r64 * sg_m, mask=keep, other=0.0)
+            delta -= tl.where(lse == float("-inf"), 0.0, dlse.to(tl.float32))
+        tl.store(Delta + bh.to(tl.int64) * m + rows, delta, mask=keep)
+
+    @triton.jit
+    def _grad_rows(X, b, h, start, sx_b, sx_m, sx_h, m, BLOCK: tl.constexpr, D: tl.constexpr, MASK: tl.constexpr):
+        """``[BLOCK, D]`` rows ``start ..`` of block ``b``, head ``h`` through pointers (zeros past ``m``)."""
+        return _rows(X, b, h, start, sx_b, sx_m, sx_h, m, BLOCK, D, MASK, False)
+
+    @triton.jit
+    def _row_stats(L, Delta, b, h, bh, start, sl_b, sl_m, sl_h, m, BLOCK: tl.constexpr, MASK: tl.constexpr):
+        """The base-2 LSE (``+inf`` where the row is empty or past ``m``: its probabilities are 0)
+        and ``Delta`` of ``BLOCK`` rows from ``start``."""
+        rows = start + tl.arange(0, BLOCK)
+        l_ptr = L + b.to(tl.int64) * sl_b + h * sl_h + rows.to(tl.int64) * sl_m
+        d_ptr = Delta + bh.to(tl.int64) * m + rows
+        if MASK:
+            lse = tl.load(l_ptr, mask=rows < m, other=float("-inf"))
+            delta = tl.load(d_ptr, mask=rows < m, other=0.0)
+        else:
+            lse = tl.load(l_ptr)
+            delta = tl.load(d_ptr)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        return lse2, delta
+
+    @triton.jit
+    def _dkdv_block(dk, dv, k, v, Q, DO, L, Delta, b, h, bh, start_n, start_m, m,
+                    sq_b, sq_m, sq_h, sd_b, sd_m, sd_h, sl_b, sl_m, sl_h, scale_log2,
+                    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+                    CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+        """One query block's share of the key block's ``(dk, dv)`` (transposed: keys are rows)."""
+        q = _grad_rows(Q, b, h, start_m, sq_b, sq_m, sq_h, m, BLOCK_M, D, MASK)
+        do = _grad_rows(DO, b, h, start_m, sd_b, sd_m, sd_h, m, BLOCK_M, D, MASK)
+        lse2, delta = _row_stats(L, Delta, b, h, bh, start_m, sl_b, sl_m, sl_h, m, BLOCK_M, MASK)
+        s_t = tl.dot(k, q.T, input_precision=PRECISION) * scale_log2  # [BLOCK_N, BLOCK_M]
+        p_t = tl.math.exp2(s_t - lse2[None, :])
+        if MASK:
+            rows = start_m + tl.arange(0, BLOCK_M)
+            keep = rows[None, :] < m
+            if CAUSAL:
+                keep = keep & (rows[None, :] >= (start_n + tl.arange(0, BLOCK_N))[:, None])
+            p_t = tl.where(keep, p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+        dp_t = tl.dot(v, do.T, input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+        return dk, dv
+
+    @triton.jit
+    def _grad_out(X, G, b, h, start, sx_b, sx_m, sx_h, m, BLOCK: tl.constexpr, D: tl.constexpr,
+                  EVEN: tl.constexpr, ACCUMULATE: tl.constexpr):
+        """Writes (or, ``ACCUMULATE``, adds) the gradient rows ``G [BLOCK, D]`` into ``X``."""
+        rows = start + tl.arange(0, BLOCK)
+        ptr = X + b.to(tl.int64) * sx_b + h * sx_h + rows[:, None].to(tl.int64) * sx_m + tl.arange(0, D)[None, :]
+        keep = rows[:, None] < m
+        if ACCUMULATE:
+            if EVEN:
+                G += tl.load(ptr).to(tl.float32)
+            else:
+                G += tl.load(ptr, mask=keep, other=0.0).to(tl.float32)
+        if EVEN:
+            tl.store(ptr, G.to(X.dtype.element_ty))
+        else:
+            tl.store(ptr, G.to(X.dtype.element_ty), mask=keep)
+
+    @triton.jit
+    def _dkdv_kernel(Q, K, V, DO, L, Delta, DK, DV, scale, scale_log2, m, H, H_kv, group, kv_blocks,
+                     sq_b, sq_m, sq_h, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h, sd_b, sd_m, sd_h,
+                     sl_b, sl_m, sl_h, sdk_b, sdk_m, sdk_h, sdv_b, sdv_m, sdv_h,
+                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                     EVEN: tl.constexpr, ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr):
+        pid = tl.program_id(0)
+        kv_block = pid % kv_blocks  # causal: the first key block has the most queries; it runs first
+        bh = pid // kv_blocks
+        b = bh // H_kv
+        kh = bh % H_kv
+        start_n = kv_block * BLOCK_N
+        k = _grad_rows(K, b, kh, start_n, sk_b, sk_m, sk_h, m, BLOCK_N, D, not EVEN)
+        v = _grad_rows(V, b, kh, start_n, sv_b, sv_m, sv_h, m, BLOCK_N, D, not EVEN)
+        dk = tl.zeros([BLOCK_N, D], tl.float32)
+        dv = tl.zeros([BLOCK_N, D], tl.float32)
+        full_end = (m // BLOCK_M) * BLOCK_M
+        if CAUSAL:  # queries before the key block see none of it; the diagonal blocks are masked
+            lo = start_n
+            diag_end = tl.minimum(start_n + BLOCK_N, full_end)
+        else:
+            lo = 0
+            diag_end = 0
+        tail = tl.maximum(diag_end, full_end)
+        for j in range(0, group):
+            h = kh * group + j
+            qbh = b * H + h
+            for start_m in range(lo, diag_end, BLOCK_M):
+                dk, dv = _dkdv_block(dk, dv, k, v, Q, DO, L, Delta, b, h, qbh, start_n, start_m, m,
+                                     sq_b, sq_m, sq_h, sd_b, sd_m, sd_h, sl_b, sl_m, sl_h, scale_log2,
+                                     D, BLOCK_M, BLOCK_N, True, CAUSAL, PRECISION)
+            for start_m in range(diag_end, full_end, BLOCK_M):
+                dk, dv = _dkdv_block(dk, dv, k, v, Q, DO, L, Delta, b, h, qbh, start_n, start_m, m,
+                                     sq_b, sq_m, sq_h, sd_b, sd_m, sd_h, sl_b, sl_m, sl_h, scale_log2,
+                                     D, BLOCK_M, BLOCK_N, False, CAUSAL, PRECISION)
+            for start_m in range(tl.maximum(tail, lo), m, BLOCK_M):  # the ragged last query block
+                dk, dv = _dkdv_block(dk, dv, k, v, Q, DO, L, Delta, b, h, qbh, start_n, start_m, m,
+                                     sq_b, sq_m, sq_h, sd_b, sd_m, sd_h, sl_b, sl_m, sl_h, scale_log2,
+                                     D, BLOCK_M, BLOCK_N, True, CAUSAL, PRECISION)
+        _grad_out(DK, dk * scale, b, kh, start_n, sdk_b, sdk_m, sdk_h, m, BLOCK_N, D, EVEN, ACCUMULATE)
+        _grad_out(DV, dv, b, kh, start_n, sdv_b, sdv_m, sdv_h, m, BLOCK_N, D, EVEN, ACCUMULATE)
+
+    @triton.jit
+    def _dq_block(dq, q, do, lse2, delta, K, V, b, kh, start_m, start_n, m, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h,
+                  scale_log2, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+                  CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+        """One key block's share of the query block's ``dq``."""
+        k = _grad_rows(K, b, kh, start_n, sk_b, sk_m, sk_h, m, BLOCK_N, D, MASK)
+        v = _grad_rows(V, b, kh, start_n, sv_b, sv_m, sv_h, m, BLOCK_N, D, MASK)
+        s = tl.dot(q, k.T, input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+        p = tl.math.exp2(s - lse2[:, None])
+        if MASK:
+            cols = start_n + tl.arange(0, BLOCK_N)
+            keep = cols[None, :] < m
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= (start_m + tl.arange(0, BLOCK_M))[:, None])
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, v.T, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+
+    @triton.jit
+    def _dq_kernel(Q, K, V, DO, L, Delta, DQ, scale, scale_log2, m, H, group, row_blocks,
+                   sq_b, sq_m, sq_h, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h, sd_b, sd_m, sd_h,
+                   sl_b, sl_m, sl_h, sdq_b, sdq_m, sdq_h,
+                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                   EVEN: tl.constexpr, ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr):
+        pid = tl.program_id(0)
+        row_block = row_blocks - 1 - pid % row_blocks  # causal: the longest row block first
+        bh = pid // row_blocks
+        b = bh // H
+        h = bh % H
+        kh = h // group
+        start_m = row_block * BLOCK_M
+        q = _grad_rows(Q, b, h, start_m, sq_b, sq_m, sq_h, m, BLOCK_M, D, not EVEN)
+        do = _grad_rows(DO, b, h, start_m, sd_b, sd_m, sd_h, m, BLOCK_M, D, not EVEN)
+        lse2, delta = _row_stats(L, Delta, b, h, bh, start_m, sl_b, sl_m, sl_h, m, BLOCK_M, not EVEN)
+        dq = tl.zeros([BLOCK_M, D], tl.float32)
+        if CAUSAL:  # keys before the row block need no mask; the diagonal blocks do
+            full_end = start_m
+            end = tl.minimum(start_m + BLOCK_M, m)
+        else:
+            full_end = (m // BLOCK_N) * BLOCK_N
+            end = m
+        for start_n in range(0, full_end, BLOCK_N):
+            dq = _dq_block(dq, q, do, lse2, delta, K, V, b, kh, start_m, start_n, m, sk_b, sk_m, sk_h,
+                           sv_b, sv_m, sv_h, scale_log2, D, BLOCK_M, BLOCK_N, False, CAUSAL, PRECISION)
+        for start_n in range(full_end, end, BLOCK_N):
+            dq = _dq_block(dq, q, do, lse2, delta, K, V, b, kh, start_m, start_n, m, sk_b, sk_m, sk_h,
+                           sv_b, sv_m, sv_h, scale_log2, D, BLOCK_M, BLOCK_N, True, CAUSAL, PRECISION)
+        _grad_out(DQ, dq * scale, b, h, start_m, sdq_b, sdq_m, sdq_h, m, BLOCK_M, D, EVEN, ACCUMULATE)
+
+
 def interpreted() -> bool:
     """Whether ``triton.jit`` made interpreted kernels (``TRITON_INTERPRET=1`` before ``triton``
     was imported): the only way the kernel runs on CPU tensors."""
@@ -277,3 +471,78 @@ def attend_into(q, k, v, out, lse, scale: float, causal: bool, config: RowsConfi
         TMA=config.tma, WS=config.warp_specialize, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out, lse
+
+
+def _check_grads(q, k, v, out, lse, dout, dlse, dq, dk, dv, config: GradConfig):
+    _check(q, k, v, out, lse, None, RowsConfig())
+    if lse is None:
+        raise ValueError("grads_into needs the rows' float32 lse")
+    for name, x, like in (("dout", dout, q), ("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
+        if x.shape != like.shape or x.stride(-1) != 1:
+            raise ValueError(f"{name} {tuple(x.shape)} with strides {x.stride()} is not a {tuple(like.shape)} "
+                             f"view with a contiguous head dim")
+    if dlse is not None and dlse.shape != lse.shape:
+        raise ValueError(f"dlse {tuple(dlse.shape)} is not lse's shape {tuple(lse.shape)}")
+    if config.dkv_block_n % config.dkv_block_m or config.dq_block_m % config.dq_block_n:
+        raise ValueError(f"{config.dkv_block_m=} must divide {config.dkv_block_n=} and "
+                         f"{config.dq_block_n=} must divide {config.dq_block_m=}")
+
+
+def grads_into(q, k, v, out, lse, dout, dlse, dq, dk, dv, scale: float, causal: bool,
+               config: GradConfig = GradConfig(), accumulate_q: bool = False, accumulate_kv: bool = False):
+    """The backward of :func:`attend_into` from the rows' *global* ``(out, lse)``, written into
+    (or added to) the gradient rows in place.
+
+    Fed the merged ``out``/``lse`` of every key these rows see (other patterns, other ring hops),
+    it gives this block's exact share of the gradients: ``P = exp(S - lse)`` and
+    ``D = rowsum(dout * out)`` are then the global ones. The LSE cotangent enters as
+    ``dS = P (dP - D + dlse)``.
+
+    Args:
+      q, out, dout: ``[B, m, H, d]`` query rows, their global output and its cotangent (any
+        strides, head dim contiguous).
+      k, v: ``[B, m, H_kv, d]``; ``H % H_kv == 0`` (query head ``j`` reads kv head
+        ``j // (H / H_kv)``; its gradient is summed over the group in the kernel).
+      lse: ``[B, m, H]`` float32 global LSE (``-inf``: an empty row, no gradient).
+      dlse: ``[B, m, H]`` cotangent of ``lse`` (taken as 0 where ``lse`` is ``-inf``) or None.
+      dq, dk, dv: destinations of ``q``'s, ``k``'s and ``v``'s shapes (views; any dtype).
+      scale: the score scale.
+      causal: the lower triangle of each block.
+      config: tile sizes (:class:`GradConfig`).
+      accumulate_q, accumulate_kv: add into ``dq`` / ``dk`` and ``dv`` (float32 accumulators
+        where several blocks add up) instead of overwriting them.
+
+    Returns:
+      ``(dq, dk, dv)``, the destinations.
+    """
+    _check_grads(q, k, v, out, lse, dout, dlse, dq, dk, dv, config)
+    B, m, H, d = q.shape
+    H_kv = k.shape[2]
+    if B == 0 or m == 0 or H == 0:
+        return dq, dk, dv
+    if (q.device.type == "cuda") == interpreted():
+        raise ValueError(f"q on {q.device} needs " + ("the compiled kernel: unset TRITON_INTERPRET"
+                         if interpreted() else "Triton's interpreter: TRITON_INTERPRET=1 before triton is imported"))
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    delta = torch.empty(B * H, m, dtype=torch.float32, device=q.device)  # [B*H, m]
+    block = 64
+    dl = dlse if dlse is not None else lse
+    _delta_kernel[(triton.cdiv(m, block) * B * H,)](
+        out, dout, lse, dl, delta, m, H, triton.cdiv(m, block), *out.stride()[:3], *dout.stride()[:3],
+        *lse.stride(), *dl.stride(), D=d, BLOCK=block, HAS_DLSE=dlse is not None)
+    scale_log2 = scale * math.log2(math.e)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *lse.stride())
+    kv_blocks = triton.cdiv(m, config.dkv_block_n)
+    _dkdv_kernel[(kv_blocks * B * H_kv,)](
+        q, k, v, dout, lse, delta, dk, dv, scale, scale_log2, m, H, H_kv, H // H_kv, kv_blocks,
+        *strides, *dk.stride()[:3], *dv.stride()[:3],
+        D=d, BLOCK_M=config.dkv_block_m, BLOCK_N=config.dkv_block_n, CAUSAL=bool(causal),
+        EVEN=m % config.dkv_block_n == 0, ACCUMULATE=accumulate_kv, PRECISION=precision, **launch)
+    row_blocks = triton.cdiv(m, config.dq_block_m)
+    _dq_kernel[(row_blocks * B * H,)](
+        q, k, v, dout, lse, delta, dq, scale, scale_log2, m, H, H // H_kv, row_blocks,
+        *strides, *dq.stride()[:3],
+        D=d, BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n, CAUSAL=bool(causal),
+        EVEN=m % config.dq_block_m == 0, ACCUMULATE=accumulate_q, PRECISION=precision, **launch)
+    return dq, dk, dv
