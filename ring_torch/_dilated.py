@@ -194,9 +194,24 @@ def _backward(plan: DilatedPlan, q, k, v, out, lse, dout, dlse, scale, kernel, s
     blocks), except for units with ``kv_index``.
     ``row_lengths`` (int64 ``[b]``): rows at or past them are padding, their ``dout`` taken as 0.
     ``into``: views ``(dq, dk, dv)`` in the inputs' dtypes the gradients are written to."""
+    grads = list(_grad_buffers(plan, q, k, into))
+    _unit_grads(plan, q, k, v, out, lse, dout, dlse, scale, kernel, spec, row_lengths, *grads)
+    if into is not None:
+        return tuple(dst if dst is g else dst.copy_(g) for dst, g in zip(into, grads))
+    return _narrowed(grads, (q.dtype, k.dtype, v.dtype))
+
+
+def _narrowed(grads: list, dtypes) -> tuple:
+    """``grads`` (emptied) in ``dtypes``, each float32 buffer freed before the next is converted:
+    the peak holds one converted copy above the buffers, not three."""
+    return tuple(grads.pop(0).to(dt) for dt in dtypes)
+
+
+def _unit_grads(plan: DilatedPlan, q, k, v, out, lse, dout, dlse, scale, kernel, spec, row_lengths, dq, dk, dv):
+    """Every unit's gradients written or added into the buffers ``dq``, ``dk``, ``dv``
+    (:func:`_backward`)."""
     acc = torch.promote_types(q.dtype, torch.float32)
     q_sums, kv_sums = _sums(plan)
-    dq, dk, dv = _grad_buffers(plan, q, k, into)
     b, n = q.shape[:2]
     in_place = kernel.rows is not None and kernel.rows.backward is not None
     for u in plan.units:
@@ -240,9 +255,6 @@ def _backward(plan: DilatedPlan, q, k, v, out, lse, dout, dlse, scale, kernel, s
                     full[rows_].add_(g)
                 else:
                     copy_rows_(full[rows_], g)
-    if into is not None:
-        return tuple(dst if dst is g else dst.copy_(g) for dst, g in zip(into, (dq, dk, dv)))
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def _real(lengths: torch.Tensor, n: int) -> torch.Tensor:

@@ -1,0 +1,138 @@
+"""torch on CUDA: the Triton backward over strided rows (``ring_torch._triton_rows.grads_into``:
+dq, dk, dv written or added into their rows in place) against the aten backward (cuDNN on sm90,
+fed dense row copies), in one process.
+
+1. A sweep of :class:`~ring_torch._triton_rows.GradConfig` tiles at one n: the layer's
+   forward+backward (``head_groups``) with each, against the table's configuration as it is.
+2. With the fastest tiles, at every n, both mixes: forward+backward time and peak memory above
+   the inputs, the table's configuration (``ring_torch._kernels.ROWS_CONFIGS``) with and without
+   the rows backward, alternating; the largest |difference| of the gradients, and at the
+   smallest n each one's error against float32 math.
+
+bf16, batch 1, h=8, d=64, causal, w=(2048, 4096, 8192, 16384), r=(1, 2, 4, 8); the backward of
+``out.backward(ones)`` as in ``benchmarks.kernel_table``.
+
+    python -m benchmarks.triton_grads --out benchmarks/results/triton_grads.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import time
+
+W, R = (2048, 4096, 8192, 16384), (1, 2, 4, 8)
+# (dkv_block_m, dkv_block_n, dq_block_m, dq_block_n, num_warps, num_stages)
+GRAD_CONFIGS = [(32, 64, 64, 32, 4, 2), (32, 128, 128, 32, 4, 2), (32, 128, 128, 32, 4, 3),
+                (32, 128, 128, 32, 4, 4), (32, 128, 128, 64, 4, 3), (64, 128, 128, 64, 8, 3),
+                (64, 128, 128, 32, 8, 3), (32, 64, 64, 32, 4, 3), (64, 64, 64, 64, 4, 3)]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="benchmarks/results/triton_grads.json")
+    ap.add_argument("--sizes", default="16384,262144,1048576,4194304")
+    ap.add_argument("--sweep-n", type=int, default=1048576)
+    ap.add_argument("--repeats", type=int, default=6)
+    ap.add_argument("--reps", type=int, default=2, help="alternations of the variants at each n")
+    args = ap.parse_args()
+
+    import torch
+    import triton
+
+    import ring_torch
+    import ring_torch._kernels as kernels
+    from benchmarks._floors import torch_layer
+    from benchmarks.kernel_table import torch_peak
+    from benchmarks.timing import time_ms
+    from ring_torch._triton_rows import GradConfig, RowsConfig
+
+    dev = torch.device("cuda")
+    key = (tuple(torch.cuda.get_device_capability(dev)), 64)
+    table = kernels.ROWS_CONFIGS.get(key) or RowsConfig(in_place_heads=False)
+    rows_out, t0 = [], time.time()
+
+    def use(conf):
+        kernels.ROWS_CONFIGS[key] = conf
+
+    def grads(both, qkv):
+        return [g.float() for g in both(*qkv)]
+
+    # 1. the sweep
+    n = args.sweep_n
+    qkv = [torch.randn(1, n, 8, 64, device=dev, dtype=torch.bfloat16) for _ in range(3)]
+    _, both = torch_layer(segment_lengths=W, dilation_rates=R, mix="head_groups", is_causal=True)
+    use(table)
+    base_ms = time_ms(both, *qkv, repeats=args.repeats)
+    ref = grads(both, qkv)
+    best = None
+    for c in GRAD_CONFIGS:
+        conf = dataclasses.replace(table, backward=GradConfig(*c))
+        use(conf)
+        try:
+            got = grads(both, qkv)
+            diff = max((g - r).abs().max().item() for g, r in zip(got, ref))
+            ms = time_ms(both, *qkv, repeats=args.repeats)
+        except Exception as e:  # a configuration that does not compile or fit
+            print(f"config {c}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
+        rows_out.append(dict(stage="sweep", n=n, grad_config=c, fwd_bwd_ms=ms, aten_fwd_bwd_ms=base_ms,
+                             max_abs_diff_grads=diff))
+        print(f"sweep n={n} {c}: fwd+bwd {ms:.3f} ms, aten backward {base_ms:.3f} ms, |d grads| {diff:.2e} "
+              f"[{time.time() - t0:.0f}s]", flush=True)
+        if best is None or ms < best[1]:
+            best = (GradConfig(*c), ms)
+    del qkv, ref
+    torch.cuda.empty_cache()
+    print("best", best, flush=True)
+
+    # 2. every n, both mixes
+    sizes = [int(x) for x in args.sizes.split(",")]
+    variants = (("aten", table), ("rows", dataclasses.replace(table, backward=best[0])))
+    for n in sizes:
+        qkv = [torch.randn(1, n, 8, 64, device=dev, dtype=torch.bfloat16) for _ in range(3)]
+        for mix in ("head_groups", "longnet"):
+            _, both = torch_layer(segment_lengths=W, dilation_rates=R, mix=mix, is_causal=True)
+            row = dict(stage="sizes", n=n, mix=mix, grad_config=dataclasses.astuple(best[0]))
+            outs = {}
+            for rep in range(args.reps):
+                for label, conf in variants:
+                    use(conf)
+                    try:
+                        row[f"peak_b_per_token_{label}_{rep}"] = torch_peak(both, qkv, dev) / n
+                        row[f"fwd_bwd_{label}_ms_{rep}"] = time_ms(both, *qkv, repeats=args.repeats)
+                    except torch.OutOfMemoryError:
+                        row[f"oom_{label}"] = True
+                        torch.cuda.empty_cache()
+                        continue
+                    if rep == 0:
+                        outs[label] = grads(both, qkv)
+            if len(outs) == 2:
+                row["max_abs_diff_grads"] = max((a - b).abs().max().item() for a, b in zip(outs["rows"], outs["aten"]))
+            if n == min(sizes):  # errors against float32 math
+                xs = [x.float().requires_grad_() for x in qkv]
+                out = ring_torch.dilated_attention(*xs, segment_lengths=W, dilation_rates=R, mix=mix,
+                                                   is_causal=True, backend="math")
+                out.backward(torch.ones_like(out))
+                for label in outs:
+                    row[f"grad_err_vs_fp32_{label}"] = max((g - x.grad).abs().max().item()
+                                                           for g, x in zip(outs[label], xs))
+                del xs, out
+            del outs
+            rows_out.append(row)
+            print(json.dumps(row), f"[{time.time() - t0:.0f}s]", flush=True)
+        del qkv
+        torch.cuda.empty_cache()
+    use(table)
+    meta = dict(card=torch.cuda.get_device_name(dev), torch=torch.__version__, triton=triton.__version__,
+                host=platform.node(), date=time.strftime("%Y-%m-%d"), table=dataclasses.astuple(table),
+                best=dataclasses.astuple(best[0]), command="python -m benchmarks.triton_grads")
+    with open(args.out, "w") as f:
+        json.dump(dict(meta=meta, rows=rows_out), f, indent=1)
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
