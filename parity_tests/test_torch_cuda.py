@@ -43,7 +43,9 @@ def _inputs(n, h, h_kv, d, seed=0):
 def test_cuda_output_only_gradients_and_kernel_choice(config, mix, dtype, monkeypatch):
     """No LSE cotangent: the fused backward runs as is (no extra column); the kernel is the one
     cuda_kernel names (cuDNN on sm90+, flash on sm80+, with head_dim % 8 == 0), and the longnet
-    forward the Triton rows kernel where ``rows_config`` names one."""
+    forward (and backward, where its ``backward`` is set) the Triton rows kernel where
+    ``rows_config`` names one; head groups keep the aten kernel both ways (``in_place_heads``
+    off in the table)."""
     import ring_torch._kernels as kernels
 
     _, n, h, h_kv, d, w, r = config
@@ -56,6 +58,7 @@ def test_cuda_output_only_gradients_and_kernel_choice(config, mix, dtype, monkey
         monkeypatch.setattr(kernel, "forward", staticmethod(
             lambda *a, f=kernel.forward, name=name: used.append(name) or f(*a)))
     monkeypatch.setattr(kernels, "attend_into", lambda *a, f=kernels.attend_into: used.append("rows") or f(*a))
+    monkeypatch.setattr(kernels, "grads_into", lambda *a, f=kernels.grads_into: used.append("rows_grads") or f(*a))
 
     def grads(fn, *x):
         x = [t.detach().clone().requires_grad_() for t in x]
@@ -68,8 +71,10 @@ def test_cuda_output_only_gradients_and_kernel_choice(config, mix, dtype, monkey
         assert _rel(a.numpy(), b.numpy()) <= 5 * TOL[dtype], f"d{name}"
     capability = torch.cuda.get_device_capability()
     chosen = kernels.CUDA_ATEN[kernels.cuda_kernel(dtype, d, capability, kernels.cudnn_attention_available())].__name__
-    if mix == "longnet" and kernels.rows_config(dtype, d, capability) is not None:
-        assert "rows" in used and set(used) <= {"rows", chosen}  # the aten kernel at most for its RNG state
+    rows = kernels.rows_config(dtype, d, capability)
+    if mix == "longnet" and rows is not None:
+        assert "rows" in used and set(used) <= {"rows", "rows_grads", chosen}  # aten at most for its RNG state
+        assert ("rows_grads" in used) == (rows.backward is not None)
     else:
         assert set(used) == {chosen}
 

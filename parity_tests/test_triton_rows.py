@@ -239,8 +239,9 @@ def test_units_not_covering_every_head_leave_the_rest_blank(device):
 @pytest.mark.skipif(not (torch.cuda.is_available() and triton_available()), reason="needs CUDA and triton")
 @pytest.mark.parametrize("mix", ["head_groups", "longnet"])
 def test_cuda_layer_bf16_within_twice_math(mix):
-    """``ring_torch.dilated_attention`` in bf16 with the rows kernel forced on: its error against
-    float32 math at most twice that of the bf16 math kernel's; gradients likewise."""
+    """``ring_torch.dilated_attention`` in bf16 with the rows kernels forced on (forward and
+    backward): its error against float32 math at most twice that of the bf16 math kernel's;
+    gradients likewise."""
     import ring_torch
 
     q, k, v = _layer_inputs("cuda", torch.bfloat16, n=4096, h=8, h_kv=8, d=64)
@@ -249,7 +250,7 @@ def test_cuda_layer_bf16_within_twice_math(mix):
     exact = ring_torch.dilated_attention(*(x.float() for x in (q, k, v)), backend="math", **kw)
     naive = ring_torch.dilated_attention(q, k, v, backend="math", **kw).float()
     saved = kernels.ROWS_CONFIGS.get(key)
-    kernels.ROWS_CONFIGS[key] = RowsConfig()
+    kernels.ROWS_CONFIGS[key] = RowsConfig(backward=GradConfig())
     try:
         xs = [x.clone().requires_grad_() for x in (q, k, v)]
         out = ring_torch.dilated_attention(*xs, backend="torch", **kw)

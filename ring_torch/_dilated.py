@@ -190,8 +190,8 @@ def _backward(plan: DilatedPlan, q, k, v, out, lse, dout, dlse, scale, kernel, s
     kernel's backward fed the global ``out``/``lse`` rows (the ring's formula), written in place
     into its strided rows: copied where each element has one writer, else added in float32; a
     long unit in row blocks (:func:`_row_blocks`). A kernel whose :attr:`~Kernel.rows` has a
-    ``backward`` computes a unit's gradients into those rows itself (no dense copies, no row
-    blocks), except for units with ``kv_index``.
+    ``backward`` (for ``head_groups`` also ``in_place_heads``) computes a unit's gradients into
+    those rows itself (no dense copies, no row blocks), except for units with ``kv_index``.
     ``row_lengths`` (int64 ``[b]``): rows at or past them are padding, their ``dout`` taken as 0.
     ``into``: views ``(dq, dk, dv)`` in the inputs' dtypes the gradients are written to."""
     grads = list(_grad_buffers(plan, q, k, into))
@@ -213,7 +213,8 @@ def _unit_grads(plan: DilatedPlan, q, k, v, out, lse, dout, dlse, scale, kernel,
     acc = torch.promote_types(q.dtype, torch.float32)
     q_sums, kv_sums = _sums(plan)
     b, n = q.shape[:2]
-    in_place = kernel.rows is not None and kernel.rows.backward is not None
+    rows = kernel.rows
+    in_place = rows is not None and rows.backward is not None and (plan.merged or rows.in_place_heads)
     for u in plan.units:
         coords = unit_coords(u, spec, b, n)
         qs = q_rows(q, u)

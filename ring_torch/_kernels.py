@@ -19,8 +19,9 @@ Kernels (:data:`KERNELS`, one per backend; :func:`kernel_for` picks one per call
   torch's masked and variable-length kernels are not used yet).
   Its backward is the fused kernel's, fed the global ``(out, lse)``, in the input dtype
   (:attr:`~TorchKernel.fused_backward`). Where :func:`rows_config` names a configuration (CUDA,
-  measured faster on that card) its forward outside autograd is :mod:`ring_torch._triton_rows`,
-  reading and writing the strided rows in place (:attr:`~TorchKernel.rows`).
+  measured faster on that card) its forward outside autograd, and its backward where the
+  configuration has one, are :mod:`ring_torch._triton_rows`, reading and writing the strided rows
+  in place (:attr:`~TorchKernel.rows`).
 * :class:`XFormersKernel` (``xformers``): CUDA only, xformers' forward; no dropout; the backward
   from a global LSE is the math formula.
 """
@@ -124,14 +125,20 @@ def cuda_kernel(dtype: torch.dtype, head_dim: int, capability: tuple[int, int], 
     return "efficient"
 
 
-# The Triton rows kernel's configuration per (compute capability, head_dim), for fp16/bf16: only
-# where it measured faster than the aten kernel plus its row copies (python -m
-# benchmarks.triton_rows). H200, head_dim 64, bf16, 2026-12-01 (h200_triton_rows_2026-12-01.json):
-# longnet forward 1.44-1.56x faster from 256K to 4M (the kernel merges each pattern into the
-# float32 accumulators), forward+backward 1.11-1.12x; head_groups written in place measured
-# within -8%..+2% of cuDNN plus row copies, so it keeps cuDNN (in_place_heads=False).
+# The Triton rows kernels' configuration per (compute capability, head_dim), for fp16/bf16: only
+# where they measured faster than the aten kernel plus its row copies. H200, head_dim 64, bf16:
+# - forward (python -m benchmarks.triton_rows, h200_triton_rows_2026-12-01.json): longnet 1.44-1.56x
+#   faster from 256K to 4M (the kernel merges each pattern into the float32 accumulators);
+#   head_groups written in place within -8%..+2% of cuDNN plus row copies;
+# - backward (python -m benchmarks.triton_grads, h200_triton_grads_2026-12-02.json): longnet
+#   forward+backward 0.99-1.01x the time of cuDNN's backward from 256K (0.77x at 16K) and 9248
+#   B/token at its peak from 16K (cuDNN: 9248 from 4M, 12206 at 256K); head_groups 1.08-1.14x slower
+#   from 256K (0.91x at 16K) for 5160 B/token instead of 5519-6960.
+# So head_groups keep cuDNN both ways (in_place_heads=False).
 ROWS_CONFIGS: dict[tuple[tuple[int, int], int], RowsConfig] = {
-    ((9, 0), 64): RowsConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, tma=True, in_place_heads=False),
+    ((9, 0), 64): RowsConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, tma=True, in_place_heads=False,
+                             backward=GradConfig(dkv_block_m=32, dkv_block_n=128, dq_block_m=128, dq_block_n=64,
+                                                 num_warps=4, num_stages=3)),
 }
 
 

@@ -56,10 +56,10 @@ class RowsConfig:
     """Tile sizes and launch shape of the kernel (``block_n`` divides ``block_m``); ``tma``: rows
     through tensor descriptors (Hopper's bulk tensor copies; compute capability 9+, 16-byte
     aligned rows) instead of pointer loads; ``warp_specialize``: Triton's warp specialization of
-    the unmasked key loop. ``in_place_heads``: whether layers whose units each own their heads
-    (``head_groups``) write their rows with it too, or only merge with it (``longnet``).
-    ``backward``: the tiles of :func:`grads_into` where the layers' backward runs it (dq, dk, dv
-    written or added into their rows in place); None: the aten backward."""
+    the unmasked key loop. ``backward``: the tiles of :func:`grads_into` where the layers'
+    backward runs it (dq, dk, dv written or added into their rows in place); None: the aten
+    backward. ``in_place_heads``: whether layers whose units each own their heads
+    (``head_groups``) run these kernels too, or only layers that merge patterns (``longnet``)."""
 
     block_m: int = 128
     block_n: int = 64
