@@ -10,7 +10,7 @@ seed system):
 * ``h200_balanced_projection_2026-12-01.png``: strong-scaling efficiency vs P of causal rings,
   contiguous against balanced, projected from the plan and kernel times on one H200;
 * ``2xh200_balanced_2026-12-01.png``: the same, measured on two H200s (P = 1 vs 2), both frameworks;
-* ``h200_kernel_table_2026-12-01c.png``: the README's Performance plot, each layer's time over the
+* ``h200_kernel_table_2026-12-02.png``: the README's Performance plot, each layer's time over the
   floor vs n (drawn by :func:`benchmarks.kernel_table.plot`).
 
     python -m benchmarks.plot_results [--results benchmarks/results]
@@ -25,7 +25,7 @@ import os
 import numpy as np
 
 DATE = "2026-11-25"
-KERNEL_TABLE = "h200_kernel_table_2026-12-01c"
+KERNEL_TABLE = "h200_kernel_table_2026-12-02"
 PATTERN = "bf16, b=1, h=8, d=64, causal, w=(2K,4K,8K,16K), r=(1,2,4,8)"
 
 

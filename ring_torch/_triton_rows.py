@@ -123,6 +123,18 @@ if triton is not None:
         return acc, m_new, l_i
 
     @triton.jit
+    def _key_range(start_m, m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+        """``(full_end, end)``: a query block's keys ``[0, full_end)`` need no mask, ``[full_end,
+        end)`` do (causal: the diagonal blocks; else the ragged last block)."""
+        if CAUSAL:
+            full_end = start_m
+            end = tl.minimum(start_m + BLOCK_M, m)
+        else:
+            full_end = (m // BLOCK_N) * BLOCK_N
+            end = m
+        return full_end, end
+
+    @triton.jit
     def _forward_kernel(Q, K, V, O, Op, L, scale_log2, m, H, group, row_blocks,
                         sq_b, sq_m, sq_h, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h,
                         so_b, so_m, so_h, sl_b, sl_m, sl_h, rate, offset,
@@ -144,12 +156,7 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
-        if CAUSAL:  # keys before the row block need no mask; the diagonal blocks do
-            full_end = start_m
-            end = tl.minimum(start_m + BLOCK_M, m)
-        else:
-            full_end = (m // BLOCK_N) * BLOCK_N
-            end = m
+        full_end, end = _key_range(start_m, m, BLOCK_M, BLOCK_N, CAUSAL)
         for start in tl.range(0, full_end, BLOCK_N, warp_specialize=WS):
             acc, m_i, l_i = _block(acc, m_i, l_i, q, K, V, b, kh, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h, rows,
                                    start, m, scale_log2, D, BLOCK_N, False, CAUSAL, TMA, PRECISION)
@@ -368,12 +375,7 @@ if triton is not None:
         do = _grad_rows(DO, b, h, start_m, sd_b, sd_m, sd_h, m, BLOCK_M, D, not EVEN)
         lse2, delta = _row_stats(L, Delta, b, h, bh, start_m, sl_b, sl_m, sl_h, m, BLOCK_M, not EVEN)
         dq = tl.zeros([BLOCK_M, D], tl.float32)
-        if CAUSAL:  # keys before the row block need no mask; the diagonal blocks do
-            full_end = start_m
-            end = tl.minimum(start_m + BLOCK_M, m)
-        else:
-            full_end = (m // BLOCK_N) * BLOCK_N
-            end = m
+        full_end, end = _key_range(start_m, m, BLOCK_M, BLOCK_N, CAUSAL)
         for start_n in range(0, full_end, BLOCK_N):
             dq = _dq_block(dq, q, do, lse2, delta, K, V, b, kh, start_m, start_n, m, sk_b, sk_m, sk_h,
                            sv_b, sv_m, sv_h, scale_log2, D, BLOCK_M, BLOCK_N, False, CAUSAL, PRECISION)
