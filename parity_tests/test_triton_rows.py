@@ -37,14 +37,17 @@ SMALL = RowsConfig(block_m=32, block_n=16, num_warps=4, num_stages=2)
 SMALL_GRADS = GradConfig(dkv_block_m=16, dkv_block_n=32, dq_block_m=32, dq_block_n=16, num_warps=4, num_stages=2)
 
 
-def _block_reference(q, k, v, scale, causal):
-    """``(out, lse)`` of each block's rows in float64: ``[B, m, H, d]``, ``[B, m, H]``."""
+def _block_reference(q, k, v, scale, causal, ids=None):
+    """``(out, lse)`` of each block's rows in float64: ``[B, m, H, d]``, ``[B, m, H]``; ``ids``
+    ``[B, m]``: keys of other documents hidden."""
     B, m, H, d = q.shape
     g = H // k.shape[2]
     k, v = (x.double().repeat_interleave(g, 2) for x in (k, v))
     s = torch.einsum("bihd,bjhd->bhij", q.double(), k) * scale
     if causal:
         s = s.masked_fill(torch.ones(m, m, dtype=torch.bool, device=q.device).triu(1), -math.inf)
+    if ids is not None:
+        s = s.masked_fill((ids[:, :, None] != ids[:, None, :])[:, None], -math.inf)
     out = torch.einsum("bhij,bjhd->bihd", torch.softmax(s, -1), v)
     return out, torch.logsumexp(s, -1).transpose(1, 2)
 
@@ -143,6 +146,41 @@ def test_grads_against_float64(device, dtype, causal, m, accumulate):
         _views(rest, S, m, rate, offset, hs).fill_(False)
         after = bufs["qkv".index(name)]
         assert torch.equal(after[rest], old[rest]), name
+
+
+@pytest.mark.parametrize("device", [CPU, CUDA])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("m", [64, 50], ids=["even", "ragged"])
+def test_rows_with_document_ids(device, causal, m):
+    """``ids`` (a strided view of ``[b, n]`` ids): forward (written and merged) and backward
+    against float64 with keys of other documents hidden; documents interleave, so one block
+    mixes several."""
+    torch.manual_seed(4)
+    b, S, rate, offset, h, h_kv, d = 2, 2, 2, 0, 4, 2, 16
+    n = S * m * rate
+    Q, DO = (torch.randn(b, n, h, d, device=device) for _ in range(2))
+    K, V = (torch.randn(b, n, h_kv, d, device=device) for _ in range(2))
+    IDS = torch.randint(0, 3, (b, n), device=device)
+    q, do = _views(Q, S, m, rate, offset, (0, 4)), _views(DO, S, m, rate, offset, (0, 4))
+    k, v = _views(K, S, m, rate, offset, (0, 2)), _views(V, S, m, rate, offset, (0, 2))
+    ids = IDS.view(b, S, m, rate)[:, :, :, offset].flatten(0, 1)
+    leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    want_o, want_l = _block_reference(*leaves, 0.3, causal, ids)
+    out, lse = torch.empty_like(q), torch.empty(q.shape[:3], device=device)
+    attend_into(q, k, v, out, lse, 0.3, causal, SMALL, ids=ids)
+    assert (out.double() - want_o).abs().max() <= 2e-5
+    assert (lse.double() - want_l).abs().max() <= 2e-5
+    acc_o, acc_l = torch.zeros_like(q), torch.full(q.shape[:3], -math.inf, device=device)
+    attend_into(q, k, v, acc_o, acc_l, 0.3, causal, SMALL, merge=True, ids=ids)
+    assert (acc_o.double() - want_o).abs().max() <= 2e-5
+    dlse = torch.randn(lse.shape, device=device)
+    (want_o * do.double()).sum().add_((want_l * dlse.double()).sum()).backward()
+    grads = [torch.zeros_like(x) for x in (q, k, v)]
+    grads_into(q, k, v, out, lse, do, dlse, *grads, 0.3, causal, SMALL_GRADS, ids=ids)
+    for name, got, leaf in zip("qkv", grads, leaves):
+        assert (got.double() - leaf.grad).abs().max() <= 2e-5 * max(1.0, leaf.grad.abs().max().item()), name
+    with pytest.raises(ValueError, match="ids must be int32/int64"):
+        attend_into(q, k, v, out, lse, 0.3, causal, SMALL, ids=ids.float())
 
 
 @pytest.mark.parametrize("device", [CPU, CUDA])

@@ -99,11 +99,22 @@ if triton is not None:
         return x
 
     @triton.jit
-    def _block(acc, m_i, l_i, q, K, V, b, kh, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h, rows, start, m,
-               scale_log2, D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
-               CAUSAL: tl.constexpr, TMA: tl.constexpr, PRECISION: tl.constexpr):
+    def _ids(I, b, start, si_b, si_m, m, BLOCK: tl.constexpr, HAS_IDS: tl.constexpr):
+        """``[BLOCK]`` document ids of rows ``start ..`` of block ``b`` (-1 past ``m``; zeros
+        without ids)."""
+        rows = start + tl.arange(0, BLOCK)
+        if HAS_IDS:
+            ids = tl.load(I + b.to(tl.int64) * si_b + rows.to(tl.int64) * si_m, mask=rows < m, other=-1)
+        else:
+            ids = tl.zeros([BLOCK], tl.int32)
+        return ids
+
+    @triton.jit
+    def _block(acc, m_i, l_i, q, qid, K, V, I, b, kh, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h, si_b, si_m, rows,
+               start, m, scale_log2, D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_IDS: tl.constexpr, TMA: tl.constexpr, PRECISION: tl.constexpr):
         """One key block ``[start, start + BLOCK_N)`` folded into the running ``(acc, m_i, l_i)``
-        (base-2 online softmax)."""
+        (base-2 online softmax); keys of another document (``HAS_IDS``) hidden."""
         k = _rows(K, b, kh, start, sk_b, sk_m, sk_h, m, BLOCK_N, D, MASK, TMA)
         v = _rows(V, b, kh, start, sv_b, sv_m, sv_h, m, BLOCK_N, D, MASK, TMA)
         s = tl.dot(q, k.T, input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
@@ -113,6 +124,9 @@ if triton is not None:
             if CAUSAL:
                 keep = keep & (cols[None, :] <= rows[:, None])
             s = tl.where(keep, s, float("-inf"))
+        if HAS_IDS:
+            kid = _ids(I, b, start, si_b, si_m, m, BLOCK_N, HAS_IDS)
+            s = tl.where(qid[:, None] == kid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_safe)
@@ -135,13 +149,13 @@ if triton is not None:
         return full_end, end
 
     @triton.jit
-    def _forward_kernel(Q, K, V, O, Op, L, scale_log2, m, H, group, row_blocks,
+    def _forward_kernel(Q, K, V, O, Op, L, I, scale_log2, m, H, group, row_blocks,
                         sq_b, sq_m, sq_h, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h,
-                        so_b, so_m, so_h, sl_b, sl_m, sl_h, rate, offset,
+                        so_b, so_m, so_h, sl_b, sl_m, sl_h, si_b, si_m, rate, offset,
                         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         CAUSAL: tl.constexpr, EVEN: tl.constexpr, WRITE_LSE: tl.constexpr,
-                        FILL: tl.constexpr, MERGE: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
-                        PRECISION: tl.constexpr):
+                        FILL: tl.constexpr, MERGE: tl.constexpr, HAS_IDS: tl.constexpr, TMA: tl.constexpr,
+                        WS: tl.constexpr, PRECISION: tl.constexpr):
         pid = tl.program_id(0)
         # Row blocks of one (block, head) are neighbours (their keys share L2); within them the
         # last (the longest causal row block) runs first.
@@ -153,16 +167,19 @@ if triton is not None:
         start_m = row_block * BLOCK_M
         rows = start_m + tl.arange(0, BLOCK_M)
         q = _rows(Q, b, h, start_m, sq_b, sq_m, sq_h, m, BLOCK_M, D, not EVEN, TMA)
+        qid = _ids(I, b, start_m, si_b, si_m, m, BLOCK_M, HAS_IDS)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         full_end, end = _key_range(start_m, m, BLOCK_M, BLOCK_N, CAUSAL)
         for start in tl.range(0, full_end, BLOCK_N, warp_specialize=WS):
-            acc, m_i, l_i = _block(acc, m_i, l_i, q, K, V, b, kh, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h, rows,
-                                   start, m, scale_log2, D, BLOCK_N, False, CAUSAL, TMA, PRECISION)
+            acc, m_i, l_i = _block(acc, m_i, l_i, q, qid, K, V, I, b, kh, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h,
+                                   si_b, si_m, rows, start, m, scale_log2, D, BLOCK_N, False, CAUSAL, HAS_IDS,
+                                   TMA, PRECISION)
         for start in range(full_end, end, BLOCK_N):
-            acc, m_i, l_i = _block(acc, m_i, l_i, q, K, V, b, kh, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h, rows,
-                                   start, m, scale_log2, D, BLOCK_N, True, CAUSAL, TMA, PRECISION)
+            acc, m_i, l_i = _block(acc, m_i, l_i, q, qid, K, V, I, b, kh, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h,
+                                   si_b, si_m, rows, start, m, scale_log2, D, BLOCK_N, True, CAUSAL, HAS_IDS,
+                                   TMA, PRECISION)
         nonempty = l_i > 0
         l_safe = tl.where(nonempty, l_i, 1.0)
         out = acc / l_safe[:, None]
@@ -258,10 +275,10 @@ if triton is not None:
         return lse2, delta
 
     @triton.jit
-    def _dkdv_block(dk, dv, k, v, Q, DO, L, Delta, b, h, bh, start_n, start_m, m,
-                    sq_b, sq_m, sq_h, sd_b, sd_m, sd_h, sl_b, sl_m, sl_h, scale_log2,
+    def _dkdv_block(dk, dv, k, v, kid, Q, DO, L, Delta, I, b, h, bh, start_n, start_m, m,
+                    sq_b, sq_m, sq_h, sd_b, sd_m, sd_h, sl_b, sl_m, sl_h, si_b, si_m, scale_log2,
                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
-                    CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+                    CAUSAL: tl.constexpr, HAS_IDS: tl.constexpr, PRECISION: tl.constexpr):
         """One query block's share of the key block's ``(dk, dv)`` (transposed: keys are rows)."""
         q = _grad_rows(Q, b, h, start_m, sq_b, sq_m, sq_h, m, BLOCK_M, D, MASK)
         do = _grad_rows(DO, b, h, start_m, sd_b, sd_m, sd_h, m, BLOCK_M, D, MASK)
@@ -274,6 +291,9 @@ if triton is not None:
             if CAUSAL:
                 keep = keep & (rows[None, :] >= (start_n + tl.arange(0, BLOCK_N))[:, None])
             p_t = tl.where(keep, p_t, 0.0)
+        if HAS_IDS:
+            qid = _ids(I, b, start_m, si_b, si_m, m, BLOCK_M, HAS_IDS)
+            p_t = tl.where(kid[:, None] == qid[None, :], p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
         dp_t = tl.dot(v, do.T, input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -298,11 +318,12 @@ if triton is not None:
             tl.store(ptr, G.to(X.dtype.element_ty), mask=keep)
 
     @triton.jit
-    def _dkdv_kernel(Q, K, V, DO, L, Delta, DK, DV, scale, scale_log2, m, H, H_kv, group, kv_blocks,
+    def _dkdv_kernel(Q, K, V, DO, L, Delta, I, DK, DV, scale, scale_log2, m, H, H_kv, group, kv_blocks,
                      sq_b, sq_m, sq_h, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h, sd_b, sd_m, sd_h,
-                     sl_b, sl_m, sl_h, sdk_b, sdk_m, sdk_h, sdv_b, sdv_m, sdv_h,
+                     sl_b, sl_m, sl_h, si_b, si_m, sdk_b, sdk_m, sdk_h, sdv_b, sdv_m, sdv_h,
                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                     EVEN: tl.constexpr, ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr):
+                     EVEN: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_IDS: tl.constexpr,
+                     PRECISION: tl.constexpr):
         pid = tl.program_id(0)
         kv_block = pid % kv_blocks  # causal: the first key block has the most queries; it runs first
         bh = pid // kv_blocks
@@ -311,6 +332,7 @@ if triton is not None:
         start_n = kv_block * BLOCK_N
         k = _grad_rows(K, b, kh, start_n, sk_b, sk_m, sk_h, m, BLOCK_N, D, not EVEN)
         v = _grad_rows(V, b, kh, start_n, sv_b, sv_m, sv_h, m, BLOCK_N, D, not EVEN)
+        kid = _ids(I, b, start_n, si_b, si_m, m, BLOCK_N, HAS_IDS)
         dk = tl.zeros([BLOCK_N, D], tl.float32)
         dv = tl.zeros([BLOCK_N, D], tl.float32)
         full_end = (m // BLOCK_M) * BLOCK_M
@@ -325,24 +347,25 @@ if triton is not None:
             h = kh * group + j
             qbh = b * H + h
             for start_m in range(lo, diag_end, BLOCK_M):
-                dk, dv = _dkdv_block(dk, dv, k, v, Q, DO, L, Delta, b, h, qbh, start_n, start_m, m,
-                                     sq_b, sq_m, sq_h, sd_b, sd_m, sd_h, sl_b, sl_m, sl_h, scale_log2,
-                                     D, BLOCK_M, BLOCK_N, True, CAUSAL, PRECISION)
+                dk, dv = _dkdv_block(dk, dv, k, v, kid, Q, DO, L, Delta, I, b, h, qbh, start_n, start_m, m,
+                                     sq_b, sq_m, sq_h, sd_b, sd_m, sd_h, sl_b, sl_m, sl_h, si_b, si_m, scale_log2,
+                                     D, BLOCK_M, BLOCK_N, True, CAUSAL, HAS_IDS, PRECISION)
             for start_m in range(diag_end, full_end, BLOCK_M):
-                dk, dv = _dkdv_block(dk, dv, k, v, Q, DO, L, Delta, b, h, qbh, start_n, start_m, m,
-                                     sq_b, sq_m, sq_h, sd_b, sd_m, sd_h, sl_b, sl_m, sl_h, scale_log2,
-                                     D, BLOCK_M, BLOCK_N, False, CAUSAL, PRECISION)
+                dk, dv = _dkdv_block(dk, dv, k, v, kid, Q, DO, L, Delta, I, b, h, qbh, start_n, start_m, m,
+                                     sq_b, sq_m, sq_h, sd_b, sd_m, sd_h, sl_b, sl_m, sl_h, si_b, si_m, scale_log2,
+                                     D, BLOCK_M, BLOCK_N, False, CAUSAL, HAS_IDS, PRECISION)
             for start_m in range(tl.maximum(tail, lo), m, BLOCK_M):  # the ragged last query block
-                dk, dv = _dkdv_block(dk, dv, k, v, Q, DO, L, Delta, b, h, qbh, start_n, start_m, m,
-                                     sq_b, sq_m, sq_h, sd_b, sd_m, sd_h, sl_b, sl_m, sl_h, scale_log2,
-                                     D, BLOCK_M, BLOCK_N, True, CAUSAL, PRECISION)
+                dk, dv = _dkdv_block(dk, dv, k, v, kid, Q, DO, L, Delta, I, b, h, qbh, start_n, start_m, m,
+                                     sq_b, sq_m, sq_h, sd_b, sd_m, sd_h, sl_b, sl_m, sl_h, si_b, si_m, scale_log2,
+                                     D, BLOCK_M, BLOCK_N, True, CAUSAL, HAS_IDS, PRECISION)
         _grad_out(DK, dk * scale, b, kh, start_n, sdk_b, sdk_m, sdk_h, m, BLOCK_N, D, EVEN, ACCUMULATE)
         _grad_out(DV, dv, b, kh, start_n, sdv_b, sdv_m, sdv_h, m, BLOCK_N, D, EVEN, ACCUMULATE)
 
     @triton.jit
-    def _dq_block(dq, q, do, lse2, delta, K, V, b, kh, start_m, start_n, m, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h,
-                  scale_log2, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
-                  CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    def _dq_block(dq, q, do, lse2, delta, qid, K, V, I, b, kh, start_m, start_n, m, sk_b, sk_m, sk_h,
+                  sv_b, sv_m, sv_h, si_b, si_m, scale_log2, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_IDS: tl.constexpr,
+                  PRECISION: tl.constexpr):
         """One key block's share of the query block's ``dq``."""
         k = _grad_rows(K, b, kh, start_n, sk_b, sk_m, sk_h, m, BLOCK_N, D, MASK)
         v = _grad_rows(V, b, kh, start_n, sv_b, sv_m, sv_h, m, BLOCK_N, D, MASK)
@@ -354,16 +377,19 @@ if triton is not None:
             if CAUSAL:
                 keep = keep & (cols[None, :] <= (start_m + tl.arange(0, BLOCK_M))[:, None])
             p = tl.where(keep, p, 0.0)
+        if HAS_IDS:
+            kid = _ids(I, b, start_n, si_b, si_m, m, BLOCK_N, HAS_IDS)
+            p = tl.where(qid[:, None] == kid[None, :], p, 0.0)
         dp = tl.dot(do, v.T, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
 
     @triton.jit
-    def _dq_kernel(Q, K, V, DO, L, Delta, DQ, scale, scale_log2, m, H, group, row_blocks,
+    def _dq_kernel(Q, K, V, DO, L, Delta, I, DQ, scale, scale_log2, m, H, group, row_blocks,
                    sq_b, sq_m, sq_h, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h, sd_b, sd_m, sd_h,
-                   sl_b, sl_m, sl_h, sdq_b, sdq_m, sdq_h,
+                   sl_b, sl_m, sl_h, si_b, si_m, sdq_b, sdq_m, sdq_h,
                    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                   EVEN: tl.constexpr, ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr):
+                   EVEN: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_IDS: tl.constexpr, PRECISION: tl.constexpr):
         pid = tl.program_id(0)
         row_block = row_blocks - 1 - pid % row_blocks  # causal: the longest row block first
         bh = pid // row_blocks
@@ -374,14 +400,15 @@ if triton is not None:
         q = _grad_rows(Q, b, h, start_m, sq_b, sq_m, sq_h, m, BLOCK_M, D, not EVEN)
         do = _grad_rows(DO, b, h, start_m, sd_b, sd_m, sd_h, m, BLOCK_M, D, not EVEN)
         lse2, delta = _row_stats(L, Delta, b, h, bh, start_m, sl_b, sl_m, sl_h, m, BLOCK_M, not EVEN)
+        qid = _ids(I, b, start_m, si_b, si_m, m, BLOCK_M, HAS_IDS)
         dq = tl.zeros([BLOCK_M, D], tl.float32)
         full_end, end = _key_range(start_m, m, BLOCK_M, BLOCK_N, CAUSAL)
         for start_n in range(0, full_end, BLOCK_N):
-            dq = _dq_block(dq, q, do, lse2, delta, K, V, b, kh, start_m, start_n, m, sk_b, sk_m, sk_h,
-                           sv_b, sv_m, sv_h, scale_log2, D, BLOCK_M, BLOCK_N, False, CAUSAL, PRECISION)
+            dq = _dq_block(dq, q, do, lse2, delta, qid, K, V, I, b, kh, start_m, start_n, m, sk_b, sk_m, sk_h,
+                           sv_b, sv_m, sv_h, si_b, si_m, scale_log2, D, BLOCK_M, BLOCK_N, False, CAUSAL, HAS_IDS, PRECISION)
         for start_n in range(full_end, end, BLOCK_N):
-            dq = _dq_block(dq, q, do, lse2, delta, K, V, b, kh, start_m, start_n, m, sk_b, sk_m, sk_h,
-                           sv_b, sv_m, sv_h, scale_log2, D, BLOCK_M, BLOCK_N, True, CAUSAL, PRECISION)
+            dq = _dq_block(dq, q, do, lse2, delta, qid, K, V, I, b, kh, start_m, start_n, m, sk_b, sk_m, sk_h,
+                           sv_b, sv_m, sv_h, si_b, si_m, scale_log2, D, BLOCK_M, BLOCK_N, True, CAUSAL, HAS_IDS, PRECISION)
         _grad_out(DQ, dq * scale, b, h, start_m, sdq_b, sdq_m, sdq_h, m, BLOCK_M, D, EVEN, ACCUMULATE)
 
 
@@ -420,8 +447,17 @@ def _check(q, k, v, out, lse, fill, config):
             raise ValueError(f"fill={fill}: the row strides {strides} are not rate={rate} positions")
 
 
+def _ids_args(ids, q):
+    """``(tensor, stride_b, stride_m)`` of the document ids ``[B, m]`` (None: a placeholder)."""
+    if ids is None:
+        return q, 0, 0
+    if ids.shape != q.shape[:2] or ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"ids must be int32/int64 {tuple(q.shape[:2])}, got {ids.dtype} {tuple(ids.shape)}")
+    return ids, ids.stride(0), ids.stride(1)
+
+
 def attend_into(q, k, v, out, lse, scale: float, causal: bool, config: RowsConfig = DEFAULT_CONFIG,
-                fill: tuple[int, int] | None = None, merge: bool = False):
+                fill: tuple[int, int] | None = None, merge: bool = False, ids=None):
     """Attention of each block's rows among themselves, written into ``out`` and ``lse``.
 
     Args:
@@ -438,6 +474,9 @@ def attend_into(q, k, v, out, lse, scale: float, causal: bool, config: RowsConfi
       merge: ``out`` (float32) and ``lse`` already hold a partial attention of these rows over
         other keys (``0`` / ``-inf`` where none): the result is their exact softmax merge with
         this one (the longnet mix, pattern after pattern, with no per-pattern output).
+      ids: ``[B, m]`` int document id of each row (any strides), or None: a key counts for a
+        query only when their ids are equal (packed documents; padding as an id of its own).
+        A row that sees no key gets ``out = 0``, ``lse = -inf``.
 
     Returns:
       ``(out, lse)``, the destinations.
@@ -465,12 +504,13 @@ def attend_into(q, k, v, out, lse, scale: float, causal: bool, config: RowsConfi
         tensors = tuple(TensorDescriptor(x, [x.shape[0], x.shape[2], x.shape[1], d],
                                          [x.stride(0), x.stride(2), x.stride(1), 1], [1, 1, block, d])
                         for x, block in zip(tensors, (config.block_m, config.block_n, config.block_n, config.block_m)))
+    ids, si_b, si_m = _ids_args(ids, q)
     _forward_kernel[(row_blocks * B * H,)](
-        *tensors, out, lse_arg, scale * math.log2(math.e), m, H, H // k.shape[2], row_blocks,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse_strides, rate, offset,
+        *tensors, out, lse_arg, ids, scale * math.log2(math.e), m, H, H // k.shape[2], row_blocks,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse_strides, si_b, si_m, rate, offset,
         D=d, BLOCK_M=config.block_m, BLOCK_N=config.block_n, CAUSAL=bool(causal),
         EVEN=m % config.block_m == 0, WRITE_LSE=lse is not None, FILL=fill is not None and rate > 1, MERGE=merge,
-        TMA=config.tma, WS=config.warp_specialize, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        HAS_IDS=ids is not q, TMA=config.tma, WS=config.warp_specialize, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out, lse
 
@@ -491,7 +531,8 @@ def _check_grads(q, k, v, out, lse, dout, dlse, dq, dk, dv, config: GradConfig):
 
 
 def grads_into(q, k, v, out, lse, dout, dlse, dq, dk, dv, scale: float, causal: bool,
-               config: GradConfig = GradConfig(), accumulate_q: bool = False, accumulate_kv: bool = False):
+               config: GradConfig = GradConfig(), accumulate_q: bool = False, accumulate_kv: bool = False,
+               ids=None):
     """The backward of :func:`attend_into` from the rows' *global* ``(out, lse)``, written into
     (or added to) the gradient rows in place.
 
@@ -513,6 +554,7 @@ def grads_into(q, k, v, out, lse, dout, dlse, dq, dk, dv, scale: float, causal: 
       config: tile sizes (:class:`GradConfig`).
       accumulate_q, accumulate_kv: add into ``dq`` / ``dk`` and ``dv`` (float32 accumulators
         where several blocks add up) instead of overwriting them.
+      ids: ``[B, m]`` document ids as in :func:`attend_into`, or None.
 
     Returns:
       ``(dq, dk, dv)``, the destinations.
@@ -535,16 +577,19 @@ def grads_into(q, k, v, out, lse, dout, dlse, dq, dk, dv, scale: float, causal: 
         *lse.stride(), *dl.stride(), D=d, BLOCK=block, HAS_DLSE=dlse is not None)
     scale_log2 = scale * math.log2(math.e)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *lse.stride())
+    ids, si_b, si_m = _ids_args(ids, q)
     kv_blocks = triton.cdiv(m, config.dkv_block_n)
     _dkdv_kernel[(kv_blocks * B * H_kv,)](
-        q, k, v, dout, lse, delta, dk, dv, scale, scale_log2, m, H, H_kv, H // H_kv, kv_blocks,
-        *strides, *dk.stride()[:3], *dv.stride()[:3],
+        q, k, v, dout, lse, delta, ids, dk, dv, scale, scale_log2, m, H, H_kv, H // H_kv, kv_blocks,
+        *strides, si_b, si_m, *dk.stride()[:3], *dv.stride()[:3],
         D=d, BLOCK_M=config.dkv_block_m, BLOCK_N=config.dkv_block_n, CAUSAL=bool(causal),
-        EVEN=m % config.dkv_block_n == 0, ACCUMULATE=accumulate_kv, PRECISION=precision, **launch)
+        EVEN=m % config.dkv_block_n == 0, ACCUMULATE=accumulate_kv, HAS_IDS=ids is not q, PRECISION=precision,
+        **launch)
     row_blocks = triton.cdiv(m, config.dq_block_m)
     _dq_kernel[(row_blocks * B * H,)](
-        q, k, v, dout, lse, delta, dq, scale, scale_log2, m, H, H // H_kv, row_blocks,
-        *strides, *dq.stride()[:3],
+        q, k, v, dout, lse, delta, ids, dq, scale, scale_log2, m, H, H // H_kv, row_blocks,
+        *strides, si_b, si_m, *dq.stride()[:3],
         D=d, BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n, CAUSAL=bool(causal),
-        EVEN=m % config.dq_block_m == 0, ACCUMULATE=accumulate_q, PRECISION=precision, **launch)
+        EVEN=m % config.dq_block_m == 0, ACCUMULATE=accumulate_q, HAS_IDS=ids is not q, PRECISION=precision,
+        **launch)
     return dq, dk, dv
