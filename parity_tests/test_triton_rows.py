@@ -19,7 +19,7 @@ from parity_tests import oracle
 from ring_torch._aten import _AtenCPU
 from ring_torch._config import DilatedConfig
 from ring_torch._coords import MaskSpec
-from ring_torch._dilated import FusedExecutor, _run_heads
+from ring_torch._dilated import AutogradExecutor, FusedExecutor, _run_heads
 from ring_torch._plan import build_plan
 from ring_torch._triton_rows import GradConfig, RowsConfig, attend_into, grads_into, triton_available
 
@@ -255,6 +255,45 @@ def test_layer_rows_against_oracle(device, causal, mix):
     for label in ("rows", "rows_grads"):
         for got, plain in zip(results[label][2:], results["plain"][2:]):
             torch.testing.assert_close(got, plain, atol=5e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", [CPU, CUDA])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("mix", ["head_groups", "longnet"])
+@pytest.mark.parametrize("case", ["documents", "padding", "both"])
+def test_layer_masks_by_document_ids(device, causal, mix, case):
+    """A kernel that masks by row ids (``masks=True``: documents, and padded keys where blocks
+    hide them) through ``FusedDilated``, both ways: out, LSE and gradients against the math
+    kernel through autograd; an uneven GQA split (units with ``kv_index``) included."""
+    W, R = (16, 32, 96), (1, 2, 4)
+    config = DilatedConfig(segment_lengths=W, dilation_rates=R, mix=mix, is_causal=causal)
+    q, k, v = _layer_inputs(device, torch.float32, h=8, h_kv=2)
+    b, n, h = q.shape[:3]
+    plan = build_plan(config, n, h, k.shape[2])
+    assert mix == "longnet" or any(u.kv_index is not None for u in plan.units)
+    ids = torch.randint(0, 4, (b, n), generator=torch.Generator().manual_seed(5)).sort(-1).values.to(device)
+    lengths = torch.tensor([n, 61], device=device) if case != "documents" else None
+    spec = MaskSpec(is_causal=causal, lengths=lengths, key_mask=lengths is not None and not causal,
+                    segment_ids=ids if case != "padding" else None)
+    w_out = torch.randn(q.shape, device=device)
+    w_lse = torch.randn(q.shape[:3], device=device)
+    aten = _AtenCPU if device == "cpu" else kernels.CUDA_ATEN["efficient"]
+    rows = dataclasses.replace(SMALL, backward=SMALL_GRADS)
+    results = []
+    for executor in (FusedExecutor(kernels.TorchKernel(aten, rows, masks=True)), AutogradExecutor(kernels.MathKernel())):
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        out, lse = executor.run(plan, *xs, 0.25, spec, row_lengths=lengths)
+        loss = (out * w_out).sum() + torch.where(torch.isfinite(lse), lse * w_lse, 0).sum()
+        loss.backward()
+        results.append((out.detach(), lse.detach(), *(x.grad for x in xs)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-5)
+
+
+def test_masks_need_rows_kernels_both_ways():
+    with pytest.raises(ValueError, match="masks=True needs rows kernels"):
+        kernels.TorchKernel(_AtenCPU, SMALL, masks=True)
+    assert kernels.kernel_for("torch", torch.device("cpu"), torch.float32, 16, False, True, rows_masks=True).name == "math"
 
 
 @pytest.mark.parametrize("device", [CPU, CUDA])

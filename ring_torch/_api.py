@@ -113,7 +113,7 @@ def _span(call: _Call, batch: slice, batch_base: int, start: int, stop: int, len
     plan = build_plan(config, padding.padded_len - start, call.heads, call.kv_heads)
     spec = MaskSpec(config.is_causal, call.dropout, base=start, batch_base=batch_base, **padding.mask_fields())
     executor = make_executor(call.backend, device, call.compute, call.head_dim, call.dropout,
-                             spec.needs_key_mask)
+                             spec.needs_key_mask, rows_masks=True)
     row_lengths = None  # local rows at or past them are zeroed by the executor
     if padding.mask_rows:
         row_lengths = padding.lengths if start == 0 else (padding.lengths - start).clamp_(min=0)

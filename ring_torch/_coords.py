@@ -16,10 +16,12 @@ zeroed afterwards by :func:`mask_rows`.
 
 Documents (:attr:`MaskSpec.segment_ids`, packed sequences): a key counts for a query only when
 both positions carry the same id. :func:`block_masks` hides the other keys from every query row,
-from the rows' global positions (the dilated pattern keeps its global segments and offsets), so
-no fused kernel can take such a block: a call with ``segment_ids`` runs the math kernel. A row
-always keeps its own key on one device (its key block holds its own rows); a ring hop's block
-may hide every key of a row, which the math kernel returns as ``out = 0``, ``lse = -inf``.
+from the rows' global positions (the dilated pattern keeps its global segments and offsets).
+torch's fused kernels take no such mask: on one device the Triton rows kernels take it as an id
+per row (:func:`row_ids`, padded keys an id of their own) where the kernel table names them
+(CUDA); elsewhere, and in rings, a call with ``segment_ids`` runs the math kernel. A row always
+keeps its own key on one device (its key block holds its own rows); a ring hop's block may hide
+every key of a row, which the math kernel returns as ``out = 0``, ``lse = -inf``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 from ring_torch._dropout import Dropout, keep_mask
 from ring_torch._plan import Unit, causal_mask, index_tensor
 
-__all__ = ["MaskSpec", "BlockCoords", "unit_coords", "block_masks", "real_rows", "mask_rows"]
+__all__ = ["MaskSpec", "BlockCoords", "unit_coords", "block_masks", "row_ids", "real_rows", "mask_rows"]
 
 
 @dataclass(frozen=True)
@@ -196,6 +198,27 @@ def block_masks(coords: BlockCoords, device) -> tuple[torch.Tensor | None, torch
         heads = index_tensor(coords.heads, device)
         keep = keep_mask(drop.seed, coords.pattern, batch, heads, qpos, kpos, drop.p)
     return hide, keep
+
+
+# The id of padded rows in row_ids: no document id equals it (ids are user values; this one is
+# reserved).
+PADDING_ID = torch.iinfo(torch.int64).min
+
+
+def row_ids(spec: MaskSpec, batch: int, seq_len: int, device) -> torch.Tensor:
+    """``[batch, seq_len]`` int64: the id of each local row, such that a key counts for a query
+    exactly where their ids are equal, as :func:`block_masks` hides keys on one device: the
+    ``segment_ids`` (0 without them) and, where blocks hide padded keys, :data:`PADDING_ID` on
+    padded rows (padded queries then see padded keys only; their rows are zeroed afterwards)."""
+    positions = spec.row_positions(seq_len, device)
+    entries = torch.arange(spec.batch_base, spec.batch_base + batch, device=device)
+    if spec.segment_ids is None:
+        ids = torch.zeros(batch, seq_len, dtype=torch.int64, device=device)
+    else:
+        ids = spec.segment_ids.to(device)[entries[:, None], positions[None, :]]
+    if spec.hides_padding:
+        ids = ids.masked_fill(~real_rows(spec.lengths.to(device)[entries], positions), PADDING_ID)
+    return ids
 
 
 def real_rows(lengths: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

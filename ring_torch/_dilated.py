@@ -20,7 +20,7 @@ import torch
 
 from ring_torch._aten import copy_rows_, records_graph
 from ring_torch._config import memo
-from ring_torch._coords import BlockCoords, MaskSpec, mask_rows, real_rows, unit_coords
+from ring_torch._coords import BlockCoords, MaskSpec, mask_rows, real_rows, row_ids, unit_coords
 from ring_torch._dropout import Dropout
 from ring_torch._kernels import GradInputs, Kernel, kernel_for
 from ring_torch._padded import unit_rows_zeroed, zero_padded_rows_
@@ -46,15 +46,27 @@ def _cleared(into, with_lse=True):
     return out, lse.fill_(float("-inf"))
 
 
-def _run_heads(units, q, k, v, scale, kernel, spec, with_lse=True, into=None):
+def _call_ids(kernel: Kernel, spec: MaskSpec, q) -> torch.Tensor | None:
+    """The rows' document ids ``[b, n]`` where the kernel masks by them (:attr:`Kernel.masks`)."""
+    return row_ids(spec, q.shape[0], q.shape[1], q.device) if kernel.masks else None
+
+
+def _unit_ids(ids: torch.Tensor | None, unit: Unit) -> torch.Tensor | None:
+    """The unit's rows of ``ids [b, n]``: ``[b * S, m]``, a view."""
+    return None if ids is None else gather_rows(ids[:, :, None], unit)[..., 0]
+
+
+def _run_heads(units, q, k, v, scale, kernel, spec, with_lse=True, into=None, ids=None):
     """``units`` covering each query head at most once (``head_groups``, or one ``longnet``
     pattern), each written in place into its heads and rows of one ``(out, lse)`` (new, or the
     views ``into`` of the same shapes and dtypes); heads no unit covers (a ring's local
     sub-plan) stay ``out = 0``, ``lse = -inf``; ``with_lse=False``: ``lse`` is None (not
     written). A kernel with :attr:`~ring_torch._kernels.Kernel.rows` (``in_place_heads``) writes
     the rows itself (outside autograd), and the rows between them too when the units cover every
-    head."""
+    head; ``ids``: the rows' document ids ``[b, n]`` for a kernel that masks by them."""
     in_place = kernel.rows is not None and kernel.rows.in_place_heads and not records_graph(q, k, v)
+    if kernel.masks and not in_place:
+        raise RuntimeError("a kernel that masks by document ids runs only outside autograd (FusedDilated)")
     fill = in_place and _tiles(units, q.shape[2])
     if fill:  # every element is written by one unit: no clearing
         out, lse = into if into is not None else _empty(q, with_lse)
@@ -66,7 +78,7 @@ def _run_heads(units, q, k, v, scale, kernel, spec, with_lse=True, into=None):
             coords = unit_coords(u, spec, q.shape[0], q.shape[1])
             kernel.forward_into(q_rows(q, u), kv_rows(k, u), kv_rows(v, u), q_rows(out, u),
                                 q_rows(lse, u) if with_lse else None, scale, coords,
-                                (u.rate, u.offset) if fill else None)
+                                (u.rate, u.offset) if fill else None, ids=_unit_ids(ids, u))
             continue
         o, l = _attend_rows(u, q, k, v, scale, kernel, spec)
         copy_rows_(q_rows(out, u), o)
@@ -97,8 +109,9 @@ def _forward(plan: DilatedPlan, q, k, v, scale, kernel, spec, with_lse=True, int
     when heads are not merged, else the float32+ merge; ``with_lse=False``: ``lse`` may be None
     (``head_groups``: not written; a merge needs it). ``into`` (no autograd graph): views
     ``(out, lse)`` in ``q``'s dtype and float32+ the result is written to and returned as."""
+    ids = _call_ids(kernel, spec, q)
     if not plan.merged:
-        return _run_heads(plan.units, q, k, v, scale, kernel, spec, with_lse, into)
+        return _run_heads(plan.units, q, k, v, scale, kernel, spec, with_lse, into, ids)
     if not records_graph(q, k, v):
         # No autograd graph (inference, FusedDilated): merge each unit into one float32 output
         # in place, no per-pattern full-size outputs.
@@ -110,7 +123,8 @@ def _forward(plan: DilatedPlan, q, k, v, scale, kernel, spec, with_lse=True, int
         for u in plan.units:
             if kernel.rows is not None:  # the kernel merges into the accumulators itself
                 kernel.forward_into(q_rows(q, u), kv_rows(k, u), kv_rows(v, u), q_rows(acc, u), q_rows(acc_lse, u),
-                                    scale, unit_coords(u, spec, q.shape[0], q.shape[1]), merge=True)
+                                    scale, unit_coords(u, spec, q.shape[0], q.shape[1]), merge=True,
+                                    ids=_unit_ids(ids, u))
                 continue
             o, l = _attend_rows(u, q, k, v, scale, kernel, spec)
             merge_rows(q_rows(acc, u), q_rows(acc_lse, u), o, l)
@@ -215,6 +229,7 @@ def _unit_grads(plan: DilatedPlan, q, k, v, out, lse, dout, dlse, scale, kernel,
     b, n = q.shape[:2]
     rows = kernel.rows
     in_place = rows is not None and rows.backward is not None and (plan.merged or rows.in_place_heads)
+    ids = _call_ids(kernel, spec, q)
     for u in plan.units:
         coords = unit_coords(u, spec, b, n)
         qs = q_rows(q, u)
@@ -222,10 +237,21 @@ def _unit_grads(plan: DilatedPlan, q, k, v, out, lse, dout, dlse, scale, kernel,
         if row_lengths is not None:  # the dense rows cuDNN wants anyway, padded ones zeroed
             du = unit_rows_zeroed(du, row_lengths, u, n)
         dls = None if dlse is None else q_rows(dlse, u)
-        if in_place and u.kv_index is None:  # the kernel reads and writes the strided rows itself
-            kernel.backward_into(qs, *(head_rows(x, u, u.kv_heads) for x in (k, v)), q_rows(out, u),
-                                 q_rows(lse, u), du, dls, q_rows(dq, u), *(head_rows(x, u, u.kv_heads) for x in (dk, dv)),
-                                 scale, coords, accumulate_q=q_sums, accumulate_kv=kv_sums)
+        if in_place:  # the kernel reads and writes the strided rows itself
+            rest = (q_rows(out, u), q_rows(lse, u), du, dls, q_rows(dq, u))
+            flags = dict(accumulate_q=q_sums, ids=_unit_ids(ids, u))
+            if u.kv_index is None:
+                kernel.backward_into(qs, *(head_rows(x, u, u.kv_heads) for x in (k, v)), *rest,
+                                     *(head_rows(x, u, u.kv_heads) for x in (dk, dv)), scale, coords,
+                                     accumulate_kv=kv_sums, **flags)
+                continue
+            # one kv head per query head: copies of those rows, their gradients added back by index
+            index = index_tensor(u.kv_index, q.device)
+            ks, vs = kv_rows(k, u), kv_rows(v, u)
+            gk, gv = (torch.zeros(ks.shape, dtype=acc, device=q.device) for _ in range(2))
+            kernel.backward_into(qs, ks, vs, *rest, gk, gv, scale, coords, **flags)
+            for x, g in zip((dk, dv), (gk, gv)):
+                gather_rows(x, u).index_add_(2, index, g.to(x.dtype))
             continue
         kv = [gather_rows(x, u) if u.kv_index is not None else head_rows(x, u, u.kv_heads) for x in (k, v)]
         dkv = [gather_rows(x, u) if u.kv_index is not None else head_rows(x, u, u.kv_heads) for x in (dk, dv)]
@@ -368,11 +394,13 @@ class FusedExecutor:
 
 
 def make_executor(backend: str, device: torch.device, compute: torch.dtype, head_dim: int,
-                  dropout: Dropout | None, key_mask: bool = False) -> AutogradExecutor | FusedExecutor:
+                  dropout: Dropout | None, key_mask: bool = False,
+                  rows_masks: bool = False) -> AutogradExecutor | FusedExecutor:
     """The kernel and executor of one call, chosen once: ``backend`` resolved, ``compute`` the
     dtype the kernels see, ``key_mask``: whether blocks take a per-key mask
     (:attr:`ring_torch._coords.MaskSpec.needs_key_mask`: padding without causality, documents),
-    which only the math kernel can."""
+    which only the math kernel can, or on one device (``rows_masks``) the Triton rows kernels
+    (:func:`ring_torch._kernels.kernel_for`)."""
     kernel = kernel_for(backend, device, compute, head_dim, needs_dropout=dropout is not None,
-                        needs_key_mask=key_mask)
+                        needs_key_mask=key_mask, rows_masks=rows_masks)
     return (FusedExecutor if kernel.fused_backward else AutogradExecutor)(kernel)

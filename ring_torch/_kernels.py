@@ -29,6 +29,7 @@ Kernels (:data:`KERNELS`, one per backend; :func:`kernel_for` picks one per call
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from typing import NamedTuple, Protocol
 
 import torch
@@ -201,6 +202,7 @@ class Kernel(Protocol):
     name: str
     fused_backward: bool  # its backward takes the global (out, lse) in the input dtype
     rows: RowsConfig | None  # set: forward_into writes the rows in place (no autograd graph)
+    masks: bool  # forward_into / backward_into take document ids (run only on one device)
 
     @classmethod
     def supports(cls, dtype: torch.dtype, device_type: str, head_dim: int, needs_dropout: bool,
@@ -214,17 +216,18 @@ class Kernel(Protocol):
         ``lse [B, m, H]`` (float32+), differentiable by autograd."""
 
     def forward_into(self, q, k, v, out, lse, scale: float, coords: BlockCoords,
-                     fill: tuple[int, int] | None = None, merge: bool = False):
+                     fill: tuple[int, int] | None = None, merge: bool = False, ids=None):
         """Where :attr:`rows` is set: the forward written into the views ``out``/``lse`` (None:
         not written) outside autograd; ``fill=(rate, offset)`` also writes the positions between
-        the rows; ``merge``: merged into the float32 ``out``/``lse`` there
-        (:func:`ring_torch._triton_rows.attend_into`)."""
+        the rows; ``merge``: merged into the float32 ``out``/``lse`` there; ``ids [B, m]``: the
+        rows' document ids (:attr:`masks`) (:func:`ring_torch._triton_rows.attend_into`)."""
 
     def backward_into(self, q, k, v, out, lse, dout, dlse, dq, dk, dv, scale: float, coords: BlockCoords,
-                      accumulate_q: bool = False, accumulate_kv: bool = False):
+                      accumulate_q: bool = False, accumulate_kv: bool = False, ids=None):
         """Where :attr:`rows` has a ``backward``: one unit's ``(dq, dk, dv)`` from its rows' global
         ``(out, lse)`` written (or added, ``accumulate_*``) into the views ``dq``, ``dk``, ``dv``;
-        ``k``/``v`` with their own kv heads (:func:`ring_torch._triton_rows.grads_into`)."""
+        ``k``/``v`` with their own kv heads; ``ids`` as in :meth:`forward_into`
+        (:func:`ring_torch._triton_rows.grads_into`)."""
 
     def grad_inputs(self, q, out, lse, dout, dlse) -> GradInputs:
         """The backward operands of a whole unit, once: ``q``, the float32+ global ``out``,
@@ -309,6 +312,7 @@ class MathKernel:
     name = "math"
     fused_backward = False
     rows = None
+    masks = False
 
     @classmethod
     def supports(cls, dtype, device_type, head_dim, needs_dropout, needs_key_mask=False) -> bool:
@@ -364,9 +368,12 @@ class TorchKernel:
     name = "torch"
     fused_backward = True
 
-    def __init__(self, aten, rows: RowsConfig | None = None):
+    def __init__(self, aten, rows: RowsConfig | None = None, masks: bool = False):
+        if masks and (rows is None or rows.backward is None or not rows.in_place_heads):
+            raise ValueError(f"masks=True needs rows kernels both ways for every mix, got {rows=}")
         self.aten = aten
         self.rows = rows
+        self.masks = masks
 
     @classmethod
     def supports(cls, dtype, device_type, head_dim, needs_dropout, needs_key_mask=False) -> bool:
@@ -390,13 +397,13 @@ class TorchKernel:
             return ExactLSE.apply(q, k, v, self.aten, scale, coords.is_causal)
         return self.aten.forward(q, k, v, scale, coords.is_causal)[:2]  # no graph: the kernel alone
 
-    def forward_into(self, q, k, v, out, lse, scale, coords, fill=None, merge=False):
-        attend_into(q, k, v, out, lse, scale, coords.is_causal, self.rows, fill, merge)
+    def forward_into(self, q, k, v, out, lse, scale, coords, fill=None, merge=False, ids=None):
+        attend_into(q, k, v, out, lse, scale, coords.is_causal, self.rows, fill, merge, ids)
 
     def backward_into(self, q, k, v, out, lse, dout, dlse, dq, dk, dv, scale, coords,
-                      accumulate_q=False, accumulate_kv=False):
+                      accumulate_q=False, accumulate_kv=False, ids=None):
         grads_into(q, k, v, out, lse, dout, dlse, dq, dk, dv, scale, coords.is_causal, self.rows.backward,
-                   accumulate_q, accumulate_kv)
+                   accumulate_q, accumulate_kv, ids)
 
     def grad_inputs(self, q, out, lse, dout, dlse) -> GradInputs:
         """Operands in ``q``'s dtype (``lse`` stays float32+); ``dout`` None: zero; ``dlse``
@@ -418,14 +425,21 @@ KERNELS: dict[str, type] = {"math": MathKernel, "torch": TorchKernel, "xformers"
 
 
 def kernel_for(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int,
-               needs_dropout: bool, needs_key_mask: bool = False) -> Kernel:
+               needs_dropout: bool, needs_key_mask: bool = False, rows_masks: bool = False) -> Kernel:
     """The kernel of a resolved ``backend`` for one call's inputs (compute ``dtype``);
     :class:`MathKernel` where that backend cannot take them (dropout; a key mask, which
-    non-causal calls with padding and calls with ``segment_ids`` need)."""
+    non-causal calls with padding and calls with ``segment_ids`` need), except that with
+    ``rows_masks`` (one device: every block's keys are its own rows) ``backend="torch"`` takes a
+    key mask by the Triton rows kernels, both ways and for every mix, where :func:`rows_config`
+    names them with a backward."""
     cls = KERNELS[backend]
-    if not cls.supports(dtype, device.type, head_dim, needs_dropout, needs_key_mask):
-        cls = MathKernel
-    return cls.create(device, dtype, head_dim)
+    if cls.supports(dtype, device.type, head_dim, needs_dropout, needs_key_mask):
+        return cls.create(device, dtype, head_dim)
+    if cls is TorchKernel and needs_key_mask and rows_masks and not needs_dropout and device.type == "cuda":
+        kernel = cls.create(device, dtype, head_dim)
+        if kernel.rows is not None and kernel.rows.backward is not None:
+            return cls(kernel.aten, replace(kernel.rows, in_place_heads=True), masks=True)
+    return MathKernel.create(device, dtype, head_dim)
 
 
 def fused_block_grads(dout, q, k, v, out, lse, dlse=None, *, scale: float, is_causal: bool, aten):
