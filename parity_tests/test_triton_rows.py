@@ -345,6 +345,45 @@ def test_cuda_layer_bf16_within_twice_math(mix):
         assert (got.grad.float() - ref.grad).abs().max() <= 2 * (nv.grad.float() - ref.grad).abs().max()
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and triton_available()), reason="needs CUDA and triton")
+@pytest.mark.parametrize("mix", ["head_groups", "longnet"])
+@pytest.mark.parametrize("case", ["documents_causal", "documents", "padding"])
+def test_cuda_masks_take_the_rows_kernels(mix, case, monkeypatch):
+    """``segment_ids`` (and non-causal padding) on CUDA in bf16 run the rows kernels both ways
+    where the table names them: errors against float32 math at most twice the bf16 math
+    kernel's, gradients likewise."""
+    import ring_torch
+
+    if kernels.rows_config(torch.bfloat16, 64, torch.cuda.get_device_capability()) is None:
+        pytest.skip("the kernel table names no rows kernels for this card")
+    q, k, v = _layer_inputs("cuda", torch.bfloat16, n=4096, h=8, h_kv=4, d=64)
+    kw = dict(segment_lengths=(512, 1024, 2048, 4096), dilation_rates=(1, 2, 4, 8), mix=mix,
+              is_causal=case == "documents_causal")
+    if case == "padding":
+        kw["seq_lengths"] = torch.tensor([4096, 2999], device="cuda")
+    else:
+        kw["segment_ids"] = (torch.arange(4096, device="cuda") * 5 // 4096).expand(2, -1)
+    used = []
+    monkeypatch.setattr(kernels, "attend_into", lambda *a, f=kernels.attend_into: used.append("rows") or f(*a))
+    monkeypatch.setattr(kernels, "grads_into", lambda *a, f=kernels.grads_into: used.append("rows_grads") or f(*a))
+
+    def grads(backend, dtype):
+        xs = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+        out = ring_torch.dilated_attention(*xs, backend=backend, **kw)
+        out.float().square().sum().backward()
+        return out.float(), [x.grad.float() for x in xs]
+
+    exact, exact_grads = grads("math", torch.float32)
+    naive, naive_grads = grads("math", torch.bfloat16)
+    assert not used
+    got, got_grads = grads("torch", torch.bfloat16)
+    assert "rows" in used and "rows_grads" in used
+    assert (got - exact).abs().max() <= 2 * (naive - exact).abs().max()
+    for g, e, nv in zip(got_grads, exact_grads, naive_grads):
+        assert (g - e).abs().max() <= 2 * (nv - e).abs().max()
+
+
 def test_rows_config_only_from_the_table():
     """``backend="torch"`` takes the rows kernel only where ``ROWS_CONFIGS`` names this card and
     head_dim, for fp16/bf16 and a head_dim the kernel takes."""
