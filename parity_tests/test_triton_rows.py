@@ -345,6 +345,53 @@ def test_cuda_layer_bf16_within_twice_math(mix):
         assert (got.grad.float() - ref.grad).abs().max() <= 2 * (nv.grad.float() - ref.grad).abs().max()
 
 
+def _mask_case(case, n, device):
+    """The keyword arguments of a call that needs a key mask: documents (causal or not) or
+    non-causal padding."""
+    if case == "padding":
+        return dict(is_causal=False, seq_lengths=torch.tensor([n, n * 3 // 5 - 8], device=device))
+    return dict(is_causal=case == "documents_causal", segment_ids=(torch.arange(n, device=device) * 5 // n).expand(2, -1))
+
+
+@pytest.mark.parametrize("mix", ["head_groups", "longnet"])
+@pytest.mark.parametrize("case", ["documents_causal", "documents", "padding"])
+def test_api_routes_masks_to_the_rows_kernels(mix, case, monkeypatch):
+    """``ring_torch.dilated_attention`` with a key mask, given a kernel table that names rows
+    kernels on this device (the CPU, in the interpreter): both rows kernels run, and values and
+    gradients equal the math kernel's."""
+    if not (triton_available() and interpreted()):
+        pytest.skip("triton's interpreter (TRITON_INTERPRET=1) absent")
+    import ring_torch
+    import ring_torch._dilated as dilated
+
+    rows = RowsConfig(block_m=32, block_n=16, num_stages=2, in_place_heads=False, backward=SMALL_GRADS)
+
+    def kernel_for(backend, device, dtype, head_dim, needs_dropout, needs_key_mask=False, rows_masks=False):
+        if backend != "torch":
+            return kernels.kernel_for(backend, device, dtype, head_dim, needs_dropout, needs_key_mask, rows_masks)
+        assert rows_masks and not needs_dropout
+        if needs_key_mask:
+            return kernels.TorchKernel(_AtenCPU, dataclasses.replace(rows, in_place_heads=True), masks=True)
+        return kernels.TorchKernel(_AtenCPU, rows)
+
+    monkeypatch.setattr(dilated, "kernel_for", kernel_for)
+    used = []
+    monkeypatch.setattr(kernels, "attend_into", lambda *a, f=kernels.attend_into: used.append("rows") or f(*a))
+    monkeypatch.setattr(kernels, "grads_into", lambda *a, f=kernels.grads_into: used.append("rows_grads") or f(*a))
+    q, k, v = _layer_inputs("cpu", torch.float32, n=256, h=8, h_kv=4)
+    kw = dict(segment_lengths=(32, 64, 128, 256), dilation_rates=(1, 2, 4, 8), mix=mix, **_mask_case(case, 256, "cpu"))
+    results = {}
+    for backend in ("math", "torch"):
+        used.clear()
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = ring_torch.dilated_attention(*xs, backend=backend, **kw)
+        out.square().sum().backward()
+        results[backend] = (out.detach(), *(x.grad for x in xs))
+        assert set(used) == (set() if backend == "math" else {"rows", "rows_grads"})
+    for got, want in zip(results["torch"], results["math"]):
+        torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-5)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not (torch.cuda.is_available() and triton_available()), reason="needs CUDA and triton")
 @pytest.mark.parametrize("mix", ["head_groups", "longnet"])
@@ -359,17 +406,13 @@ def test_cuda_masks_take_the_rows_kernels(mix, case, monkeypatch):
         pytest.skip("the kernel table names no rows kernels for this card")
     q, k, v = _layer_inputs("cuda", torch.bfloat16, n=4096, h=8, h_kv=4, d=64)
     kw = dict(segment_lengths=(512, 1024, 2048, 4096), dilation_rates=(1, 2, 4, 8), mix=mix,
-              is_causal=case == "documents_causal")
-    if case == "padding":
-        kw["seq_lengths"] = torch.tensor([4096, 2999], device="cuda")
-    else:
-        kw["segment_ids"] = (torch.arange(4096, device="cuda") * 5 // 4096).expand(2, -1)
+              **_mask_case(case, 4096, "cuda"))
     used = []
     monkeypatch.setattr(kernels, "attend_into", lambda *a, f=kernels.attend_into: used.append("rows") or f(*a))
     monkeypatch.setattr(kernels, "grads_into", lambda *a, f=kernels.grads_into: used.append("rows_grads") or f(*a))
 
     def grads(backend, dtype):
-        xs = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+        xs = [x.detach().to(dtype, copy=True).requires_grad_() for x in (q, k, v)]
         out = ring_torch.dilated_attention(*xs, backend=backend, **kw)
         out.float().square().sum().backward()
         return out.float(), [x.grad.float() for x in xs]
