@@ -147,8 +147,12 @@ def main():
                     use(conf)
                 fwd, both = torch_layer(segment_lengths=W, dilation_rates=R, mix=mix, is_causal=True, **kw)
                 reps = 2 if label == "math" else args.repeats
-                row[f"fwd_{label}_ms"] = time_ms(fwd, *qkv, repeats=reps, warmup=1)
-                row[f"fwd_bwd_{label}_ms"] = time_ms(both, *qkv, repeats=reps, warmup=1)
+                try:
+                    row[f"fwd_{label}_ms"] = time_ms(fwd, *qkv, repeats=reps, warmup=1)
+                    row[f"fwd_bwd_{label}_ms"] = time_ms(both, *qkv, repeats=reps, warmup=1)
+                except torch.OutOfMemoryError:  # the math kernel's score blocks
+                    row[f"oom_{label}"] = True
+                    torch.cuda.empty_cache()
             use(table)
             rows_out.append(row)
             print(json.dumps(row), f"[{time.time() - t0:.0f}s]", flush=True)

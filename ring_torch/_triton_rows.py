@@ -1,4 +1,4 @@
-"""Flash-attention forward over strided rows, written in place (Triton).
+"""Flash-attention forward and backward over strided rows, written in place (Triton).
 
 :func:`attend_into` reads a unit's selected rows through their strides (the views
 ``ring_torch._rows.q_rows``/``kv_rows`` make: ``[B, m, H, d]`` with any row, head and block
@@ -7,8 +7,11 @@ buffers: no dense operand copies, no kernel output to scatter. Or, ``merge=True`
 rows' attention into float32 ``(out, lse)`` accumulators in its epilogue (the longnet mix,
 pattern after pattern, with no per-pattern output and no merge pass). GQA by head index (query
 head ``j`` reads kv head ``j // (H / H_kv)``), no repeated kv heads. Causal is the lower
-triangle of each ``m x m`` block. Rows load through pointers or, ``RowsConfig.tma``, tensor
-descriptors.
+triangle of each ``m x m`` block; ``ids`` (a document id per row) hide the keys of other
+documents. Rows load through pointers or, ``RowsConfig.tma``, tensor descriptors.
+
+:func:`grads_into` is the backward from the rows' global ``(out, lse)`` (every pattern's, every
+hop's): dq, dk, dv written into their rows, or added into float32 accumulators, in place.
 
 On CUDA tensors the compiled kernel runs; on CPU tensors Triton's interpreter does (the CPU
 tests: the same kernel body, numpy underneath) when ``TRITON_INTERPRET=1`` was set before
