@@ -83,8 +83,8 @@ class MaskSpec:
 
     @property
     def needs_key_mask(self) -> bool:
-        """True when the kernels must take a per-key mask (padded keys, documents): then only
-        the math kernel can."""
+        """True when the kernels must take a per-key mask (padded keys, documents): the math
+        kernel, or on one device the Triton rows kernels (by :func:`row_ids`)."""
         return self.hides_padding or self.segment_ids is not None
 
     @property
