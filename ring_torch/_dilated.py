@@ -205,7 +205,8 @@ def _backward(plan: DilatedPlan, q, k, v, out, lse, dout, dlse, scale, kernel, s
     into its strided rows: copied where each element has one writer, else added in float32; a
     long unit in row blocks (:func:`_row_blocks`). A kernel whose :attr:`~Kernel.rows` has a
     ``backward`` (for ``head_groups`` also ``in_place_heads``) computes a unit's gradients into
-    those rows itself (no dense copies, no row blocks), except for units with ``kv_index``.
+    those rows itself (no dense copies, no row blocks; units with ``kv_index`` through copies of
+    their kv rows, added back by index), masking by document where :attr:`~Kernel.masks`.
     ``row_lengths`` (int64 ``[b]``): rows at or past them are padding, their ``dout`` taken as 0.
     ``into``: views ``(dq, dk, dv)`` in the inputs' dtypes the gradients are written to."""
     grads = list(_grad_buffers(plan, q, k, into))
