@@ -113,6 +113,22 @@ if triton is not None:
         return ids
 
     @triton.jit
+    def _keep(qpos, kpos, qid, kid, m, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_IDS: tl.constexpr):
+        """Which (query, key) pairs of a block count, broadcast from the rows' positions in the
+        block and their ids (a column against a row, either way round): both rows before ``m``
+        and, causal, the key not after the query (``MASK``: a diagonal or ragged block); the same
+        document (``HAS_IDS``). Called only where ``MASK or HAS_IDS``."""
+        if MASK:
+            keep = (qpos < m) & (kpos < m)
+            if CAUSAL:
+                keep = keep & (kpos <= qpos)
+            if HAS_IDS:
+                keep = keep & (qid == kid)
+        else:
+            keep = qid == kid
+        return keep
+
+    @triton.jit
     def _block(acc, m_i, l_i, q, qid, K, V, I, b, kh, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h, si_b, si_m, rows,
                start, m, scale_log2, D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_IDS: tl.constexpr, TMA: tl.constexpr, PRECISION: tl.constexpr):
@@ -121,15 +137,11 @@ if triton is not None:
         k = _rows(K, b, kh, start, sk_b, sk_m, sk_h, m, BLOCK_N, D, MASK, TMA)
         v = _rows(V, b, kh, start, sv_b, sv_m, sv_h, m, BLOCK_N, D, MASK, TMA)
         s = tl.dot(q, k.T, input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
-        if MASK:
-            cols = start + tl.arange(0, BLOCK_N)
-            keep = cols[None, :] < m
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= rows[:, None])
-            s = tl.where(keep, s, float("-inf"))
-        if HAS_IDS:
+        if MASK or HAS_IDS:
             kid = _ids(I, b, start, si_b, si_m, m, BLOCK_N, HAS_IDS)
-            s = tl.where(qid[:, None] == kid[None, :], s, float("-inf"))
+            keep = _keep(rows[:, None], (start + tl.arange(0, BLOCK_N))[None, :], qid[:, None], kid[None, :], m,
+                         MASK, CAUSAL, HAS_IDS)
+            s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_safe)
@@ -243,23 +255,18 @@ if triton is not None:
         bh = pid // row_blocks
         b = (bh // H).to(tl.int64)
         h = bh % H
-        rows = (pid % row_blocks) * BLOCK + tl.arange(0, BLOCK)
+        start = (pid % row_blocks) * BLOCK
+        rows = start + tl.arange(0, BLOCK)
         keep = rows < m
-        cols = tl.arange(0, D)[None, :]
         r64 = rows.to(tl.int64)
-        o = tl.load(O + b * so_b + h * so_h + r64[:, None] * so_m + cols, mask=keep[:, None], other=0.0)
-        do = tl.load(DO + b * sd_b + h * sd_h + r64[:, None] * sd_m + cols, mask=keep[:, None], other=0.0)
+        o = _rows(O, b, h, start, so_b, so_m, so_h, m, BLOCK, D, True, False)
+        do = _rows(DO, b, h, start, sd_b, sd_m, sd_h, m, BLOCK, D, True, False)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         if HAS_DLSE:
             lse = tl.load(L + b * sl_b + h * sl_h + r64 * sl_m, mask=keep, other=0.0)
             dlse = tl.load(DL + b * sg_b + h * sg_h + r64 * sg_m, mask=keep, other=0.0)
             delta -= tl.where(lse == float("-inf"), 0.0, dlse.to(tl.float32))
         tl.store(Delta + bh.to(tl.int64) * m + rows, delta, mask=keep)
-
-    @triton.jit
-    def _grad_rows(X, b, h, start, sx_b, sx_m, sx_h, m, BLOCK: tl.constexpr, D: tl.constexpr, MASK: tl.constexpr):
-        """``[BLOCK, D]`` rows ``start ..`` of block ``b``, head ``h`` through pointers (zeros past ``m``)."""
-        return _rows(X, b, h, start, sx_b, sx_m, sx_h, m, BLOCK, D, MASK, False)
 
     @triton.jit
     def _row_stats(L, Delta, b, h, bh, start, sl_b, sl_m, sl_h, m, BLOCK: tl.constexpr, MASK: tl.constexpr):
@@ -283,20 +290,16 @@ if triton is not None:
                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
                     CAUSAL: tl.constexpr, HAS_IDS: tl.constexpr, PRECISION: tl.constexpr):
         """One query block's share of the key block's ``(dk, dv)`` (transposed: keys are rows)."""
-        q = _grad_rows(Q, b, h, start_m, sq_b, sq_m, sq_h, m, BLOCK_M, D, MASK)
-        do = _grad_rows(DO, b, h, start_m, sd_b, sd_m, sd_h, m, BLOCK_M, D, MASK)
+        q = _rows(Q, b, h, start_m, sq_b, sq_m, sq_h, m, BLOCK_M, D, MASK, False)
+        do = _rows(DO, b, h, start_m, sd_b, sd_m, sd_h, m, BLOCK_M, D, MASK, False)
         lse2, delta = _row_stats(L, Delta, b, h, bh, start_m, sl_b, sl_m, sl_h, m, BLOCK_M, MASK)
         s_t = tl.dot(k, q.T, input_precision=PRECISION) * scale_log2  # [BLOCK_N, BLOCK_M]
         p_t = tl.math.exp2(s_t - lse2[None, :])
-        if MASK:
-            rows = start_m + tl.arange(0, BLOCK_M)
-            keep = rows[None, :] < m
-            if CAUSAL:
-                keep = keep & (rows[None, :] >= (start_n + tl.arange(0, BLOCK_N))[:, None])
-            p_t = tl.where(keep, p_t, 0.0)
-        if HAS_IDS:
+        if MASK or HAS_IDS:
             qid = _ids(I, b, start_m, si_b, si_m, m, BLOCK_M, HAS_IDS)
-            p_t = tl.where(kid[:, None] == qid[None, :], p_t, 0.0)
+            keep = _keep((start_m + tl.arange(0, BLOCK_M))[None, :], (start_n + tl.arange(0, BLOCK_N))[:, None],
+                         qid[None, :], kid[:, None], m, MASK, CAUSAL, HAS_IDS)
+            p_t = tl.where(keep, p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
         dp_t = tl.dot(v, do.T, input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -333,8 +336,8 @@ if triton is not None:
         b = bh // H_kv
         kh = bh % H_kv
         start_n = kv_block * BLOCK_N
-        k = _grad_rows(K, b, kh, start_n, sk_b, sk_m, sk_h, m, BLOCK_N, D, not EVEN)
-        v = _grad_rows(V, b, kh, start_n, sv_b, sv_m, sv_h, m, BLOCK_N, D, not EVEN)
+        k = _rows(K, b, kh, start_n, sk_b, sk_m, sk_h, m, BLOCK_N, D, not EVEN, False)
+        v = _rows(V, b, kh, start_n, sv_b, sv_m, sv_h, m, BLOCK_N, D, not EVEN, False)
         kid = _ids(I, b, start_n, si_b, si_m, m, BLOCK_N, HAS_IDS)
         dk = tl.zeros([BLOCK_N, D], tl.float32)
         dv = tl.zeros([BLOCK_N, D], tl.float32)
@@ -370,19 +373,15 @@ if triton is not None:
                   BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_IDS: tl.constexpr,
                   PRECISION: tl.constexpr):
         """One key block's share of the query block's ``dq``."""
-        k = _grad_rows(K, b, kh, start_n, sk_b, sk_m, sk_h, m, BLOCK_N, D, MASK)
-        v = _grad_rows(V, b, kh, start_n, sv_b, sv_m, sv_h, m, BLOCK_N, D, MASK)
+        k = _rows(K, b, kh, start_n, sk_b, sk_m, sk_h, m, BLOCK_N, D, MASK, False)
+        v = _rows(V, b, kh, start_n, sv_b, sv_m, sv_h, m, BLOCK_N, D, MASK, False)
         s = tl.dot(q, k.T, input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
         p = tl.math.exp2(s - lse2[:, None])
-        if MASK:
-            cols = start_n + tl.arange(0, BLOCK_N)
-            keep = cols[None, :] < m
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= (start_m + tl.arange(0, BLOCK_M))[:, None])
-            p = tl.where(keep, p, 0.0)
-        if HAS_IDS:
+        if MASK or HAS_IDS:
             kid = _ids(I, b, start_n, si_b, si_m, m, BLOCK_N, HAS_IDS)
-            p = tl.where(qid[:, None] == kid[None, :], p, 0.0)
+            keep = _keep((start_m + tl.arange(0, BLOCK_M))[:, None], (start_n + tl.arange(0, BLOCK_N))[None, :],
+                         qid[:, None], kid[None, :], m, MASK, CAUSAL, HAS_IDS)
+            p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, v.T, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
@@ -400,8 +399,8 @@ if triton is not None:
         h = bh % H
         kh = h // group
         start_m = row_block * BLOCK_M
-        q = _grad_rows(Q, b, h, start_m, sq_b, sq_m, sq_h, m, BLOCK_M, D, not EVEN)
-        do = _grad_rows(DO, b, h, start_m, sd_b, sd_m, sd_h, m, BLOCK_M, D, not EVEN)
+        q = _rows(Q, b, h, start_m, sq_b, sq_m, sq_h, m, BLOCK_M, D, not EVEN, False)
+        do = _rows(DO, b, h, start_m, sd_b, sd_m, sd_h, m, BLOCK_M, D, not EVEN, False)
         lse2, delta = _row_stats(L, Delta, b, h, bh, start_m, sl_b, sl_m, sl_h, m, BLOCK_M, not EVEN)
         qid = _ids(I, b, start_m, si_b, si_m, m, BLOCK_M, HAS_IDS)
         dq = tl.zeros([BLOCK_M, D], tl.float32)
@@ -450,6 +449,14 @@ def _check(q, k, v, out, lse, fill, config):
             raise ValueError(f"fill={fill}: the row strides {strides} are not rate={rate} positions")
 
 
+def _check_device(q):
+    """``ValueError`` unless the kernels can run on ``q``'s device: compiled on CUDA, interpreted
+    on the CPU."""
+    if (q.device.type == "cuda") == interpreted():
+        raise ValueError(f"q on {q.device} needs " + ("the compiled kernel: unset TRITON_INTERPRET"
+                         if interpreted() else "Triton's interpreter: TRITON_INTERPRET=1 before triton is imported"))
+
+
 def _ids_args(ids, q):
     """``(tensor, stride_b, stride_m)`` of the document ids ``[B, m]`` (None: a placeholder)."""
     if ids is None:
@@ -493,9 +500,7 @@ def attend_into(q, k, v, out, lse, scale: float, causal: bool, config: RowsConfi
         return out, lse
     if config.block_m % config.block_n:
         raise ValueError(f"{config.block_n=} does not divide {config.block_m=}")
-    if (q.device.type == "cuda") == interpreted():
-        raise ValueError(f"q on {q.device} needs " + ("the compiled kernel: unset TRITON_INTERPRET"
-                         if interpreted() else "Triton's interpreter: TRITON_INTERPRET=1 before triton is imported"))
+    _check_device(q)
     row_blocks = triton.cdiv(m, config.block_m)
     lse_arg = lse if lse is not None else out  # never written
     lse_strides = lse.stride() if lse is not None else (0, 0, 0)
@@ -567,9 +572,7 @@ def grads_into(q, k, v, out, lse, dout, dlse, dq, dk, dv, scale: float, causal: 
     H_kv = k.shape[2]
     if B == 0 or m == 0 or H == 0:
         return dq, dk, dv
-    if (q.device.type == "cuda") == interpreted():
-        raise ValueError(f"q on {q.device} needs " + ("the compiled kernel: unset TRITON_INTERPRET"
-                         if interpreted() else "Triton's interpreter: TRITON_INTERPRET=1 before triton is imported"))
+    _check_device(q)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
     delta = torch.empty(B * H, m, dtype=torch.float32, device=q.device)  # [B*H, m]
