@@ -21,7 +21,8 @@ from ring_torch._config import DilatedConfig
 from ring_torch._coords import MaskSpec
 from ring_torch._dilated import AutogradExecutor, FusedExecutor, _run_heads
 from ring_torch._plan import build_plan
-from ring_torch._triton_rows import GradConfig, RowsConfig, attend_into, grads_into, triton_available
+from ring_torch._triton_grads import grads_into
+from ring_torch._triton_rows import GradConfig, RowsConfig, attend_into, triton_available
 
 if triton_available():
     from ring_torch._triton_rows import interpreted

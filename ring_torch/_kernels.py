@@ -39,7 +39,8 @@ from ring_torch._aten import (CUDNN_MAX_HEAD_DIM, _AtenCPU, _AtenCUDA, _AtenCudn
                               ExactLSE, exact_backward, records_graph)
 from ring_torch._config import memo
 from ring_torch._coords import BlockCoords, block_masks
-from ring_torch._triton_rows import GradConfig, RowsConfig, attend_into, grads_into
+from ring_torch._triton_grads import grads_into
+from ring_torch._triton_rows import GradConfig, RowsConfig, attend_into
 from ring_torch._triton_rows import supports as rows_support
 
 __all__ = ["BACKENDS", "KERNELS", "GradInputs", "Kernel", "MathKernel", "TorchKernel",
@@ -228,7 +229,7 @@ class Kernel(Protocol):
         """Where :attr:`rows` has a ``backward``: one unit's ``(dq, dk, dv)`` from its rows' global
         ``(out, lse)`` written (or added, ``accumulate_*``) into the views ``dq``, ``dk``, ``dv``;
         ``k``/``v`` with their own kv heads; ``ids`` as in :meth:`forward_into`
-        (:func:`ring_torch._triton_rows.grads_into`)."""
+        (:func:`ring_torch._triton_grads.grads_into`)."""
 
     def grad_inputs(self, q, out, lse, dout, dlse) -> GradInputs:
         """The backward operands of a whole unit, once: ``q``, the float32+ global ``out``,
