@@ -1,5 +1,5 @@
 """torch single-device layer, forward+backward: peak memory above the inputs and time, with each
-unit's backward in row blocks (``ring_torch._dilated.BACKWARD_BLOCK_BYTES``, the default) and
+unit's backward in row blocks (``ring_torch._dilated_grads.BACKWARD_BLOCK_BYTES``, the default) and
 with whole units (the budget unbounded), alternating in one process.
 
 bf16, batch 1, h=8, d=64, causal, w=(2048, 4096, 8192, 16384), r=(1, 2, 4, 8); the backward of
@@ -27,7 +27,7 @@ def main():
 
     import torch
 
-    import ring_torch._dilated as dilated
+    import ring_torch._dilated_grads as dilated
     from benchmarks._floors import torch_layer
     from benchmarks.kernel_table import torch_peak
 

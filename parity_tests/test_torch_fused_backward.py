@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import ring_torch._dilated as dilated
+import ring_torch._dilated_grads as dilated_grads
 import ring_torch._kernels as kernels
 from parity_tests.reference import reference_attention
 from ring_torch import DilatedConfig, dilated_attention
@@ -63,13 +63,13 @@ def test_grad_dtypes_sum_in_float32_only_where_units_share_a_head():
     bf16, f32 = torch.bfloat16, torch.float32
 
     def dtypes(h, h_kv, mix, w=(4, 8, 16, 32), r=(1, 2, 2, 4)):
-        return dilated.grad_dtypes(build_plan(DilatedConfig(w, r, mix, True), 32, h, h_kv), bf16)
+        return dilated_grads.grad_dtypes(build_plan(DilatedConfig(w, r, mix, True), 32, h, h_kv), bf16)
 
     assert dtypes(8, 8, "head_groups") == (bf16, bf16)  # every element written by one unit
     assert dtypes(8, 4, "head_groups") == (bf16, bf16)  # kv_repeat: summed in float32 per unit
     assert dtypes(8, 2, "head_groups") == (bf16, f32)  # kv head 0 serves patterns 0 and 1
     assert dtypes(6, 3, "head_groups", (8, 16), (1, 2)) == (bf16, f32)  # kv_index (0, 0, 1), (1, 2, 2)
-    assert dilated._overlaps([[0, 0, 1]]) and not dilated._overlaps([[0, 1], [2]])  # a repeat in one unit counts
+    assert dilated_grads._overlaps([[0, 0, 1]]) and not dilated_grads._overlaps([[0, 1], [2]])  # a repeat in one unit counts
     assert dtypes(8, 8, "longnet") == (f32, f32)  # every pattern adds into every head
 
 
@@ -129,7 +129,7 @@ def test_backward_in_row_blocks_equals_whole_units(config, mix, causal, monkeypa
     calls = []
     real = kernels.fused_block_grads
     monkeypatch.setattr(kernels, "fused_block_grads", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
-    monkeypatch.setattr(dilated, "BACKWARD_BLOCK_BYTES", 1)
+    monkeypatch.setattr(dilated_grads, "BACKWARD_BLOCK_BYTES", 1)
     blocks = _grads(lambda *x: dilated_attention(*x, **kw), inputs, _out_loss)
     units = build_plan(DilatedConfig(w, r, mix, causal), n, h, h_kv).units
     assert len(calls) == sum(2 * (n // u.segment) for u in units)  # batch 2, one segment per call

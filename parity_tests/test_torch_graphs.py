@@ -18,6 +18,7 @@ import ring_torch
 import ring_torch._api as api
 import ring_torch._config as config
 import ring_torch._dilated as dilated
+import ring_torch._dilated_grads as dilated_grads
 import ring_torch._plan as plan
 
 def needs_cuda(test):
@@ -196,7 +197,7 @@ def _fresh_caches():
     plan.PATTERN_CACHE.clear()
     plan.MASK_CACHE.clear()
     config._padded_length.cache_clear()
-    dilated._sums.cache_clear()
+    dilated_grads._sums.cache_clear()
     api._CONFIGS.clear()
 
 

@@ -185,7 +185,7 @@ def test_simulated_ring_errors(kwargs, match):
 def test_chunked_block_backward_equals_unchunked(monkeypatch, mix, causal, dropout_p):
     """The ring backward processes query rows in chunks (bounded score memory); tiny chunks
     (one row, then five) give the same gradients as one chunk per block."""
-    import ring_torch._kernels as kernels
+    import ring_torch._math_kernel as math_kernel
 
     _, n, h, h_kv, d, w, r, _ = CONFIGS[0]
     kw = dict(segment_lengths=w, dilation_rates=r, mix=mix, is_causal=causal,
@@ -196,7 +196,7 @@ def test_chunked_block_backward_equals_unchunked(monkeypatch, mix, causal, dropo
         return ring_torch.ring_dilated_attention(*x, return_lse=True, ring_size=4, **kw)
     whole = _run(fn, q, k, v, dout, dlse, torch.float64)
     for elements in (1, 5 * 2 * h * (n // 4)):
-        monkeypatch.setattr(kernels, "GRAD_CHUNK_ELEMENTS", elements)
+        monkeypatch.setattr(math_kernel, "GRAD_CHUNK_ELEMENTS", elements)
         chunked = _run(fn, q, k, v, dout, dlse, torch.float64)
         for a, b in zip(chunked, whole):
             assert _max_abs(a, b) <= 1e-13

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from ring_torch._coords import MaskSpec
-from ring_torch._dilated import _backward, _forward, _real
+from ring_torch._dilated import _forward, _real
+from ring_torch._dilated_grads import _backward
 from ring_torch._kernels import Kernel
 from ring_torch._padded import zero_padded_rows_
 from ring_torch._plan import DilatedPlan
