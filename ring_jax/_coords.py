@@ -116,19 +116,41 @@ def aligned_coords(batch: int, rows: int, heads: int, seed=None) -> Coords:
     return Coords(as_seed(0 if seed is None else seed), jnp.arange(batch), jnp.arange(heads), pos, pos)
 
 
+PADDED_KEY = -(2**31)  # the key id of a padded key (``row_ids`` with ``key_mask``)
+
+
+def row_ids(coords: Coords, mods: Mods):
+    """``(query ids [B, H, m], key ids [B, H, m_k])`` int32, or None when no score is masked by
+    them: a score takes part only where the ids are equal and, with ``mods.key_mask``, the key's id
+    is not :data:`PADDED_KEY` (keys at or past their entry's length). The ids are the documents of
+    the rows' positions (``Coords.docs``), or 0 without ``mods.documents``."""
+    if not (mods.documents or mods.key_mask):
+        return None
+
+    def doc(pos):  # [B, H, rows]: docs[batch, pos], read without a [B, n] copy of the documents
+        if not mods.documents:
+            return jnp.zeros(pos.shape, jnp.int32)
+        n = coords.docs.shape[1]
+        flat = coords.batch.astype(jnp.int32)[:, None, None] * n + pos
+        return jnp.take(coords.docs.reshape(-1), flat, mode="clip").astype(jnp.int32)
+
+    q_ids, k_ids = doc(coords.qpos), doc(coords.kpos)
+    if mods.key_mask:
+        k_ids = jnp.where(coords.kpos < coords.klen[:, None, None], k_ids, PADDED_KEY)
+    return q_ids, k_ids
+
+
 def score_mask(coords: Coords, mods: Mods):
     """Boolean ``[B, H, m, m_k]`` (or broadcastable to it), True where a score takes part, or None
     when every one does."""
     mask = None
     if mods.causal:
         mask = coords.qpos[..., :, None] >= coords.kpos[..., None, :]
-    if mods.key_mask:
-        keys = (coords.kpos < coords.klen[:, None, None])[..., None, :]  # [B, H, 1, m_k]
-        mask = keys if mask is None else mask & keys
-    if mods.documents:
-        docs = coords.docs[coords.batch]  # [B, n]
-        doc = lambda pos: jnp.take_along_axis(docs, pos.reshape(pos.shape[0], -1), axis=1).reshape(pos.shape)  # noqa: E731
-        same = doc(coords.qpos)[..., :, None] == doc(coords.kpos)[..., None, :]  # [B, H, m, m_k]
+    ids = row_ids(coords, mods)
+    if ids is not None:
+        same = ids[0][..., :, None] == ids[1][..., None, :]  # [B, H, m, m_k]
+        if mods.key_mask:
+            same = same & (ids[1] != PADDED_KEY)[..., None, :]
         mask = same if mask is None else mask & same
     return mask
 

@@ -14,7 +14,8 @@ The backward is written out rather than left to autodiff because
 
 Kernels sit behind one small protocol (``name``, ``supports``, ``forward``, ``backward``):
 :class:`XlaKernel` (matmuls and a softmax, any dtype and device, every modifier: the reference)
-and :class:`CudnnKernel` (flash attention through ``_cudnn``: CUDA, 16-bit inputs, no dropout).
+:class:`CudnnKernel` (flash attention through ``_cudnn``: CUDA, 16-bit inputs, no dropout) and
+:class:`PallasKernel` (flash attention in Pallas, ``_pallas``: documents and padded keys too).
 ``set_block_kernel`` sets the preference; :func:`select_kernel` turns it into one kernel per call,
 which :class:`BlockSpec` carries down to every block, forward and backward.
 
@@ -31,10 +32,13 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 
-from ring_jax import _cudnn
+from ring_jax import _cudnn, _pallas
 from ring_jax._coords import Coords, Mods, aligned_coords, dropout_keep, score_mask
 
-KERNELS = ("auto", "xla", "cudnn")
+KERNELS = ("auto", "xla", "cudnn", "pallas")
+# Where ``auto`` takes the Pallas kernel for what cuDNN cannot run (documents, padded keys of a
+# non-causal call), by compute capability and head_dim, from benchmarks/results/h200_pallas_*.json.
+PALLAS_AUTO: dict[tuple[int, int], frozenset[int]] = {}
 _preference = "auto"
 
 
@@ -130,11 +134,43 @@ def _real_counts(mods: Mods, coords: Coords):
     return count(coords.qpos).astype(jnp.int32), count(coords.kpos).astype(jnp.int32)
 
 
-_REGISTRY = {"xla": XlaKernel(), "cudnn": CudnnKernel()}
+@dataclasses.dataclass(frozen=True)
+class PallasKernel:
+    """Pallas flash attention (``_pallas``): Triton on a CUDA device of compute capability 8.0 or
+    newer (bf16/f16), the interpreter on other backends (any float dtype; slow, for tests);
+    ``head_dim`` a power of two from 16 to 256; documents and padded keys; no dropout. A block whose
+    rows no tile of 16 or more divides runs the XLA kernel."""
+
+    name: str = "pallas"
+    blocks: _pallas.PallasBlocks = _pallas.PallasBlocks()
+
+    def supports(self, dtype, head_dim: int, mods: Mods) -> bool:
+        if mods.dropout or head_dim not in (16, 32, 64, 128, 256):
+            return False
+        if _pallas.interpreted():
+            return jnp.issubdtype(dtype, jnp.floating)
+        capability = _cudnn.compute_capability(jax.devices()[0])
+        return capability is not None and capability >= (8, 0) and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+
+    def _tiled(self, q, k) -> bool:
+        return _pallas.tiles_for(q.shape[1], k.shape[1], self.blocks) is not None
+
+    def forward(self, q, k, v, scale, mods, coords):
+        if not self._tiled(q, k):
+            return XlaKernel().forward(q, k, v, scale, mods, coords)
+        return _pallas.forward(q, k, v, coords, scale=scale, mods=mods, blocks=self.blocks)
+
+    def backward(self, q, k, v, out, lse, dout, dlse, scale, mods, coords):
+        if not self._tiled(q, k):
+            return XlaKernel().backward(q, k, v, out, lse, dout, dlse, scale, mods, coords)
+        return _pallas.backward(q, k, v, out, lse, dout, dlse, coords, scale=scale, mods=mods, blocks=self.blocks)
+
+
+_REGISTRY = {"xla": XlaKernel(), "cudnn": CudnnKernel(), "pallas": PallasKernel()}
 
 
 def set_block_kernel(name: str) -> None:
-    """``"auto"`` | ``"xla"`` | ``"cudnn"`` for functions traced from now on."""
+    """``"auto"`` | ``"xla"`` | ``"cudnn"`` | ``"pallas"`` for functions traced from now on."""
     global _preference
     if name not in KERNELS:
         raise ValueError(f"block kernel {name!r} is not one of {KERNELS}")
@@ -145,13 +181,29 @@ def get_block_kernel() -> str:
     return _preference
 
 
+def _pallas_measured(head_dim: int) -> bool:
+    """Whether ``PALLAS_AUTO`` records the Pallas kernel as faster than XLA on this device."""
+    if _pallas.interpreted():
+        return False
+    return head_dim in PALLAS_AUTO.get(_cudnn.compute_capability(jax.devices()[0]), frozenset())
+
+
 def select_kernel(dtype, head_dim: int, dropout: bool, key_mask: bool = False, documents: bool = False) -> Kernel:
     """The kernel every block of one call runs, from the ``set_block_kernel`` preference: ``auto``
-    takes cuDNN where it supports the call, else XLA; an explicit ``cudnn`` that cannot run raises."""
+    takes cuDNN where it supports the call, else Pallas where it does and :data:`PALLAS_AUTO`
+    records it faster on this device, else XLA; an explicit ``cudnn`` or ``pallas`` that cannot
+    run raises."""
     mods = Mods(dropout_rate=0.5 if dropout else 0.0, key_mask=key_mask, documents=documents)
     if _preference == "xla":
         return _REGISTRY["xla"]
-    cudnn = _REGISTRY["cudnn"]
+    cudnn, pallas = _REGISTRY["cudnn"], _REGISTRY["pallas"]
+    if _preference == "pallas":
+        if pallas.supports(dtype, head_dim, mods):
+            return pallas
+        raise ValueError(f"block kernel 'pallas' cannot run here: needs bf16/f16 inputs on a CUDA device of "
+                         f"compute capability 8.0+ or any float dtype elsewhere (have {jnp.dtype(dtype)} on "
+                         f"{jax.default_backend()!r}), head_dim a power of two in [16, 256] (have {head_dim}) "
+                         f"and no dropout (have {dropout=})")
     if cudnn.supports(dtype, head_dim, mods):
         return cudnn
     if _preference == "cudnn":
@@ -159,6 +211,8 @@ def select_kernel(dtype, head_dim: int, dropout: bool, key_mask: bool = False, d
                          f"{jax.default_backend()!r}), bf16/f16 inputs (have {jnp.dtype(dtype)}), head_dim % 8 == 0 "
                          f"and <= 120 (have {head_dim}), no dropout, no padded keys in a non-causal call (have "
                          f"{key_mask=}), no segment_ids (have {documents=}), and JAX in {_cudnn.TESTED_JAX}")
+    if pallas.supports(dtype, head_dim, mods) and _pallas_measured(head_dim):
+        return pallas
     return _REGISTRY["xla"]
 
 
