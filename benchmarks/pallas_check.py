@@ -6,7 +6,8 @@ error next to the bf16 XLA and cuDNN kernels', with the LSE cotangent), then tim
 
 Stages: ``parity`` (block and layer errors), ``tiles`` (forward and backward tile sweep at the floor
 shape, next to cuDNN and XLA), ``layer`` (dilated attention fwd / fwd+bwd at ``--sizes``: cuDNN vs
-Pallas without documents, XLA vs Pallas with ``--documents`` equal documents).
+Pallas without documents, XLA vs Pallas with ``--documents`` equal documents), ``ring`` (the
+simulated ring of ``--ring-size`` at ``--sizes``, cuDNN vs Pallas).
 """
 
 from __future__ import annotations
@@ -132,6 +133,27 @@ def layer(sweep, sizes, documents: int):
     ring_jax.set_block_kernel("auto")
 
 
+def ring(sweep, sizes, ring_size: int):
+    """The simulated ring (every hop a block with an LSE cotangent in the backward): cuDNN vs Pallas."""
+    for mix in ("head_groups", "longnet"):
+        for n in sizes:
+            q = jax.random.normal(jax.random.PRNGKey(0), (1, n, H, D), jnp.bfloat16)
+            for kernel in ("cudnn", "pallas"):
+                if not sweep.left():
+                    return
+                ring_jax.set_block_kernel(kernel)
+                kw = dict(segment_lengths=W, dilation_rates=R, mix=mix, is_causal=True, ring_size=ring_size)
+                fwd = jax.jit(lambda q, kw=kw: ring_jax.dilated_attention(q, q, q, **kw))
+                both = jax.jit(jax.grad(lambda q, kw=kw: ring_jax.dilated_attention(q, q, q, **kw)
+                                        .astype(jnp.float32).sum()))
+                try:
+                    row = dict(fwd_ms=time_ms(fwd, q, repeats=5), fwdbwd_ms=time_ms(both, q, repeats=5))
+                except Exception as e:  # noqa: BLE001 -- out of memory is recorded
+                    row = dict(error=type(e).__name__ + ": " + str(e)[:160])
+                sweep.add(section="ring", mix=mix, n=n, ring_size=ring_size, kernel=kernel, **row)
+    ring_jax.set_block_kernel("auto")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -139,6 +161,7 @@ def main():
     ap.add_argument("--stages", default="parity,tiles,layer")
     ap.add_argument("--sizes", default="262144,1048576")
     ap.add_argument("--documents", type=int, default=4)
+    ap.add_argument("--ring-size", type=int, default=4)
     args = ap.parse_args()
     sweep = new_sweep(args.out, args.budget_s)
     sweep.data["meta"].update(jax=jax.__version__, device=jax.devices()[0].device_kind)
@@ -156,6 +179,8 @@ def main():
         tiles(sweep, configs)
     if "layer" in stages:
         layer(sweep, [int(x) for x in args.sizes.split(",")], args.documents)
+    if "ring" in stages:
+        ring(sweep, [int(x) for x in args.sizes.split(",")], args.ring_size)
 
 
 if __name__ == "__main__":
