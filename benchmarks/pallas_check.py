@@ -7,7 +7,7 @@ error next to the bf16 XLA and cuDNN kernels', with the LSE cotangent), then tim
 Stages: ``parity`` (block and layer errors), ``tiles`` (forward and backward tile sweep at the floor
 shape, next to cuDNN and XLA), ``layer`` (dilated attention fwd / fwd+bwd at ``--sizes``: cuDNN vs
 Pallas without documents, XLA vs Pallas with ``--documents`` equal documents), ``ring`` (the
-simulated ring of ``--ring-size`` at ``--sizes``, cuDNN vs Pallas).
+simulated ring of ``--ring-size`` at ``--sizes``: cuDNN, Pallas, ``auto``).
 """
 
 from __future__ import annotations
@@ -134,11 +134,12 @@ def layer(sweep, sizes, documents: int):
 
 
 def ring(sweep, sizes, ring_size: int):
-    """The simulated ring (every hop a block with an LSE cotangent in the backward): cuDNN vs Pallas."""
+    """The simulated ring (every hop a block with an LSE cotangent in the backward): cuDNN, Pallas and
+    ``auto`` (cuDNN's forward with the Pallas backward where ``PALLAS_AUTO`` says so)."""
     for mix in ("head_groups", "longnet"):
         for n in sizes:
             q = jax.random.normal(jax.random.PRNGKey(0), (1, n, H, D), jnp.bfloat16)
-            for kernel in ("cudnn", "pallas"):
+            for kernel in ("cudnn", "pallas", "auto"):
                 if not sweep.left():
                     return
                 ring_jax.set_block_kernel(kernel)

@@ -68,13 +68,14 @@ def _jitted(fn, static_argnums: tuple[int, ...]):
 
 
 def _spec(config: DilatedConfig, query, rate: float, padded: bool = False, documents: bool = False,
-          lengths: bool = False) -> BlockSpec:
+          lengths: bool = False, lse_cotangent: bool = False) -> BlockSpec:
     """The call's block spec; ``padded``: some keys are padding, masked unless the call is causal
     (padding then lies after every real query); ``documents``: the call has ``segment_ids``;
-    ``lengths``: it has ``seq_lengths`` (a causal call's kernel may then skip padded rows)."""
+    ``lengths``: it has ``seq_lengths`` (a causal call's kernel may then skip padded rows);
+    ``lse_cotangent``: the blocks' backward gets an LSE cotangent (a ring, or ``return_lse``)."""
     causal = config.is_causal
     return make_spec(query.dtype, query.shape[-1], config.scale(query.shape[-1]), causal, rate,
-                     padded and not causal, documents, lengths and causal)
+                     padded and not causal, documents, lengths and causal, lse_cotangent)
 
 
 def _docs(segment_ids, length: int):
@@ -199,15 +200,16 @@ def dilated_attention(query, key, value, *, segment_lengths, dilation_rates, mix
     padded = seq_lengths is not None or N > n
     origin = make_origin(dropout_seed if rate else None, lengths=_lengths(seq_lengths, b, n, padded),
                          docs=_docs(segment_ids, N))
-    spec = _spec(config, query, rate, padded, segment_ids is not None, seq_lengths is not None)
+    spec = _spec(config, query, rate, padded, segment_ids is not None, seq_lengths is not None,
+                 ring or bool(return_lse))
     if ring:
         run = _compiled(simulated_ring_attention, (3, 4, 5, 7, 8), query, key, value, origin)
         out, lse = run(query, key, value, config, ring_size, spec, origin, N, layout)
         return (out, lse) if return_lse else out
     cut = n - n % math.lcm(*config.segment_lengths)
     if chunk_size is None and N > n and cut > 0:  # the tiled prefix unpadded, only the tail padded
-        spans = tuple(_span(config, query, key, rate, segment_ids is not None, seq_lengths is not None, start, stop)
-                      for start, stop in ((0, cut), (cut, n)))
+        spans = tuple(_span(config, query, key, rate, segment_ids is not None, seq_lengths is not None, start, stop,
+                            bool(return_lse)) for start, stop in ((0, cut), (cut, n)))
         run = _compiled(spans_attention, (0, 1), query, key, value, origin)
         return run(spans, bool(return_lse), query, key, value, origin)
     plan = get_plan(config, check_chunk_size(chunk_size, N, config), h, h_kv)  # the plan of one chunk
@@ -215,7 +217,8 @@ def dilated_attention(query, key, value, *, segment_lengths, dilation_rates, mix
     return run(one_device_mode(plan, N), plan, spec, bool(return_lse), N, query, key, value, origin)
 
 
-def _span(config: DilatedConfig, query, key, rate: float, documents: bool, lengths: bool, start: int, stop: int):
+def _span(config: DilatedConfig, query, key, rate: float, documents: bool, lengths: bool, start: int, stop: int,
+          lse_cotangent: bool):
     """``(start, stop, mode, plan, spec, padded_len, padded)`` of the rows ``[start, stop)`` run
     alone (``start`` a multiple of every ``w``): padded to their own plan length ``padded_len``;
     ``padded``: the span needs the call's lengths (given, or rows appended)."""
@@ -223,8 +226,8 @@ def _span(config: DilatedConfig, query, key, rate: float, documents: bool, lengt
     N = padded_length(config, t)
     padded = lengths or N > t
     plan = get_plan(config, N, query.shape[2], key.shape[2])
-    return (start, stop, one_device_mode(plan, N), plan, _spec(config, query, rate, padded, documents, lengths),
-            N, padded)
+    return (start, stop, one_device_mode(plan, N), plan,
+            _spec(config, query, rate, padded, documents, lengths, lse_cotangent), N, padded)
 
 
 def spans_attention(spans, with_lse: bool, query, key, value, origin: Origin):
@@ -289,7 +292,7 @@ def ring_dilated_attention(query, key, value, *, axis_name, segment_lengths, dil
                          _docs(segment_ids, L * P))
     attend = functools.partial(attend_sharded_unit, axis_name=axis_name, num_devices=P,
                                spec=_spec(config, query, rate, seq_lengths is not None, segment_ids is not None,
-                                          seq_lengths is not None),
+                                          seq_lengths is not None, lse_cotangent=True),
                                origin=origin)
     result = finish(run_layers(query, key, value, plan.layers, attend), True, origin, L)
     return result if return_lse else result[0]

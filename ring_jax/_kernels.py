@@ -36,9 +36,12 @@ from ring_jax import _cudnn, _pallas
 from ring_jax._coords import Coords, Mods, aligned_coords, dropout_keep, score_mask
 
 KERNELS = ("auto", "xla", "cudnn", "pallas")
-# Where ``auto`` takes the Pallas kernel for what cuDNN cannot run (documents, padded keys of a
-# non-causal call), by compute capability and head_dim, from benchmarks/results/h200_pallas_*.json.
-PALLAS_AUTO: dict[tuple[int, int], frozenset[int]] = {}
+# Where ``auto`` takes the Pallas kernel, by (compute capability, head_dim), measured on the H200
+# (benchmarks/results/h200_pallas_2026-12-02.json, h200_pallas_ring_2026-12-02.json): "masks" for
+# what cuDNN cannot run (documents, padded keys of a non-causal call; XLA is 7-11x slower);
+# "lse_backward" for the backward of blocks with an LSE cotangent (rings, ``return_lse``: cuDNN
+# takes it through an extra head-dim column), behind cuDNN's forward.
+PALLAS_AUTO: dict[tuple[tuple[int, int], int], tuple[str, ...]] = {((9, 0), 64): ("masks", "lse_backward")}
 _preference = "auto"
 
 
@@ -137,7 +140,7 @@ def _real_counts(mods: Mods, coords: Coords):
 @dataclasses.dataclass(frozen=True)
 class PallasKernel:
     """Pallas flash attention (``_pallas``): Triton on a CUDA device of compute capability 8.0 or
-    newer (bf16/f16), the interpreter on other backends (any float dtype; slow, for tests);
+    newer (bf16/f16), the interpreter on other backends (up to float32; slow, for tests);
     ``head_dim`` a power of two from 16 to 256; documents and padded keys; no dropout. A block whose
     rows no tile of 16 or more divides runs the XLA kernel."""
 
@@ -147,8 +150,8 @@ class PallasKernel:
     def supports(self, dtype, head_dim: int, mods: Mods) -> bool:
         if mods.dropout or head_dim not in (16, 32, 64, 128, 256):
             return False
-        if _pallas.interpreted():
-            return jnp.issubdtype(dtype, jnp.floating)
+        if _pallas.interpreted():  # float32 sums: float64 inputs would lose precision
+            return jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16, jnp.float16)
         capability = _cudnn.compute_capability(jax.devices()[0])
         return capability is not None and capability >= (8, 0) and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
 
@@ -181,18 +184,43 @@ def get_block_kernel() -> str:
     return _preference
 
 
-def _pallas_measured(head_dim: int) -> bool:
-    """Whether ``PALLAS_AUTO`` records the Pallas kernel as faster than XLA on this device."""
+@dataclasses.dataclass(frozen=True)
+class SplitKernel:
+    """One kernel's forward with another's backward: the backward needs only the rows' exact
+    ``out`` and ``lse``, whichever kernel computed them."""
+
+    forward_kernel: Kernel
+    backward_kernel: Kernel
+
+    @property
+    def name(self) -> str:
+        return f"{self.forward_kernel.name}+{self.backward_kernel.name}"
+
+    def supports(self, dtype, head_dim: int, mods: Mods) -> bool:
+        return all(k.supports(dtype, head_dim, mods) for k in (self.forward_kernel, self.backward_kernel))
+
+    def forward(self, q, k, v, scale, mods, coords):
+        return self.forward_kernel.forward(q, k, v, scale, mods, coords)
+
+    def backward(self, q, k, v, out, lse, dout, dlse, scale, mods, coords):
+        return self.backward_kernel.backward(q, k, v, out, lse, dout, dlse, scale, mods, coords)
+
+
+def _pallas_measured(head_dim: int, case: str) -> bool:
+    """Whether :data:`PALLAS_AUTO` records the Pallas kernel as the faster one for ``case`` here."""
     if _pallas.interpreted():
         return False
-    return head_dim in PALLAS_AUTO.get(_cudnn.compute_capability(jax.devices()[0]), frozenset())
+    return case in PALLAS_AUTO.get((_cudnn.compute_capability(jax.devices()[0]), head_dim), ())
 
 
-def select_kernel(dtype, head_dim: int, dropout: bool, key_mask: bool = False, documents: bool = False) -> Kernel:
-    """The kernel every block of one call runs, from the ``set_block_kernel`` preference: ``auto``
-    takes cuDNN where it supports the call, else Pallas where it does and :data:`PALLAS_AUTO`
-    records it faster on this device, else XLA; an explicit ``cudnn`` or ``pallas`` that cannot
-    run raises."""
+def select_kernel(dtype, head_dim: int, dropout: bool, key_mask: bool = False, documents: bool = False,
+                  lse_cotangent: bool = False) -> Kernel:
+    """The kernel every block of one call runs, from the ``set_block_kernel`` preference.
+
+    ``auto`` takes cuDNN where it supports the call (with the Pallas backward when the blocks'
+    backward carries an LSE cotangent, ``lse_cotangent``, and :data:`PALLAS_AUTO` records that
+    faster here), else Pallas where it supports the call and :data:`PALLAS_AUTO` records it faster
+    than XLA, else XLA; an explicit ``cudnn`` or ``pallas`` that cannot run raises."""
     mods = Mods(dropout_rate=0.5 if dropout else 0.0, key_mask=key_mask, documents=documents)
     if _preference == "xla":
         return _REGISTRY["xla"]
@@ -201,17 +229,20 @@ def select_kernel(dtype, head_dim: int, dropout: bool, key_mask: bool = False, d
         if pallas.supports(dtype, head_dim, mods):
             return pallas
         raise ValueError(f"block kernel 'pallas' cannot run here: needs bf16/f16 inputs on a CUDA device of "
-                         f"compute capability 8.0+ or any float dtype elsewhere (have {jnp.dtype(dtype)} on "
+                         f"compute capability 8.0+ or up to float32 elsewhere (have {jnp.dtype(dtype)} on "
                          f"{jax.default_backend()!r}), head_dim a power of two in [16, 256] (have {head_dim}) "
                          f"and no dropout (have {dropout=})")
     if cudnn.supports(dtype, head_dim, mods):
+        if (_preference == "auto" and lse_cotangent and pallas.supports(dtype, head_dim, mods)
+                and _pallas_measured(head_dim, "lse_backward")):
+            return SplitKernel(cudnn, pallas)
         return cudnn
     if _preference == "cudnn":
         raise ValueError(f"block kernel 'cudnn' cannot run here: needs a CUDA backend (have "
                          f"{jax.default_backend()!r}), bf16/f16 inputs (have {jnp.dtype(dtype)}), head_dim % 8 == 0 "
                          f"and <= 120 (have {head_dim}), no dropout, no padded keys in a non-causal call (have "
                          f"{key_mask=}), no segment_ids (have {documents=}), and JAX in {_cudnn.TESTED_JAX}")
-    if pallas.supports(dtype, head_dim, mods) and _pallas_measured(head_dim):
+    if pallas.supports(dtype, head_dim, mods) and _pallas_measured(head_dim, "masks"):
         return pallas
     return _REGISTRY["xla"]
 
@@ -252,8 +283,12 @@ class BlockSpec:
 
 
 def make_spec(dtype, head_dim: int, scale: float, causal: bool, dropout_rate: float,
-              key_mask: bool = False, documents: bool = False, skip_padding: bool = False) -> BlockSpec:
-    return BlockSpec(select_kernel(dtype, head_dim, dropout_rate > 0.0, key_mask, documents), float(scale),
+              key_mask: bool = False, documents: bool = False, skip_padding: bool = False,
+              lse_cotangent: bool = False) -> BlockSpec:
+    """The :class:`BlockSpec` of one call; ``lse_cotangent``: its blocks' backward carries an LSE
+    cotangent (rings, ``return_lse``), which may change the kernel ``auto`` picks."""
+    kernel = select_kernel(dtype, head_dim, dropout_rate > 0.0, key_mask, documents, lse_cotangent)
+    return BlockSpec(kernel, float(scale),
                      bool(causal), float(dropout_rate), bool(key_mask), bool(documents), bool(skip_padding))
 
 
@@ -294,5 +329,5 @@ def block_attention(q, k, v, *, scale: float, is_causal: bool = False, dropout_r
     """
     B, m, H, d = q.shape
     mods = Mods(bool(is_causal), float(dropout_rate), int(pattern))
-    spec = make_spec(q.dtype, d, scale, mods.causal, mods.dropout_rate)
+    spec = make_spec(q.dtype, d, scale, mods.causal, mods.dropout_rate, lse_cotangent=True)
     return _block(spec, mods, q, k, v, aligned_coords(B, m, H) if coords is None else coords)
