@@ -35,7 +35,8 @@ def _block_inputs(B=2, m=64, H=3, d=16, dtype=jnp.float32, seed=0):
     dlse = jax.random.normal(keys[4], (B, m, H), jnp.float32)
     docs = np.stack([np.repeat([3, 0, 7, 1], [10, 20, 1, 0 if m < 31 else m - 31])[:m] if m >= 31
                      else np.repeat([3, 0], [10, m - 10]), np.repeat([5, 2], [m - 9, 9])])
-    coords = aligned_coords(B, m, H)._replace(docs=jnp.asarray(docs[:B], jnp.int32), klen=jnp.array([m, 40])[:B])
+    rows = np.arange(B) % 2  # entries alternate between the two documents layouts and lengths
+    coords = aligned_coords(B, m, H)._replace(docs=jnp.asarray(docs[rows], jnp.int32), klen=jnp.array([m, 40])[rows])
     return (q, k, v, do, dlse), coords
 
 
@@ -91,7 +92,7 @@ def test_rows_without_keys_are_empty():
     """Every key padded (length 0), or a document whose queries precede all its keys: ``out = 0``,
     ``lse = -inf``, zero gradients, no NaN."""
     inputs, coords = _block_inputs()
-    coords = coords._replace(klen=jnp.array([0, 0]))
+    coords = coords._replace(klen=jnp.zeros(2, jnp.int32))
     got = _pallas_block(*inputs, coords, Mods(key_mask=True))
     assert not np.asarray(got[0]).any() and np.isneginf(np.asarray(got[1])).all()
     for g in got[2:]:
