@@ -6,7 +6,7 @@ error next to the bf16 XLA and cuDNN kernels', with the LSE cotangent), then tim
 
 Stages: ``parity`` (block and layer errors), ``tiles`` (forward and backward tile sweep at the floor
 shape, next to cuDNN and XLA), ``layer`` (dilated attention fwd / fwd+bwd at ``--sizes``: cuDNN vs
-Pallas without documents, XLA vs Pallas with ``--documents`` equal documents), ``ring`` (the
+Pallas without documents; XLA and Pallas with each of ``--documents`` counts of equal documents), ``ring`` (the
 simulated ring of ``--ring-size`` at ``--sizes``: cuDNN, Pallas, ``auto``).
 """
 
@@ -109,28 +109,35 @@ def tiles(sweep, configs):
             sweep.add(section="tiles", kernel=name, documents=documents, shape=FLOOR, fwd_ms=f_ms, fwdbwd_ms=b_ms)
 
 
-def layer(sweep, sizes, documents: int):
+def timed_layer(q, kernel: str, **kw) -> dict:
+    """``{fwd_ms, fwdbwd_ms}`` of ``dilated_attention(q, q, q, **kw)`` with block kernel ``kernel``
+    (the backward of ``sum(out)``), or ``{error}`` (out of memory is a result)."""
+    ring_jax.set_block_kernel(kernel)
+    fwd = jax.jit(lambda q: ring_jax.dilated_attention(q, q, q, **kw))
+    both = jax.jit(jax.grad(lambda q: ring_jax.dilated_attention(q, q, q, **kw).astype(jnp.float32).sum()))
+    try:
+        return dict(fwd_ms=time_ms(fwd, q, repeats=5), fwdbwd_ms=time_ms(both, q, repeats=5))
+    except Exception as e:  # noqa: BLE001 -- recorded
+        return dict(error=type(e).__name__ + ": " + str(e)[:160])
+    finally:
+        ring_jax.set_block_kernel("auto")
+
+
+def layer(sweep, sizes, counts):
+    """Dilated attention without documents (cuDNN, Pallas) and with each count of equal documents
+    (XLA for the first count, Pallas for each)."""
     for mix in ("head_groups", "longnet"):
         for n in sizes:
             q = jax.random.normal(jax.random.PRNGKey(0), (1, n, H, D), jnp.bfloat16)
-            docs = jnp.asarray(np.repeat(np.arange(documents), n // documents)[None], jnp.int32)
-            for with_docs, kernels in ((False, ("cudnn", "pallas")), (True, ("xla", "pallas"))):
-                for kernel in kernels:
-                    if not sweep.left():
-                        return
-                    ring_jax.set_block_kernel(kernel)
-                    kw = dict(segment_lengths=W, dilation_rates=R, mix=mix, is_causal=True,
-                              segment_ids=docs if with_docs else None)
-                    fwd = jax.jit(lambda q, kw=kw: ring_jax.dilated_attention(q, q, q, **kw))
-                    both = jax.jit(jax.grad(lambda q, kw=kw: ring_jax.dilated_attention(q, q, q, **kw)
-                                            .astype(jnp.float32).sum()))
-                    try:
-                        row = dict(fwd_ms=time_ms(fwd, q, repeats=5), fwdbwd_ms=time_ms(both, q, repeats=5))
-                    except Exception as e:  # noqa: BLE001 -- out of memory is recorded
-                        row = dict(error=type(e).__name__ + ": " + str(e)[:160])
-                    sweep.add(section="layer", mix=mix, n=n, documents=documents if with_docs else 0,
-                              kernel=kernel, **row)
-    ring_jax.set_block_kernel("auto")
+            runs = [(0, "cudnn"), (0, "pallas")] + [(c, k) for i, c in enumerate(counts)
+                                                    for k in (("xla", "pallas") if i == 0 else ("pallas",))]
+            for documents, kernel in runs:
+                if not sweep.left():
+                    return
+                docs = jnp.asarray(np.repeat(np.arange(documents), n // documents)[None], jnp.int32) if documents else None
+                row = timed_layer(q, kernel, segment_lengths=W, dilation_rates=R, mix=mix, is_causal=True,
+                                  segment_ids=docs)
+                sweep.add(section="layer", mix=mix, n=n, documents=documents, kernel=kernel, **row)
 
 
 def ring(sweep, sizes, ring_size: int):
@@ -142,17 +149,9 @@ def ring(sweep, sizes, ring_size: int):
             for kernel in ("cudnn", "pallas", "auto"):
                 if not sweep.left():
                     return
-                ring_jax.set_block_kernel(kernel)
-                kw = dict(segment_lengths=W, dilation_rates=R, mix=mix, is_causal=True, ring_size=ring_size)
-                fwd = jax.jit(lambda q, kw=kw: ring_jax.dilated_attention(q, q, q, **kw))
-                both = jax.jit(jax.grad(lambda q, kw=kw: ring_jax.dilated_attention(q, q, q, **kw)
-                                        .astype(jnp.float32).sum()))
-                try:
-                    row = dict(fwd_ms=time_ms(fwd, q, repeats=5), fwdbwd_ms=time_ms(both, q, repeats=5))
-                except Exception as e:  # noqa: BLE001 -- out of memory is recorded
-                    row = dict(error=type(e).__name__ + ": " + str(e)[:160])
+                row = timed_layer(q, kernel, segment_lengths=W, dilation_rates=R, mix=mix, is_causal=True,
+                                  ring_size=ring_size)
                 sweep.add(section="ring", mix=mix, n=n, ring_size=ring_size, kernel=kernel, **row)
-    ring_jax.set_block_kernel("auto")
 
 
 def main():
@@ -161,7 +160,7 @@ def main():
     ap.add_argument("--budget-s", type=float, default=400)
     ap.add_argument("--stages", default="parity,tiles,layer")
     ap.add_argument("--sizes", default="262144,1048576")
-    ap.add_argument("--documents", type=int, default=4)
+    ap.add_argument("--documents", default="4", help="comma-separated counts of equal documents")
     ap.add_argument("--ring-size", type=int, default=4)
     args = ap.parse_args()
     sweep = new_sweep(args.out, args.budget_s)
@@ -179,7 +178,7 @@ def main():
                                        bwd_num_warps=8, bwd_num_stages=3)]
         tiles(sweep, configs)
     if "layer" in stages:
-        layer(sweep, [int(x) for x in args.sizes.split(",")], args.documents)
+        layer(sweep, [int(x) for x in args.sizes.split(",")], [int(x) for x in args.documents.split(",")])
     if "ring" in stages:
         ring(sweep, [int(x) for x in args.sizes.split(",")], args.ring_size)
 

@@ -8,8 +8,9 @@ Layout (one file per step; lower layers never import higher ones):
   ``_plan``       static NumPy plan of units and layers, memoised at trace time
   ``_dropout``    the counter hash shared with ``ring_torch``
   ``_coords``     a block's global coordinates; causal, dropout and padding masks derived in one place
+  ``_pallas``     Pallas flash kernels for one block (Triton on GPU, the interpreter elsewhere)
   ``_kernels``    block kernels behind one protocol (XLA reference; ``_cudnn``: cuDNN flash behind a
-                  version-checked adapter), chosen once per call into a ``BlockSpec``
+                  version-checked adapter; ``_pallas``), chosen once per call into a ``BlockSpec``
   ``_rows``       strided gathers and scatters, one unit through the kernel, the LSE merge
   ``_dilated``    one device, one pass: ``custom_vjp``s with saved outputs or kept rows
   ``_chunked``    one device in chunks: ``custom_vjp`` keeping only q, k, v

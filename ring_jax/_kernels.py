@@ -140,7 +140,8 @@ def _real_counts(mods: Mods, coords: Coords):
 @dataclasses.dataclass(frozen=True)
 class PallasKernel:
     """Pallas flash attention (``_pallas``): Triton on a CUDA device of compute capability 8.0 or
-    newer (bf16/f16), the interpreter on other backends (up to float32; slow, for tests);
+    newer (bf16/f16; Pallas' Triton backend, deprecated in jax 0.11), the interpreter on other
+    backends (up to float32; slow, for tests);
     ``head_dim`` a power of two from 16 to 256; documents and padded keys; no dropout. A block whose
     rows no tile of 16 or more divides runs the XLA kernel."""
 
@@ -153,7 +154,8 @@ class PallasKernel:
         if _pallas.interpreted():  # float32 sums: float64 inputs would lose precision
             return jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16, jnp.float16)
         capability = _cudnn.compute_capability(jax.devices()[0])
-        return capability is not None and capability >= (8, 0) and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+        return (_pallas.compiled_backend() and capability is not None and capability >= (8, 0)
+                and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16))
 
     def _tiled(self, q, k) -> bool:
         return _pallas.tiles_for(q.shape[1], k.shape[1], self.blocks) is not None
@@ -229,7 +231,7 @@ def select_kernel(dtype, head_dim: int, dropout: bool, key_mask: bool = False, d
         if pallas.supports(dtype, head_dim, mods):
             return pallas
         raise ValueError(f"block kernel 'pallas' cannot run here: needs bf16/f16 inputs on a CUDA device of "
-                         f"compute capability 8.0+ or up to float32 elsewhere (have {jnp.dtype(dtype)} on "
+                         f"compute capability 8.0+ with Pallas' Triton backend, or up to float32 elsewhere (have {jnp.dtype(dtype)} on "
                          f"{jax.default_backend()!r}), head_dim a power of two in [16, 256] (have {head_dim}) "
                          f"and no dropout (have {dropout=})")
     if cudnn.supports(dtype, head_dim, mods):
