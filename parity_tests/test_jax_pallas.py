@@ -16,7 +16,7 @@ import torch
 import ring_jax
 from parity_tests.reference import reference_attention
 from ring_jax import _kernels, _pallas
-from ring_jax._coords import PADDED_KEY, Mods, aligned_coords
+from ring_jax._coords import Mods, aligned_coords
 
 gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU (JAX)")
 BLOCKS = _pallas.PallasBlocks(32, 16, 16, 32, 32, 16)  # tiles smaller than the rows: every loop runs
@@ -75,9 +75,9 @@ def test_block_against_float64(name):
 
 
 @pytest.mark.parametrize("order", ["sorted", "unsorted"])
-def test_document_tiles_that_cannot_meet_are_skipped_exactly(order):
-    """Documents in tile-sized runs: a tile pair whose id ranges are apart is skipped; a document
-    that comes back later (unsorted ids) still meets itself."""
+def test_documents_in_tile_sized_runs(order):
+    """Documents that fill whole tiles (whole tiles masked out), in order and with a document that
+    comes back later."""
     inputs, coords = _block_inputs()
     runs = [0, 1, 2, 3] if order == "sorted" else [2, 0, 2, 1]
     coords = coords._replace(docs=jnp.asarray(np.repeat(runs, 16)[None].repeat(2, 0), jnp.int32))
@@ -85,14 +85,6 @@ def test_document_tiles_that_cannot_meet_are_skipped_exactly(order):
         errors = _errors(_pallas_block(*inputs, coords, mods, _pallas.PallasBlocks(16, 16, 16, 16, 16, 16)),
                          _xla_block(*inputs, coords, mods))
         assert max(errors) < 2e-5, (mods, errors)
-
-
-def test_may_meet():
-    ids = lambda *x: jnp.asarray(x, jnp.int32)  # noqa: E731
-    assert not _pallas._may_meet(ids(0, 0, 1), ids(2, 3, 3)) and not _pallas._may_meet(ids(5, 6), ids(1, 4))
-    assert _pallas._may_meet(ids(0, 2), ids(1, 1)) and _pallas._may_meet(ids(2, 2), ids(0, 2))
-    assert _pallas._may_meet(ids(0, 3), ids(1, 2))  # ranges overlap, ids do not: computed (masked)
-    assert _pallas._may_meet(ids(7, 7), ids(PADDED_KEY, 9))  # a padded key widens the range: computed
 
 
 def test_fp16_stays_within_twice_the_xla_error():

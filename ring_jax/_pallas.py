@@ -11,7 +11,7 @@ gradients.
 
 Three kernels: the forward (grid: query blocks x blocks x heads, a loop over key blocks), dk/dv
 (grid over key blocks, a loop over query blocks) and dq (grid over query blocks, a loop over key
-blocks); with documents a tile whose query and key ids cannot meet is skipped; ``D = rowsum(dO * O) - dlse`` is one XLA reduction before them. Tiles live in
+blocks); ``D = rowsum(dO * O) - dlse`` is one XLA reduction before them. Tiles live in
 :class:`PallasBlocks`. A block whose rows are not a multiple of a tile of at least 16 runs the
 XLA kernel instead (decided from the static shape).
 """
@@ -57,17 +57,6 @@ def tile(rows: int, want: int) -> int | None:
     return t if t >= MIN_TILE else None
 
 
-@functools.cache
-def compiled_backend() -> bool:
-    """Whether this JAX still has Pallas' Triton backend (deprecated since jax 0.11; without it the
-    kernels run only in the interpreter, and a CUDA device takes the other kernels)."""
-    try:
-        from jax.experimental.pallas import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def interpreted() -> bool:
     """Whether the kernels run in Pallas' interpreter (any backend but a CUDA GPU)."""
     return jax.default_backend() != "gpu"
@@ -95,41 +84,21 @@ def _keep(q_ids, k_ids, q_start, k_start, rows: int, cols: int, causal: bool, ke
     return keep
 
 
-def _may_meet(q_ids, k_ids):
-    """False when no query id of a tile can equal a key id (their ranges are apart): the tile is
-    skipped. Packed documents in order leave only the tiles on their borders."""
-    return (jnp.max(q_ids) >= jnp.min(k_ids)) & (jnp.min(q_ids) <= jnp.max(k_ids))
-
-
-def _skipping(step, documents: bool, own_ids, ids_of):
-    """A loop body over the other side's tiles: ``step(t, carry, ids)`` with ``ids = ids_of(t)``
-    (None without ids), or, with documents, the carry unchanged where :func:`_may_meet` says the
-    tile and the program's own rows (``own_ids``) share no document."""
-
-    def body(t, carry):
-        ids = ids_of(t)
-        if not documents:
-            return step(t, carry, ids)
-        return jax.lax.cond(_may_meet(own_ids, ids), lambda c: step(t, c, ids), lambda c: c, carry)
-
-    return body
-
-
 def _dot(a, b):
     return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, *refs, scale, causal, key_mask, documents, bq, bk, masked):
+def _forward_kernel(q_ref, k_ref, v_ref, *refs, scale, causal, key_mask, bq, bk, masked):
     q_ids_ref, k_ids_ref, o_ref, lse_ref = refs if masked else (None, None, *refs)
     i = pl.program_id(0)
     q = q_ref[...]  # [bq, d]
     q_ids = q_ids_ref[...] if masked else None
 
-    def step(j, carry, k_ids):
+    def body(j, carry):
         acc, top, total = carry
         keys = pl.ds(j * bk, bk)
         s = _dot(q, k_ref[keys, :].T) * (scale * LOG2E)  # [bq, bk], log2 domain
-        keep = _keep(q_ids, k_ids, i * bq, j * bk, bq, bk, causal, key_mask)
+        keep = _keep(q_ids, k_ids_ref[keys] if masked else None, i * bq, j * bk, bq, bk, causal, key_mask)
         if keep is not None:
             s = jnp.where(keep, s, -jnp.inf)
         new_top = jnp.maximum(top, jnp.max(s, axis=1))
@@ -142,26 +111,24 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, scale, causal, key_mask, documen
 
     stop = jax.lax.div((i + 1) * bq + bk - 1, jnp.asarray(bk, i.dtype)) if causal else k_ref.shape[0] // bk
     init = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32))
-    body = _skipping(step, documents, q_ids, lambda j: k_ids_ref[pl.ds(j * bk, bk)] if masked else None)
     acc, top, total = jax.lax.fori_loop(0, stop, body, init)
     some = total > 0
     o_ref[...] = (acc / jnp.where(some, total, 1.0)[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(some, (top + jnp.log2(jnp.where(some, total, 1.0))) / LOG2E, -jnp.inf)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, causal, key_mask, documents, bq, bk,
-                masked):
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, causal, key_mask, bq, bk, masked):
     q_ids_ref, k_ids_ref, dk_ref, dv_ref = refs if masked else (None, None, *refs)
     j = pl.program_id(0)
     k, v = k_ref[...], v_ref[...]  # [bk, d]
     k_ids = k_ids_ref[...] if masked else None
 
-    def step(i, carry, q_ids):
+    def body(i, carry):
         dk, dv = carry
         rows = pl.ds(i * bq, bq)
         q, do = q_ref[rows, :], do_ref[rows, :]
         p = jnp.exp2(_dot(q, k.T) * (scale * LOG2E) - lse_ref[rows][:, None])  # [bq, bk]
-        keep = _keep(q_ids, k_ids, i * bq, j * bk, bq, bk, causal, key_mask)
+        keep = _keep(q_ids_ref[rows] if masked else None, k_ids, i * bq, j * bk, bq, bk, causal, key_mask)
         if keep is not None:
             p = jnp.where(keep, p, 0.0)
         dv = dv + _dot(p.astype(do.dtype).T, do)
@@ -170,32 +137,29 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, c
 
     start = jax.lax.div(j * bk, jnp.asarray(bq, j.dtype)) if causal else 0
     zeros = jnp.zeros(k.shape, jnp.float32)
-    body = _skipping(step, documents, k_ids, lambda i: q_ids_ref[pl.ds(i * bq, bq)] if masked else None)
     dk, dv = jax.lax.fori_loop(start, q_ref.shape[0] // bq, body, (zeros, zeros))
     dk_ref[...] = dk * scale
     dv_ref[...] = dv
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, causal, key_mask, documents, bq, bk,
-               masked):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, causal, key_mask, bq, bk, masked):
     q_ids_ref, k_ids_ref, dq_ref = refs if masked else (None, None, *refs)
     i = pl.program_id(0)
     q, do = q_ref[...], do_ref[...]  # [bq, d]
     lse, delta = lse_ref[...], delta_ref[...]
     q_ids = q_ids_ref[...] if masked else None
 
-    def step(j, dq, k_ids):
+    def body(j, dq):
         keys = pl.ds(j * bk, bk)
         k = k_ref[keys, :]
         p = jnp.exp2(_dot(q, k.T) * (scale * LOG2E) - lse[:, None])
-        keep = _keep(q_ids, k_ids, i * bq, j * bk, bq, bk, causal, key_mask)
+        keep = _keep(q_ids, k_ids_ref[keys] if masked else None, i * bq, j * bk, bq, bk, causal, key_mask)
         if keep is not None:
             p = jnp.where(keep, p, 0.0)
         ds = p * (_dot(do, v_ref[keys, :].T) - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k)
 
     stop = jax.lax.div((i + 1) * bq + bk - 1, jnp.asarray(bk, i.dtype)) if causal else k_ref.shape[0] // bk
-    body = _skipping(step, documents, q_ids, lambda j: k_ids_ref[pl.ds(j * bk, bk)] if masked else None)
     dq_ref[...] = jax.lax.fori_loop(0, stop, body, jnp.zeros(q.shape, jnp.float32)) * scale
 
 
@@ -235,7 +199,7 @@ def forward(q, k, v, coords: Coords, *, scale: float, mods: Mods, blocks: Pallas
     ids = _ids(coords, mods)
     masked = bool(ids)
     kernel = functools.partial(_forward_kernel, scale=scale, causal=mods.causal, key_mask=mods.key_mask,
-                               documents=mods.documents, bq=bq, bk=bk, masked=masked)
+                               bq=bq, bk=bk, masked=masked)
     in_specs = [_tiled(m, bq, d), _whole(m_k, d), _whole(m_k, d)] + ([_tiled(m, bq), _whole(m_k)] if masked else [])
     return pl.pallas_call(
         kernel, grid=(m // bq, B, H), in_specs=in_specs, out_specs=[_tiled(m, bq, d), _tiled(m, bq)],
@@ -258,7 +222,7 @@ def backward(q, k, v, out, lse, dout, dlse, coords: Coords, *, scale: float, mod
     ids = _ids(coords, mods)
     masked = bool(ids)
     operands = (q, k, v, dout.astype(q.dtype), lse2, delta, *ids)
-    settings = dict(scale=scale, causal=mods.causal, key_mask=mods.key_mask, documents=mods.documents, masked=masked)
+    settings = dict(scale=scale, causal=mods.causal, key_mask=mods.key_mask, masked=masked)
     launch = _params(blocks.bwd_num_warps, blocks.bwd_num_stages)
     f32 = lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32)  # noqa: E731
     dk, dv = pl.pallas_call(
