@@ -7,7 +7,8 @@ error next to the bf16 XLA and cuDNN kernels', with the LSE cotangent), then tim
 Stages: ``parity`` (block and layer errors), ``tiles`` (forward and backward tile sweep at the floor
 shape, next to cuDNN and XLA), ``layer`` (dilated attention fwd / fwd+bwd at ``--sizes``: cuDNN vs
 Pallas without documents; XLA and Pallas with each of ``--documents`` counts of equal documents), ``ring`` (the
-simulated ring of ``--ring-size`` at ``--sizes``: cuDNN, Pallas, ``auto``).
+simulated ring of ``--ring-size`` at ``--sizes``: cuDNN, Pallas, ``auto``), ``dropout`` (rate 0.1
+at ``--sizes``: XLA vs Pallas).
 """
 
 from __future__ import annotations
@@ -140,6 +141,19 @@ def layer(sweep, sizes, counts):
                 sweep.add(section="layer", mix=mix, n=n, documents=documents, kernel=kernel, **row)
 
 
+def dropout(sweep, sizes, rate: float = 0.1):
+    """Dilated attention with dropout (which cuDNN is not given here): XLA vs Pallas."""
+    for mix in ("head_groups", "longnet"):
+        for n in sizes:
+            q = jax.random.normal(jax.random.PRNGKey(0), (1, n, H, D), jnp.bfloat16)
+            for kernel in ("xla", "pallas"):
+                if not sweep.left():
+                    return
+                row = timed_layer(q, kernel, segment_lengths=W, dilation_rates=R, mix=mix, is_causal=True,
+                                  dropout_rate=rate, dropout_seed=0)
+                sweep.add(section="dropout", mix=mix, n=n, rate=rate, kernel=kernel, **row)
+
+
 def ring(sweep, sizes, ring_size: int):
     """The simulated ring (every hop a block with an LSE cotangent in the backward): cuDNN, Pallas and
     ``auto`` (cuDNN's forward with the Pallas backward where ``PALLAS_AUTO`` says so)."""
@@ -179,6 +193,8 @@ def main():
         tiles(sweep, configs)
     if "layer" in stages:
         layer(sweep, [int(x) for x in args.sizes.split(",")], [int(x) for x in args.documents.split(",")])
+    if "dropout" in stages:
+        dropout(sweep, [int(x) for x in args.sizes.split(",")])
     if "ring" in stages:
         ring(sweep, [int(x) for x in args.sizes.split(",")], args.ring_size)
 

@@ -42,7 +42,8 @@ def _block_inputs(B=2, m=64, H=3, d=16, dtype=jnp.float32, seed=0):
 
 MODS = {"plain": Mods(), "causal": Mods(causal=True), "documents": Mods(documents=True),
         "causal_documents": Mods(causal=True, documents=True), "padded_keys": Mods(key_mask=True),
-        "documents_padded_keys": Mods(documents=True, key_mask=True)}
+        "documents_padded_keys": Mods(documents=True, key_mask=True),
+        "dropout": Mods(dropout_rate=0.3, pattern=2), "causal_documents_dropout": Mods(True, 0.5, 1, documents=True)}
 
 
 def _pallas_block(q, k, v, do, dlse, coords, mods, blocks=BLOCKS, scale=0.3):
@@ -160,19 +161,22 @@ def test_dispatch(kernel, monkeypatch):
     kernel("pallas")
     assert _select().name == "pallas"
     assert _kernels.select_kernel(jnp.float32, 16, False).name == "pallas"
-    for dtype, d, dropout, match in ((jnp.float64, 16, False, "have float64"), (jnp.float32, 24, False, "have 24"),
-                                     (jnp.float32, 16, True, "have dropout=True")):
+    assert _kernels.select_kernel(jnp.float32, 16, True).name == "pallas"  # dropout
+    for dtype, d, dropout, match in ((jnp.float64, 16, False, "have float64"), (jnp.float32, 24, False, "have 24")):
         with pytest.raises(ValueError, match=r"block kernel 'pallas' cannot run here.*" + match):
             _kernels.select_kernel(dtype, d, dropout)
     kernel("auto")
     assert _select(documents=True).name == "xla"  # interpreted: never automatic
     # A device where PALLAS_AUTO holds both cases, and cuDNN runs what has no mask.
     monkeypatch.setattr(_kernels, "_pallas_measured", lambda head_dim, case: True)
-    monkeypatch.setattr(_kernels.CudnnKernel, "supports", lambda self, dtype, d, mods: not mods.documents)
+    monkeypatch.setattr(_kernels.CudnnKernel, "supports", lambda self, dtype, d, mods: not (mods.documents or mods.dropout))
     assert _select(documents=True).name == "pallas"
     assert _select(lse_cotangent=True).name == "cudnn+pallas"
     assert _select().name == "cudnn"
-    assert _select(documents=True, dropout=True).name == "xla"
+    assert _select(documents=True, dropout=True).name == "pallas"
+    monkeypatch.setattr(_kernels, "_pallas_measured", lambda head_dim, case: case != "dropout")
+    assert _select(dropout=True).name == "xla" and _select(documents=True).name == "pallas"
+    monkeypatch.setattr(_kernels, "_pallas_measured", lambda head_dim, case: True)
     kernel("cudnn")
     assert _select(lse_cotangent=True).name == "cudnn"  # an explicit choice is taken as given
     monkeypatch.setattr(_kernels, "_pallas_measured", lambda head_dim, case: case == "masks")
@@ -242,6 +246,25 @@ def test_entry_points_with_documents_against_reference(kernel, entry, mix):
                                                   seq_lengths=lens, **kw), q, k, v, dout, dlse)
     errors = _errors(got, _api_reference(q, k, v, dout, dlse, dict(kw, segment_ids=ids, seq_lengths=lens)))
     assert max(errors) < 5e-5, errors
+
+
+@pytest.mark.parametrize("entry", ["one_device", "ring_size2_balanced"])
+def test_dropout_draws_the_xla_kernels_mask(kernel, entry):
+    """The same seed gives the same dropped weights as the XLA kernel (the shared hash, drawn in the
+    kernel tile by tile), forward and backward, with documents and lengths."""
+    q, k, v, dout, dlse = _api_inputs(seed=4)
+    ids = np.repeat([[0, 1], [2, 2]], [100, 156], axis=1)
+    kw = dict(segment_lengths=W, dilation_rates=R, mix="longnet", is_causal=True, dropout_rate=0.25,
+              dropout_seed=11, segment_ids=jnp.asarray(ids), seq_lengths=np.array([230, 256]))
+    results = {}
+    for name in ("xla", "pallas"):
+        kernel(name)
+        results[name] = _api_run(lambda q, k, v: ENTRIES[entry](q, k, v, **kw), q, k, v, dout, dlse)
+    errors = _errors(results["pallas"], results["xla"])
+    assert max(errors) < 5e-5, errors
+    kernel("pallas")
+    other = _api_run(lambda q, k, v: ENTRIES[entry](q, k, v, **dict(kw, dropout_seed=12)), q, k, v, dout, dlse)
+    assert np.abs(np.asarray(other[0]) - np.asarray(results["pallas"][0])).max() > 1e-2  # the seed matters
 
 
 def test_non_causal_padding_takes_the_key_mask(kernel):

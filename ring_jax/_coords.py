@@ -20,7 +20,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ring_jax._dropout import as_seed, keep_mask
+from ring_jax._dropout import as_seed, keep_mask, row_hash
 
 
 class Origin(NamedTuple):
@@ -161,3 +161,11 @@ def dropout_keep(coords: Coords, mods: Mods):
         return None
     return keep_mask(coords.seed, mods.pattern, mods.dropout_rate, coords.batch, coords.heads, coords.qpos,
                      coords.kpos)
+
+
+def dropout_rows(coords: Coords, mods: Mods):
+    """``(row hashes uint32 [B, H, m], key positions [B, H, m_k])`` from which a kernel draws
+    :func:`dropout_keep` tile by tile (``_dropout.kept``), or None without dropout."""
+    if not mods.dropout:
+        return None
+    return row_hash(coords.seed, mods.pattern, coords.batch, coords.heads, coords.qpos), coords.kpos

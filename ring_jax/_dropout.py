@@ -20,18 +20,33 @@ def _mix(x):
     return (x >> 16) ^ x
 
 
+def threshold(rate: float):
+    """The uint32 a weight's hash must reach to be kept (probability ``1 - rate``)."""
+    return jnp.uint32(int(rate * 2**32))
+
+
+def row_hash(seed, pattern: int, batch, heads, qpos):
+    """uint32 ``[B, H, m]``: the hash of every key's weight in a row before its key position is
+    mixed in (``seed`` uint32 ``[]``, ``batch [B]``, ``heads [H]``, ``qpos [B, H, m]``: global)."""
+    u32 = lambda x: jnp.asarray(x).astype(jnp.uint32)  # noqa: E731
+    base = _mix(_mix(u32(seed)) ^ jnp.uint32(pattern))
+    h = _mix(base ^ u32(batch))  # [B]
+    h = _mix(h[:, None] ^ u32(heads)[None, :])  # [B, H]
+    return _mix(h[:, :, None] ^ u32(qpos))  # [B, H, m]
+
+
+def kept(rows, kpos, rate: float):
+    """True where a weight is kept: ``rows`` (:func:`row_hash`, ``[..., m, 1]``-broadcast) against
+    key positions ``kpos`` (``[..., 1, m_k]``-broadcast); also inside the Pallas kernels."""
+    return _mix(rows ^ kpos.astype(jnp.uint32)) >= threshold(rate)
+
+
 def keep_mask(seed, pattern: int, rate: float, batch, heads, qpos, kpos):
     """Boolean ``[B, H, m, m_k]``: True where a weight is kept (probability ``1 - rate``).
 
     ``seed`` uint32 ``[]``, ``batch [B]``, ``heads [H]``, ``qpos [B, H, m]``, ``kpos [B, H, m_k]``:
     global indices."""
-    u32 = lambda x: jnp.asarray(x).astype(jnp.uint32)  # noqa: E731
-    base = _mix(_mix(u32(seed)) ^ jnp.uint32(pattern))
-    h = _mix(base ^ u32(batch))  # [B]
-    h = _mix(h[:, None] ^ u32(heads)[None, :])  # [B, H]
-    h = _mix(h[:, :, None] ^ u32(qpos))  # [B, H, m]
-    h = _mix(h[..., None] ^ u32(kpos)[:, :, None, :])  # [B, H, m, m_k]
-    return h >= jnp.uint32(int(rate * 2**32))
+    return kept(row_hash(seed, pattern, batch, heads, qpos)[..., None], kpos[:, :, None, :], rate)
 
 
 def as_seed(seed) -> jax.Array:

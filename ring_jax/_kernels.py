@@ -39,6 +39,7 @@ KERNELS = ("auto", "xla", "cudnn", "pallas")
 # Where ``auto`` takes the Pallas kernel, by (compute capability, head_dim), measured on the H200
 # (benchmarks/results/h200_pallas_2026-12-02.json, h200_pallas_ring_2026-12-02.json): "masks" for
 # what cuDNN cannot run (documents, padded keys of a non-causal call; XLA is 7-11x slower);
+# "dropout" for calls with dropout (cuDNN is not given it here; XLA computes whole score blocks);
 # "lse_backward" for the backward of blocks with an LSE cotangent (rings, ``return_lse``: cuDNN
 # takes it through an extra head-dim column), behind cuDNN's forward.
 PALLAS_AUTO: dict[tuple[tuple[int, int], int], tuple[str, ...]] = {((9, 0), 64): ("masks", "lse_backward")}
@@ -142,14 +143,14 @@ class PallasKernel:
     """Pallas flash attention (``_pallas``): Triton on a CUDA device of compute capability 8.0 or
     newer (bf16/f16; Pallas' Triton backend, deprecated in jax 0.11), the interpreter on other
     backends (up to float32; slow, for tests);
-    ``head_dim`` a power of two from 16 to 256; documents and padded keys; no dropout. A block whose
-    rows no tile of 16 or more divides runs the XLA kernel."""
+    ``head_dim`` a power of two from 16 to 256; documents, padded keys and dropout (the shared
+    hash, drawn tile by tile). A block whose rows no tile of 16 or more divides runs the XLA kernel."""
 
     name: str = "pallas"
     blocks: _pallas.PallasBlocks = _pallas.PallasBlocks()
 
     def supports(self, dtype, head_dim: int, mods: Mods) -> bool:
-        if mods.dropout or head_dim not in (16, 32, 64, 128, 256):
+        if head_dim not in (16, 32, 64, 128, 256):
             return False
         if _pallas.interpreted():  # float32 sums: float64 inputs would lose precision
             return jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -232,8 +233,7 @@ def select_kernel(dtype, head_dim: int, dropout: bool, key_mask: bool = False, d
             return pallas
         raise ValueError(f"block kernel 'pallas' cannot run here: needs bf16/f16 inputs on a CUDA device of "
                          f"compute capability 8.0+ with Pallas' Triton backend, or up to float32 elsewhere (have {jnp.dtype(dtype)} on "
-                         f"{jax.default_backend()!r}), head_dim a power of two in [16, 256] (have {head_dim}) "
-                         f"and no dropout (have {dropout=})")
+                         f"{jax.default_backend()!r}) and head_dim a power of two in [16, 256] (have {head_dim})")
     if cudnn.supports(dtype, head_dim, mods):
         if (_preference == "auto" and lse_cotangent and pallas.supports(dtype, head_dim, mods)
                 and _pallas_measured(head_dim, "lse_backward")):
@@ -244,7 +244,7 @@ def select_kernel(dtype, head_dim: int, dropout: bool, key_mask: bool = False, d
                          f"{jax.default_backend()!r}), bf16/f16 inputs (have {jnp.dtype(dtype)}), head_dim % 8 == 0 "
                          f"and <= 120 (have {head_dim}), no dropout, no padded keys in a non-causal call (have "
                          f"{key_mask=}), no segment_ids (have {documents=}), and JAX in {_cudnn.TESTED_JAX}")
-    if pallas.supports(dtype, head_dim, mods) and _pallas_measured(head_dim, "masks"):
+    if pallas.supports(dtype, head_dim, mods) and _pallas_measured(head_dim, "dropout" if dropout else "masks"):
         return pallas
     return _REGISTRY["xla"]
 
