@@ -11,7 +11,9 @@ seed system):
   contiguous against balanced, projected from the plan and kernel times on one H200;
 * ``2xh200_balanced_2026-12-01.png``: the same, measured on two H200s (P = 1 vs 2), both frameworks;
 * ``h200_kernel_table_2026-12-02.png``: the README's Performance plot, each layer's time over the
-  floor vs n (drawn by :func:`benchmarks.kernel_table.plot`).
+  floor vs n (drawn by :func:`benchmarks.kernel_table.plot`);
+* ``h200_documents_2026-12-02.png``: packed documents at 1M tokens (no documents, the masked kernels
+  before, the Pallas and Triton rows kernels now) and the simulated JAX ring (cuDNN vs ``auto``).
 
     python -m benchmarks.plot_results [--results benchmarks/results]
 """
@@ -256,6 +258,54 @@ def plot_balanced_measured(plt, results):
     return fig, "2xh200_balanced_2026-12-01.png"
 
 
+def documents_bars(results) -> dict:
+    """``{case: (no documents, documents before, documents now)}`` fwd+bwd ms at n = 1M (None: out of
+    memory), from the Pallas (JAX) and Triton rows (torch) runs of 2026-12-02."""
+    jax_rows = [r for r in read(results, "h200_pallas_2026-12-02.json")["rows"]
+                if r["section"] == "layer" and r["n"] == 2**20]
+    torch_rows = [r for r in read(results, "h200_triton_grads_documents_2026-12-02.json")["rows"] if r["n"] == 2**20]
+    bars = {}
+    for mix in ("head_groups", "longnet"):
+        pick = {(r["documents"], r["kernel"]): r.get("fwdbwd_ms") for r in jax_rows if r["mix"] == mix}
+        bars[f"JAX {mix}"] = (pick[0, "cudnn"], pick[4, "xla"], pick[4, "pallas"])
+        t = next(r for r in torch_rows if r["mix"] == mix)
+        bars[f"torch {mix}"] = (t["fwd_bwd_none_ms"], t.get("fwd_bwd_math_ms"), t["fwd_bwd_rows_ms"])
+    return bars
+
+
+def plot_documents(plt, results):
+    bars = documents_bars(results)
+    ring = [r for r in read(results, "h200_pallas_ring_auto_2026-12-02.json")["rows"] if r["n"] == 2**20]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw=dict(width_ratios=[2, 1]))
+    x = np.arange(len(bars))
+    labels = ("no documents (default kernels)", "4 documents, before (XLA / math)",
+              "4 documents, now (Pallas / Triton rows)")
+    for i, (label, offset) in enumerate(zip(labels, (-0.27, 0, 0.27))):
+        values = [v[i] for v in bars.values()]
+        axes[0].bar(x + offset, [v or 0 for v in values], 0.27, label=label)
+        for xi, v in zip(x, values):
+            if v is None:
+                axes[0].text(xi + offset, 12, "OOM", ha="center", rotation=90, fontsize=8)
+    axes[0].set_xticks(x, list(bars), fontsize=8)
+    axes[0].set_yscale("log")
+    axes[0].set_ylim(5, 2000)
+    axes[0].set_ylabel("fwd+bwd ms, n = 1M")
+    axes[0].legend(fontsize=7)
+    axes[0].set_title("Packed documents", fontsize=10)
+    mixes = ("head_groups", "longnet")
+    for i, (kernel, offset) in enumerate((("cudnn", -0.2), ("auto", 0.2))):
+        values = [next(r["fwdbwd_ms"] for r in ring if r["mix"] == m and r["kernel"] == kernel) for m in mixes]
+        axes[1].bar(np.arange(2) + offset, values, 0.4,
+                    label="cuDNN" if kernel == "cudnn" else "auto: cuDNN fwd + Pallas bwd")
+    axes[1].set_xticks(np.arange(2), [f"JAX {m}" for m in mixes], fontsize=8)
+    axes[1].set_ylabel("fwd+bwd ms, n = 1M")
+    axes[1].set_ylim(0, 120)
+    axes[1].legend(fontsize=7, loc="upper left")
+    axes[1].set_title("Simulated ring of 4 (LSE cotangent in every hop)", fontsize=10)
+    fig.suptitle(f"One H200, 2026-12-02, {PATTERN}", fontsize=9)
+    return fig, "h200_documents_2026-12-02.png"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -265,7 +315,8 @@ def main():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for plot in (plot_timing, plot_memory, plot_rings, plot_h200, plot_balanced, plot_balanced_measured):
+    for plot in (plot_timing, plot_memory, plot_rings, plot_h200, plot_balanced, plot_balanced_measured,
+                 plot_documents):
         fig, name = plot(plt, args.results)
         fig.tight_layout()
         out = os.path.join(args.results, name)

@@ -36,3 +36,10 @@ def test_only_runs_that_raised_the_peak_count_as_measured():
             dict(section="ab", n=3), dict(section="max_n", n=3, peak_bytes_in_use=30),
             dict(section="max_n", n=4, error="OOM"), dict(section="max_n", n=5, peak_bytes_in_use=40)]
     assert [r["n"] for r in plot_results.set_peak(rows)] == [1, 2, 5]
+
+
+def test_documents_bars_read_the_runs_the_readme_quotes():
+    bars = plot_results.documents_bars(RESULTS)
+    assert [round(x, 1) for x in bars["JAX head_groups"]] == [12.6, 118.8, 17.3]
+    assert bars["JAX longnet"][1] is None and bars["torch longnet"][1] is None  # out of memory
+    assert [round(x) for x in bars["torch head_groups"]] == [14, 554, 21]
