@@ -135,7 +135,8 @@ def layer(sweep, sizes, counts):
             for documents, kernel in runs:
                 if not sweep.left():
                     return
-                docs = jnp.asarray(np.repeat(np.arange(documents), n // documents)[None], jnp.int32) if documents else None
+                docs = (jnp.asarray(np.repeat(np.arange(documents), n // documents)[None], jnp.int32)
+                        if documents else None)
                 row = timed_layer(q, kernel, segment_lengths=W, dilation_rates=R, mix=mix, is_causal=True,
                                   segment_ids=docs)
                 sweep.add(section="layer", mix=mix, n=n, documents=documents, kernel=kernel, **row)

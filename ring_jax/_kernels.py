@@ -235,8 +235,9 @@ def select_kernel(dtype, head_dim: int, dropout: bool, key_mask: bool = False, d
         if pallas.supports(dtype, head_dim, mods):
             return pallas
         raise ValueError(f"block kernel 'pallas' cannot run here: needs bf16/f16 inputs on a CUDA device of "
-                         f"compute capability 8.0+ with Pallas' Triton backend, or up to float32 elsewhere (have {jnp.dtype(dtype)} on "
-                         f"{jax.default_backend()!r}), head_dim a power of two in [16, 256] (have {head_dim}) "
+                         f"compute capability 8.0+ with Pallas' Triton backend, or up to float32 elsewhere "
+                         f"(have {jnp.dtype(dtype)} on {jax.default_backend()!r}), head_dim a power of two in "
+                         f"[16, 256] (have {head_dim}) "
                          f"and, on a GPU, no dropout (have {dropout=})")
     if cudnn.supports(dtype, head_dim, mods):
         if (_preference == "auto" and lse_cotangent and pallas.supports(dtype, head_dim, mods)
