@@ -127,12 +127,10 @@ def row_ids(coords: Coords, mods: Mods):
     if not (mods.documents or mods.key_mask):
         return None
 
-    def doc(pos):  # [B, H, rows]: docs[batch, pos], read without a [B, n] copy of the documents
+    def doc(pos):  # [B, H, rows]: docs[batch, pos], one gather (no [B, n] copy of the documents)
         if not mods.documents:
             return jnp.zeros(pos.shape, jnp.int32)
-        n = coords.docs.shape[1]
-        flat = coords.batch.astype(jnp.int32)[:, None, None] * n + pos
-        return jnp.take(coords.docs.reshape(-1), flat, mode="clip").astype(jnp.int32)
+        return coords.docs[coords.batch[:, None, None], pos].astype(jnp.int32)
 
     q_ids, k_ids = doc(coords.qpos), doc(coords.kpos)
     if mods.key_mask:
