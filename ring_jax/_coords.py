@@ -138,6 +138,13 @@ def row_ids(coords: Coords, mods: Mods):
     return q_ids, k_ids
 
 
+def ids_meet(q_ids, k_ids, key_mask: bool):
+    """Boolean ``[..., m, m_k]`` of ids ``[..., m]`` and ``[..., m_k]`` (from :func:`row_ids`): equal
+    ids, and with ``key_mask`` a key that is not padding (the XLA and Pallas kernels' one test)."""
+    same = q_ids[..., :, None] == k_ids[..., None, :]
+    return same & (k_ids != PADDED_KEY)[..., None, :] if key_mask else same
+
+
 def score_mask(coords: Coords, mods: Mods):
     """Boolean ``[B, H, m, m_k]`` (or broadcastable to it), True where a score takes part, or None
     when every one does."""
@@ -146,9 +153,7 @@ def score_mask(coords: Coords, mods: Mods):
         mask = coords.qpos[..., :, None] >= coords.kpos[..., None, :]
     ids = row_ids(coords, mods)
     if ids is not None:
-        same = ids[0][..., :, None] == ids[1][..., None, :]  # [B, H, m, m_k]
-        if mods.key_mask:
-            same = same & (ids[1] != PADDED_KEY)[..., None, :]
+        same = ids_meet(*ids, mods.key_mask)  # [B, H, m, m_k]
         mask = same if mask is None else mask & same
     return mask
 

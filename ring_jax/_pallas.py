@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ring_jax._coords import PADDED_KEY, Coords, Mods, dropout_rows, row_ids
+from ring_jax._coords import Coords, Mods, dropout_rows, ids_meet, row_ids
 from ring_jax._dropout import kept
 
 LOG2E = math.log2(math.e)
@@ -79,9 +79,7 @@ def _keep(q_ids, k_ids, q_start, k_start, rows: int, cols: int, causal: bool, ke
     if causal:
         keep = (q_start + jnp.arange(rows))[:, None] >= (k_start + jnp.arange(cols))[None, :]
     if q_ids is not None:
-        same = q_ids[:, None] == k_ids[None, :]
-        if key_mask:
-            same = same & (k_ids != PADDED_KEY)[None, :]
+        same = ids_meet(q_ids, k_ids, key_mask)
         keep = same if keep is None else keep & same
     return keep
 
@@ -186,7 +184,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, ca
     dq_ref[...] = jax.lax.fori_loop(0, stop, body, jnp.zeros(q.shape, jnp.float32)) * scale
 
 
-def _tiled(rows: int, block: int, d: int | None = None):
+def _tiled(block: int, d: int | None = None):
     """A BlockSpec of ``block`` rows of one head of ``[B, rows, H(, d)]``, the tile index on grid axis 0."""
     shape = (None, block, None) if d is None else (None, block, None, d)
     return pl.BlockSpec(shape, (lambda t, b, h: (b, t, h)) if d is None else (lambda t, b, h: (b, t, h, 0)))
@@ -229,9 +227,9 @@ def forward(q, k, v, coords: Coords, *, scale: float, mods: Mods, blocks: Pallas
     rows = _rows(coords, mods)
     kernel = functools.partial(_forward_kernel, scale=scale, causal=mods.causal, key_mask=mods.key_mask,
                                rate=mods.dropout_rate, bq=bq, bk=bk, masked=mods.documents or mods.key_mask)
-    in_specs = [_tiled(m, bq, d), _whole(m_k, d), _whole(m_k, d)] + _row_specs(rows, _tiled(m, bq), _whole(m_k))
+    in_specs = [_tiled(bq, d), _whole(m_k, d), _whole(m_k, d)] + _row_specs(rows, _tiled(bq), _whole(m_k))
     return pl.pallas_call(
-        kernel, grid=(m // bq, B, H), in_specs=in_specs, out_specs=[_tiled(m, bq, d), _tiled(m, bq)],
+        kernel, grid=(m // bq, B, H), in_specs=in_specs, out_specs=[_tiled(bq, d), _tiled(bq)],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, m, H), jnp.float32)],
         name="dilated_block_forward", **_params(blocks.num_warps, blocks.num_stages))(q, k, v, *rows)
 
@@ -256,13 +254,13 @@ def backward(q, k, v, out, lse, dout, dlse, coords: Coords, *, scale: float, mod
     f32 = lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32)  # noqa: E731
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, bq=kq, bk=kk, **settings), grid=(m_k // kk, B, H),
-        in_specs=[_whole(m, d), _tiled(m_k, kk, d), _tiled(m_k, kk, d), _whole(m, d), _whole(m), _whole(m)]
-        + _row_specs(rows, _whole(m), _tiled(m_k, kk)),
-        out_specs=[_tiled(m_k, kk, d), _tiled(m_k, kk, d)], out_shape=[f32(k), f32(v)],
+        in_specs=[_whole(m, d), _tiled(kk, d), _tiled(kk, d), _whole(m, d), _whole(m), _whole(m)]
+        + _row_specs(rows, _whole(m), _tiled(kk)),
+        out_specs=[_tiled(kk, d), _tiled(kk, d)], out_shape=[f32(k), f32(v)],
         name="dilated_block_dkv", **launch)(*operands)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, bq=qq, bk=qk, **settings), grid=(m // qq, B, H),
-        in_specs=[_tiled(m, qq, d), _whole(m_k, d), _whole(m_k, d), _tiled(m, qq, d), _tiled(m, qq), _tiled(m, qq)]
-        + _row_specs(rows, _tiled(m, qq), _whole(m_k)),
-        out_specs=_tiled(m, qq, d), out_shape=f32(q), name="dilated_block_dq", **launch)(*operands)
+        in_specs=[_tiled(qq, d), _whole(m_k, d), _whole(m_k, d), _tiled(qq, d), _tiled(qq), _tiled(qq)]
+        + _row_specs(rows, _tiled(qq), _whole(m_k)),
+        out_specs=_tiled(qq, d), out_shape=f32(q), name="dilated_block_dq", **launch)(*operands)
     return dq, dk, dv
