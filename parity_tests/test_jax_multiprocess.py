@@ -15,9 +15,10 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEADLINE_S = 120
+DEADLINE_S = 300  # about 30 s alone; CI runs it beside other tests on 2 cores
 
 CHILD = r'''
+import os
 import sys
 
 process_id, port = int(sys.argv[1]), int(sys.argv[2])
@@ -56,7 +57,7 @@ def check(name, global_array, expected, tol):
         want = expected[s.index]
         empty = np.isneginf(want)  # the LSE is -inf on rows with no key (out 0 there)
         assert np.array_equal(np.isneginf(got), empty), (name, "the rows with no key differ")
-        err = np.abs(np.where(empty, 0.0, got - want)).max()
+        err = np.abs(np.where(empty, 0.0, got - np.where(empty, 0.0, want))).max()
         assert err <= tol, f"{name} shard {s.index[1]} on process {process_id}: max abs error {err:.3e} > {tol}"
 
 
@@ -84,6 +85,7 @@ for mix, axis_type in (("head_groups", jax.sharding.AxisType.Explicit), ("longne
 
 jax.distributed.shutdown()
 print(f"process {process_id}: ok", flush=True)
+os._exit(0)  # the checks and the shutdown are done: skip the interpreter's teardown of the gloo runtime
 '''
 
 
