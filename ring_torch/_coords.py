@@ -31,10 +31,11 @@ from typing import Sequence
 
 import torch
 
-from ring_torch._dropout import Dropout, keep_mask
+from ring_torch._dropout import Dropout, keep_mask, row_hash
 from ring_torch._plan import Unit, causal_mask, index_tensor
 
-__all__ = ["MaskSpec", "BlockCoords", "unit_coords", "block_masks", "row_ids", "real_rows", "mask_rows"]
+__all__ = ["MaskSpec", "BlockCoords", "unit_coords", "block_masks", "dropout_rows", "row_ids", "real_rows",
+           "mask_rows"]
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,22 @@ def block_masks(coords: BlockCoords, device) -> tuple[torch.Tensor | None, torch
         heads = index_tensor(coords.heads, device)
         keep = keep_mask(drop.seed, coords.pattern, batch, heads, qpos, kpos, drop.p)
     return hide, keep
+
+
+def dropout_rows(coords: BlockCoords, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Dropout of a block for kernels that draw it themselves (the Triton rows kernels):
+    ``(row_hash [B, m, H], kpos [B, m])``, int64, the mask :func:`block_masks` draws split into its
+    per-row part and the key positions; None without dropout. The block's keys must be its own
+    rows, under one offset for all heads (:func:`unit_coords`)."""
+    drop = coords.spec.dropout
+    if drop is None:
+        return None
+    if coords.k_starts is not None or len(set(coords.offsets)) > 1:
+        raise ValueError(f"dropout_rows needs a block whose keys are its own rows under one offset, got "
+                         f"k_starts={coords.k_starts} and offsets={coords.offsets}")
+    qpos = coords.positions(coords.q_starts, device)  # [B, H, m]
+    hashes = row_hash(drop.seed, coords.pattern, coords.batch_index(device), index_tensor(coords.heads, device), qpos)
+    return hashes.transpose(1, 2), qpos[:, 0]
 
 
 # The id of padded rows in row_ids: no document id equals it (ids are user values; this one is

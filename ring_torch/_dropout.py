@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Dropout", "keep_mask", "draw_seed", "make_dropout"]
+__all__ = ["Dropout", "keep_mask", "draw_seed", "make_dropout", "row_hash", "threshold"]
 
 _M32 = 0xFFFFFFFF
 
@@ -29,20 +29,32 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
+def threshold(p: float) -> int:
+    """The value a weight's 32-bit hash must reach to be kept (probability ``1 - p``)."""
+    return int(p * 2 ** 32)
+
+
+def row_hash(seed: int, pattern: int, batch: torch.Tensor, heads: torch.Tensor,
+             qpos: torch.Tensor) -> torch.Tensor:
+    """int64 ``[B, H, m_q]`` in ``[0, 2^32)``: the hash of every weight of a row before its key
+    position is mixed in (``batch [B]``, ``heads [H]``, ``qpos [B, H, m_q]``: global indices); the
+    Triton rows kernels finish it per key (:func:`ring_torch._triton_rows.attend_into`)."""
+    device = qpos.device
+    base = _mix(torch.full((1,), seed & _M32, dtype=torch.int64, device=device))  # a fill, no copy from the host
+    base = _mix(base ^ (pattern & _M32))
+    h = _mix(base ^ batch.to(device))  # [B]
+    h = _mix(h[:, None] ^ heads.to(device)[None, :])  # [B, H]
+    return _mix(h[:, :, None] ^ qpos)  # [B, H, m_q]
+
+
 def keep_mask(seed: int, pattern: int, batch: torch.Tensor, heads: torch.Tensor,
               qpos: torch.Tensor, kpos: torch.Tensor, p: float) -> torch.Tensor:
     """Boolean ``[B, H, m_q, m_k]``: True where the weight is kept (probability ``1 - p``).
 
     ``batch [B]``: batch index of each (folded) row block; ``heads [H]``: global query heads;
     ``qpos [B, H, m_q]``, ``kpos [B, H, m_k]``: global sequence positions (int64)."""
-    device = qpos.device
-    base = _mix(torch.full((1,), seed & _M32, dtype=torch.int64, device=device))  # a fill, no copy from the host
-    base = _mix(base ^ (pattern & _M32))
-    h = _mix(base ^ batch.to(device))  # [B]
-    h = _mix(h[:, None] ^ heads.to(device)[None, :])  # [B, H]
-    h = _mix(h[:, :, None] ^ qpos)  # [B, H, m_q]
-    h = _mix(h[..., None] ^ kpos[:, :, None, :])  # [B, H, m_q, m_k]
-    return h >= int(p * 2 ** 32)
+    h = row_hash(seed, pattern, batch, heads, qpos)
+    return _mix(h[..., None] ^ kpos[:, :, None, :]) >= threshold(p)  # [B, H, m_q, m_k]
 
 
 def draw_seed(generator: torch.Generator | None = None) -> int:

@@ -38,15 +38,15 @@ import torch
 from ring_torch._aten import (CUDNN_MAX_HEAD_DIM, _AtenCPU, _AtenCUDA, _AtenCudnnCUDA, _AtenFlashCUDA, _XFormers,
                               ExactLSE, exact_backward, records_graph)
 from ring_torch._config import memo
-from ring_torch._coords import BlockCoords
+from ring_torch._coords import BlockCoords, dropout_rows
 from ring_torch._math_kernel import GradInputs, MathKernel
 from ring_torch._triton_grads import grads_into
-from ring_torch._triton_rows import GradConfig, RowsConfig, attend_into
+from ring_torch._triton_rows import GradConfig, RowsConfig, RowsDropout, attend_into
 from ring_torch._triton_rows import supports as rows_support
 
 __all__ = ["BACKENDS", "KERNELS", "GradInputs", "Kernel", "MathKernel", "TorchKernel",
            "XFormersKernel", "check_backend", "cuda_kernel", "fused_block_grads", "kernel_for",
-           "rows_config", "select_backend", "xformers_available"]
+           "rows_config", "rows_dropout_tested", "select_backend", "xformers_available"]
 
 BACKENDS = ("auto", "math", "torch", "xformers")
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -241,19 +241,38 @@ class XFormersKernel(MathKernel):
         return ExactLSE.apply(q, k, v, _XFormers, scale, coords.is_causal)
 
 
+def _refuse_dropout(coords: BlockCoords):
+    """``RuntimeError`` for a block with dropout in a kernel that draws none (it would be left out
+    silently: :func:`kernel_for` never routes such a call there)."""
+    if coords.spec.dropout is not None:
+        raise RuntimeError("a call with dropout reached a torch kernel that does not draw it")
+
+
 class TorchKernel:
     """``torch``: the aten fused kernel for the call's device, dtype and head_dim (chosen once);
-    causal as the only mask (no dropout)."""
+    causal as the only mask. ``masks`` / ``dropout``: the Triton rows kernels (``rows``, both ways,
+    every mix) take the rows' document ids / draw dropout (one device; :func:`kernel_for`)."""
 
     name = "torch"
     fused_backward = True
 
-    def __init__(self, aten, rows: RowsConfig | None = None, masks: bool = False):
-        if masks and (rows is None or rows.backward is None or not rows.in_place_heads):
-            raise ValueError(f"masks=True needs rows kernels both ways for every mix, got {rows=}")
+    def __init__(self, aten, rows: RowsConfig | None = None, masks: bool = False, dropout: bool = False):
+        if (masks or dropout) and (rows is None or rows.backward is None or not rows.in_place_heads):
+            flag = "masks" if masks else "dropout"
+            raise ValueError(f"{flag}=True needs rows kernels both ways for every mix, got {rows=}")
         self.aten = aten
         self.rows = rows
         self.masks = masks
+        self.dropout = dropout
+
+    def _rows_dropout(self, coords: BlockCoords, device) -> RowsDropout | None:
+        """The rows kernels' dropout of a block; ``RuntimeError`` where the call has dropout and
+        this kernel does not draw it (it would be left out silently)."""
+        if coords.spec.dropout is None:
+            return None
+        if not self.dropout:
+            _refuse_dropout(coords)
+        return RowsDropout(*dropout_rows(coords, device), coords.spec.dropout.p)
 
     @classmethod
     def supports(cls, dtype, device_type, head_dim, needs_dropout, needs_key_mask=False) -> bool:
@@ -269,6 +288,7 @@ class TorchKernel:
         return cls(CUDA_ATEN[name], rows_config(dtype, head_dim, capability))
 
     def forward(self, q, k, v, scale, coords):
+        _refuse_dropout(coords)
         if self.aten is not _AtenCPU:
             group = q.shape[2] // k.shape[2]
             if group > 1:  # these kernels want equal head counts; autograd sums the repeats back
@@ -278,12 +298,13 @@ class TorchKernel:
         return self.aten.forward(q, k, v, scale, coords.is_causal)[:2]  # no graph: the kernel alone
 
     def forward_into(self, q, k, v, out, lse, scale, coords, fill=None, merge=False, ids=None):
-        attend_into(q, k, v, out, lse, scale, coords.is_causal, self.rows, fill, merge, ids)
+        attend_into(q, k, v, out, lse, scale, coords.is_causal, self.rows, fill, merge, ids,
+                    self._rows_dropout(coords, q.device))
 
     def backward_into(self, q, k, v, out, lse, dout, dlse, dq, dk, dv, scale, coords,
                       accumulate_q=False, accumulate_kv=False, ids=None):
         grads_into(q, k, v, out, lse, dout, dlse, dq, dk, dv, scale, coords.is_causal, self.rows.backward,
-                   accumulate_q, accumulate_kv, ids)
+                   accumulate_q, accumulate_kv, ids, self._rows_dropout(coords, q.device))
 
     def grad_inputs(self, q, out, lse, dout, dlse) -> GradInputs:
         """Operands in ``q``'s dtype (``lse`` stays float32+); ``dout`` None: zero; ``dlse``
@@ -296,6 +317,7 @@ class TorchKernel:
 
     def backward(self, g, k, v, scale, coords):
         """``(dq, dk, dv)`` per query head in ``q``'s dtype (:func:`fused_block_grads`)."""
+        _refuse_dropout(coords)
         return fused_block_grads(g.dout, g.q, k, v, g.out, g.lse, g.dlse, scale=scale,
                                  is_causal=coords.is_causal, aten=self.aten)
 
@@ -310,16 +332,30 @@ def kernel_for(backend: str, device: torch.device, dtype: torch.dtype, head_dim:
     :class:`MathKernel` where that backend cannot take them (dropout; a key mask, which
     non-causal calls with padding and calls with ``segment_ids`` need), except that with
     ``rows_masks`` (one device: every block's keys are its own rows) ``backend="torch"`` takes a
-    key mask by the Triton rows kernels, both ways and for every mix, where :func:`rows_config`
-    names them with a backward."""
+    key mask, and dropout where :func:`rows_dropout_tested`, by the Triton rows kernels, both ways
+    and for every mix, where :func:`rows_config` names them with a backward."""
     cls = KERNELS[backend]
     if cls.supports(dtype, device.type, head_dim, needs_dropout, needs_key_mask):
         return cls.create(device, dtype, head_dim)
-    if cls is TorchKernel and needs_key_mask and rows_masks and not needs_dropout and device.type == "cuda":
+    rows_route = (needs_key_mask or needs_dropout) and rows_masks and device.type == "cuda"
+    if cls is TorchKernel and rows_route and (not needs_dropout or rows_dropout_tested(device)):
         kernel = cls.create(device, dtype, head_dim)
         if kernel.rows is not None and kernel.rows.backward is not None:
-            return cls(kernel.aten, replace(kernel.rows, in_place_heads=True), masks=True)
+            return cls(kernel.aten, replace(kernel.rows, in_place_heads=True), masks=needs_key_mask,
+                       dropout=needs_dropout)
     return MathKernel.create(device, dtype, head_dim)
+
+
+# Compute capabilities where the compiled rows kernels' dropout (ring_torch._triton_dropout) has
+# passed its GPU tests (pytest -m cuda parity_tests/test_triton_dropout.py); elsewhere a call with
+# dropout runs the math kernel. The interpreter runs the same kernel bodies in the CPU tests.
+ROWS_DROPOUT_CAPABILITIES: set[tuple[int, int]] = set()
+
+
+def rows_dropout_tested(device: torch.device) -> bool:
+    """Whether ``backend="torch"`` may draw dropout in the rows kernels on this CUDA device
+    (:data:`ROWS_DROPOUT_CAPABILITIES`)."""
+    return tuple(torch.cuda.get_device_capability(device)) in ROWS_DROPOUT_CAPABILITIES
 
 
 def fused_block_grads(dout, q, k, v, out, lse, dlse=None, *, scale: float, is_causal: bool, aten):

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from ring_torch._triton_dropout import RowsDropout, dropout_args
 from ring_torch._triton_rows import GradConfig, RowsConfig, _check, _check_device, _ids_args, triton
 
 __all__ = ["grads_into"]
@@ -20,6 +21,7 @@ __all__ = ["grads_into"]
 if triton is not None:
     import triton.language as tl
 
+    from ring_torch._triton_dropout import _hashes, _kept
     from ring_torch._triton_rows import _ids, _keep, _key_range, _rows
 
     @triton.jit
@@ -63,9 +65,11 @@ if triton is not None:
     @triton.jit
     def _dkdv_block(dk, dv, k, v, kid, Q, DO, L, Delta, I, b, h, bh, start_n, start_m, m,
                     sq_b, sq_m, sq_h, sd_b, sd_m, sd_h, sl_b, sl_m, sl_h, si_b, si_m, scale_log2,
+                    kpos, R, sr_b, sr_m, sr_h, threshold, keep_scale,
                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
-                    CAUSAL: tl.constexpr, HAS_IDS: tl.constexpr, PRECISION: tl.constexpr):
-        """One query block's share of the key block's ``(dk, dv)`` (transposed: keys are rows)."""
+                    CAUSAL: tl.constexpr, HAS_IDS: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
+        """One query block's share of the key block's ``(dk, dv)`` (transposed: keys are rows);
+        ``DROPOUT``: the key block's positions ``kpos`` against the query rows' hashes."""
         q = _rows(Q, b, h, start_m, sq_b, sq_m, sq_h, m, BLOCK_M, D, MASK, False)
         do = _rows(DO, b, h, start_m, sd_b, sd_m, sd_h, m, BLOCK_M, D, MASK, False)
         lse2, delta = _row_stats(L, Delta, b, h, bh, start_m, sl_b, sl_m, sl_h, m, BLOCK_M, MASK)
@@ -76,8 +80,14 @@ if triton is not None:
             keep = _keep((start_m + tl.arange(0, BLOCK_M))[None, :], (start_n + tl.arange(0, BLOCK_N))[:, None],
                          qid[None, :], kid[:, None], m, MASK, CAUSAL, HAS_IDS)
             p_t = tl.where(keep, p_t, 0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
         dp_t = tl.dot(v, do.T, input_precision=PRECISION)
+        if DROPOUT:  # dV = (Z P / (1 - p))^T dO and dP = Z dO V^T / (1 - p), Z the keep mask
+            rh = _hashes(R, b.to(tl.int64) * sr_b + h * sr_h, start_m, sr_m, m, BLOCK_M)
+            kept = _kept(rh[None, :], kpos[:, None], threshold)
+            dv = tl.dot((tl.where(kept, p_t, 0.0) * keep_scale).to(do.dtype), do, dv, input_precision=PRECISION)
+            dp_t = tl.where(kept, dp_t, 0.0) * keep_scale
+        else:
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
         return dk, dv
@@ -103,9 +113,10 @@ if triton is not None:
     def _dkdv_kernel(Q, K, V, DO, L, Delta, I, DK, DV, scale, scale_log2, m, H, H_kv, group, kv_blocks,
                      sq_b, sq_m, sq_h, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h, sd_b, sd_m, sd_h,
                      sl_b, sl_m, sl_h, si_b, si_m, sdk_b, sdk_m, sdk_h, sdv_b, sdv_m, sdv_h,
+                     R, sr_b, sr_m, sr_h, P, sp_b, sp_m, threshold, keep_scale,
                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                      EVEN: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_IDS: tl.constexpr,
-                     PRECISION: tl.constexpr):
+                     PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
         pid = tl.program_id(0)
         kv_block = pid % kv_blocks  # causal: the first key block has the most queries; it runs first
         bh = pid // kv_blocks
@@ -115,6 +126,10 @@ if triton is not None:
         k = _rows(K, b, kh, start_n, sk_b, sk_m, sk_h, m, BLOCK_N, D, not EVEN, False)
         v = _rows(V, b, kh, start_n, sv_b, sv_m, sv_h, m, BLOCK_N, D, not EVEN, False)
         kid = _ids(I, b, start_n, si_b, si_m, m, BLOCK_N, HAS_IDS)
+        if DROPOUT:
+            kpos = _hashes(P, b.to(tl.int64) * sp_b, start_n, sp_m, m, BLOCK_N)
+        else:
+            kpos = kid
         dk = tl.zeros([BLOCK_N, D], tl.float32)
         dv = tl.zeros([BLOCK_N, D], tl.float32)
         full_end = (m // BLOCK_M) * BLOCK_M
@@ -131,24 +146,28 @@ if triton is not None:
             for start_m in range(lo, diag_end, BLOCK_M):
                 dk, dv = _dkdv_block(dk, dv, k, v, kid, Q, DO, L, Delta, I, b, h, qbh, start_n, start_m, m,
                                      sq_b, sq_m, sq_h, sd_b, sd_m, sd_h, sl_b, sl_m, sl_h, si_b, si_m, scale_log2,
-                                     D, BLOCK_M, BLOCK_N, True, CAUSAL, HAS_IDS, PRECISION)
+                                     kpos, R, sr_b, sr_m, sr_h, threshold, keep_scale,
+                                     D, BLOCK_M, BLOCK_N, True, CAUSAL, HAS_IDS, PRECISION, DROPOUT)
             for start_m in range(diag_end, full_end, BLOCK_M):
                 dk, dv = _dkdv_block(dk, dv, k, v, kid, Q, DO, L, Delta, I, b, h, qbh, start_n, start_m, m,
                                      sq_b, sq_m, sq_h, sd_b, sd_m, sd_h, sl_b, sl_m, sl_h, si_b, si_m, scale_log2,
-                                     D, BLOCK_M, BLOCK_N, False, CAUSAL, HAS_IDS, PRECISION)
+                                     kpos, R, sr_b, sr_m, sr_h, threshold, keep_scale,
+                                     D, BLOCK_M, BLOCK_N, False, CAUSAL, HAS_IDS, PRECISION, DROPOUT)
             for start_m in range(tl.maximum(tail, lo), m, BLOCK_M):  # the ragged last query block
                 dk, dv = _dkdv_block(dk, dv, k, v, kid, Q, DO, L, Delta, I, b, h, qbh, start_n, start_m, m,
                                      sq_b, sq_m, sq_h, sd_b, sd_m, sd_h, sl_b, sl_m, sl_h, si_b, si_m, scale_log2,
-                                     D, BLOCK_M, BLOCK_N, True, CAUSAL, HAS_IDS, PRECISION)
+                                     kpos, R, sr_b, sr_m, sr_h, threshold, keep_scale,
+                                     D, BLOCK_M, BLOCK_N, True, CAUSAL, HAS_IDS, PRECISION, DROPOUT)
         _grad_out(DK, dk * scale, b, kh, start_n, sdk_b, sdk_m, sdk_h, m, BLOCK_N, D, EVEN, ACCUMULATE)
         _grad_out(DV, dv, b, kh, start_n, sdv_b, sdv_m, sdv_h, m, BLOCK_N, D, EVEN, ACCUMULATE)
 
     @triton.jit
     def _dq_block(dq, q, do, lse2, delta, qid, K, V, I, b, kh, start_m, start_n, m, sk_b, sk_m, sk_h,
-                  sv_b, sv_m, sv_h, si_b, si_m, scale_log2, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_IDS: tl.constexpr,
-                  PRECISION: tl.constexpr):
-        """One key block's share of the query block's ``dq``."""
+                  sv_b, sv_m, sv_h, si_b, si_m, scale_log2, rh, P, p_base, sp_m, threshold, keep_scale,
+                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+                  CAUSAL: tl.constexpr, HAS_IDS: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
+        """One key block's share of the query block's ``dq``; ``DROPOUT``: the rows' hashes ``rh``
+        against the key block's positions."""
         k = _rows(K, b, kh, start_n, sk_b, sk_m, sk_h, m, BLOCK_N, D, MASK, False)
         v = _rows(V, b, kh, start_n, sv_b, sv_m, sv_h, m, BLOCK_N, D, MASK, False)
         s = tl.dot(q, k.T, input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
@@ -159,6 +178,9 @@ if triton is not None:
                          qid[:, None], kid[None, :], m, MASK, CAUSAL, HAS_IDS)
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, v.T, input_precision=PRECISION)
+        if DROPOUT:
+            kpos = _hashes(P, p_base, start_n, sp_m, m, BLOCK_N)
+            dp = tl.where(_kept(rh[:, None], kpos[None, :], threshold), dp, 0.0) * keep_scale
         ds = p * (dp - delta[:, None])
         return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
 
@@ -166,8 +188,10 @@ if triton is not None:
     def _dq_kernel(Q, K, V, DO, L, Delta, I, DQ, scale, scale_log2, m, H, group, row_blocks,
                    sq_b, sq_m, sq_h, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h, sd_b, sd_m, sd_h,
                    sl_b, sl_m, sl_h, si_b, si_m, sdq_b, sdq_m, sdq_h,
+                   R, sr_b, sr_m, sr_h, P, sp_b, sp_m, threshold, keep_scale,
                    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                   EVEN: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_IDS: tl.constexpr, PRECISION: tl.constexpr):
+                   EVEN: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_IDS: tl.constexpr, PRECISION: tl.constexpr,
+                   DROPOUT: tl.constexpr):
         pid = tl.program_id(0)
         row_block = row_blocks - 1 - pid % row_blocks  # causal: the longest row block first
         bh = pid // row_blocks
@@ -179,14 +203,21 @@ if triton is not None:
         do = _rows(DO, b, h, start_m, sd_b, sd_m, sd_h, m, BLOCK_M, D, not EVEN, False)
         lse2, delta = _row_stats(L, Delta, b, h, bh, start_m, sl_b, sl_m, sl_h, m, BLOCK_M, not EVEN)
         qid = _ids(I, b, start_m, si_b, si_m, m, BLOCK_M, HAS_IDS)
+        p_base = b.to(tl.int64) * sp_b
+        if DROPOUT:  # the rows' hashes (placeholders without dropout)
+            rh = _hashes(R, b.to(tl.int64) * sr_b + h * sr_h, start_m, sr_m, m, BLOCK_M)
+        else:
+            rh = qid
         dq = tl.zeros([BLOCK_M, D], tl.float32)
         full_end, end = _key_range(start_m, m, BLOCK_M, BLOCK_N, CAUSAL)
         for start_n in range(0, full_end, BLOCK_N):
             dq = _dq_block(dq, q, do, lse2, delta, qid, K, V, I, b, kh, start_m, start_n, m, sk_b, sk_m, sk_h,
-                           sv_b, sv_m, sv_h, si_b, si_m, scale_log2, D, BLOCK_M, BLOCK_N, False, CAUSAL, HAS_IDS, PRECISION)
+                           sv_b, sv_m, sv_h, si_b, si_m, scale_log2, rh, P, p_base, sp_m, threshold, keep_scale,
+                           D, BLOCK_M, BLOCK_N, False, CAUSAL, HAS_IDS, PRECISION, DROPOUT)
         for start_n in range(full_end, end, BLOCK_N):
             dq = _dq_block(dq, q, do, lse2, delta, qid, K, V, I, b, kh, start_m, start_n, m, sk_b, sk_m, sk_h,
-                           sv_b, sv_m, sv_h, si_b, si_m, scale_log2, D, BLOCK_M, BLOCK_N, True, CAUSAL, HAS_IDS, PRECISION)
+                           sv_b, sv_m, sv_h, si_b, si_m, scale_log2, rh, P, p_base, sp_m, threshold, keep_scale,
+                           D, BLOCK_M, BLOCK_N, True, CAUSAL, HAS_IDS, PRECISION, DROPOUT)
         _grad_out(DQ, dq * scale, b, h, start_m, sdq_b, sdq_m, sdq_h, m, BLOCK_M, D, EVEN, ACCUMULATE)
 
 
@@ -207,7 +238,7 @@ def _check_grads(q, k, v, out, lse, dout, dlse, dq, dk, dv, config: GradConfig):
 
 def grads_into(q, k, v, out, lse, dout, dlse, dq, dk, dv, scale: float, causal: bool,
                config: GradConfig = GradConfig(), accumulate_q: bool = False, accumulate_kv: bool = False,
-               ids=None):
+               ids=None, dropout: RowsDropout | None = None):
     """The backward of :func:`attend_into` from the rows' *global* ``(out, lse)``, written into
     (or added to) the gradient rows in place.
 
@@ -230,6 +261,8 @@ def grads_into(q, k, v, out, lse, dout, dlse, dq, dk, dv, scale: float, causal: 
       accumulate_q, accumulate_kv: add into ``dq`` / ``dk`` and ``dv`` (float32 accumulators
         where several blocks add up) instead of overwriting them.
       ids: ``[B, m]`` document ids as in :func:`attend_into`, or None.
+      dropout: the forward's :class:`~ring_torch._triton_dropout.RowsDropout` (the same mask,
+        drawn again per tile), or None.
 
     Returns:
       ``(dq, dk, dv)``, the destinations.
@@ -251,17 +284,18 @@ def grads_into(q, k, v, out, lse, dout, dlse, dq, dk, dv, scale: float, causal: 
     scale_log2 = scale * math.log2(math.e)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *lse.stride())
     ids, si_b, si_m = _ids_args(ids, q)
+    drop = dropout_args(dropout, q)
     kv_blocks = triton.cdiv(m, config.dkv_block_n)
     _dkdv_kernel[(kv_blocks * B * H_kv,)](
         q, k, v, dout, lse, delta, ids, dk, dv, scale, scale_log2, m, H, H_kv, H // H_kv, kv_blocks,
-        *strides, si_b, si_m, *dk.stride()[:3], *dv.stride()[:3],
+        *strides, si_b, si_m, *dk.stride()[:3], *dv.stride()[:3], *drop, DROPOUT=dropout is not None,
         D=d, BLOCK_M=config.dkv_block_m, BLOCK_N=config.dkv_block_n, CAUSAL=bool(causal),
         EVEN=m % config.dkv_block_n == 0, ACCUMULATE=accumulate_kv, HAS_IDS=ids is not q, PRECISION=precision,
         **launch)
     row_blocks = triton.cdiv(m, config.dq_block_m)
     _dq_kernel[(row_blocks * B * H,)](
         q, k, v, dout, lse, delta, ids, dq, scale, scale_log2, m, H, H // H_kv, row_blocks,
-        *strides, si_b, si_m, *dq.stride()[:3],
+        *strides, si_b, si_m, *dq.stride()[:3], *drop, DROPOUT=dropout is not None,
         D=d, BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n, CAUSAL=bool(causal),
         EVEN=m % config.dq_block_m == 0, ACCUMULATE=accumulate_q, HAS_IDS=ids is not q, PRECISION=precision,
         **launch)

@@ -26,7 +26,9 @@ import math
 
 import torch
 
-__all__ = ["GradConfig", "RowsConfig", "attend_into", "interpreted", "supports", "triton_available"]
+from ring_torch._triton_dropout import RowsDropout, dropout_args
+
+__all__ = ["GradConfig", "RowsConfig", "RowsDropout", "attend_into", "interpreted", "supports", "triton_available"]
 
 try:  # triton ships with torch's CUDA builds; CPU installs add it for the interpreter
     import triton
@@ -86,6 +88,8 @@ def supports(dtype: torch.dtype, head_dim: int) -> bool:
 
 
 if triton is not None:
+    from ring_torch._triton_dropout import _hashes, _kept
+
     @triton.jit
     def _rows(X, b, h, start, sx_b, sx_m, sx_h, m, BLOCK: tl.constexpr, D: tl.constexpr,
               MASK: tl.constexpr, TMA: tl.constexpr):
@@ -131,10 +135,12 @@ if triton is not None:
 
     @triton.jit
     def _block(acc, m_i, l_i, q, qid, K, V, I, b, kh, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h, si_b, si_m, rows,
-               start, m, scale_log2, D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
-               CAUSAL: tl.constexpr, HAS_IDS: tl.constexpr, TMA: tl.constexpr, PRECISION: tl.constexpr):
+               start, m, scale_log2, rh, P, p_base, sp_m, threshold, D: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_IDS: tl.constexpr, TMA: tl.constexpr,
+               PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
         """One key block ``[start, start + BLOCK_N)`` folded into the running ``(acc, m_i, l_i)``
-        (base-2 online softmax); keys of another document (``HAS_IDS``) hidden."""
+        (base-2 online softmax); keys of another document (``HAS_IDS``) hidden; ``DROPOUT``: the
+        weights the rows' hashes ``rh`` drop left out of ``acc`` (not of ``l_i``)."""
         k = _rows(K, b, kh, start, sk_b, sk_m, sk_h, m, BLOCK_N, D, MASK, TMA)
         v = _rows(V, b, kh, start, sv_b, sv_m, sv_h, m, BLOCK_N, D, MASK, TMA)
         s = tl.dot(q, k.T, input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
@@ -149,6 +155,9 @@ if triton is not None:
         p = tl.math.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
+        if DROPOUT:
+            kpos = _hashes(P, p_base, start, sp_m, m, BLOCK_N)
+            p = tl.where(_kept(rh[:, None], kpos[None, :], threshold), p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         return acc, m_new, l_i
 
@@ -168,10 +177,11 @@ if triton is not None:
     def _forward_kernel(Q, K, V, O, Op, L, I, scale_log2, m, H, group, row_blocks,
                         sq_b, sq_m, sq_h, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h,
                         so_b, so_m, so_h, sl_b, sl_m, sl_h, si_b, si_m, rate, offset,
+                        R, sr_b, sr_m, sr_h, P, sp_b, sp_m, threshold, keep_scale,
                         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         CAUSAL: tl.constexpr, EVEN: tl.constexpr, WRITE_LSE: tl.constexpr,
                         FILL: tl.constexpr, MERGE: tl.constexpr, HAS_IDS: tl.constexpr, TMA: tl.constexpr,
-                        WS: tl.constexpr, PRECISION: tl.constexpr):
+                        WS: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
         pid = tl.program_id(0)
         # Row blocks of one (block, head) are neighbours (their keys share L2); within them the
         # last (the longest causal row block) runs first.
@@ -184,21 +194,28 @@ if triton is not None:
         rows = start_m + tl.arange(0, BLOCK_M)
         q = _rows(Q, b, h, start_m, sq_b, sq_m, sq_h, m, BLOCK_M, D, not EVEN, TMA)
         qid = _ids(I, b, start_m, si_b, si_m, m, BLOCK_M, HAS_IDS)
+        p_base = b.to(tl.int64) * sp_b
+        if DROPOUT:  # the rows' hashes (placeholders without dropout)
+            rh = _hashes(R, b.to(tl.int64) * sr_b + h * sr_h, start_m, sr_m, m, BLOCK_M)
+        else:
+            rh = qid
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         full_end, end = _key_range(start_m, m, BLOCK_M, BLOCK_N, CAUSAL)
         for start in tl.range(0, full_end, BLOCK_N, warp_specialize=WS):
             acc, m_i, l_i = _block(acc, m_i, l_i, q, qid, K, V, I, b, kh, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h,
-                                   si_b, si_m, rows, start, m, scale_log2, D, BLOCK_N, False, CAUSAL, HAS_IDS,
-                                   TMA, PRECISION)
+                                   si_b, si_m, rows, start, m, scale_log2, rh, P, p_base, sp_m, threshold, D,
+                                   BLOCK_N, False, CAUSAL, HAS_IDS, TMA, PRECISION, DROPOUT)
         for start in range(full_end, end, BLOCK_N):
             acc, m_i, l_i = _block(acc, m_i, l_i, q, qid, K, V, I, b, kh, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h,
-                                   si_b, si_m, rows, start, m, scale_log2, D, BLOCK_N, True, CAUSAL, HAS_IDS,
-                                   TMA, PRECISION)
+                                   si_b, si_m, rows, start, m, scale_log2, rh, P, p_base, sp_m, threshold, D,
+                                   BLOCK_N, True, CAUSAL, HAS_IDS, TMA, PRECISION, DROPOUT)
         nonempty = l_i > 0
         l_safe = tl.where(nonempty, l_i, 1.0)
         out = acc / l_safe[:, None]
+        if DROPOUT:
+            out = out * keep_scale
         lse = tl.where(nonempty, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
         b64 = b.to(tl.int64)
         o_ptr = Op + b64 * so_b + h * so_h + rows[:, None].to(tl.int64) * so_m + tl.arange(0, D)[None, :]
@@ -301,7 +318,8 @@ def _ids_args(ids, q):
 
 
 def attend_into(q, k, v, out, lse, scale: float, causal: bool, config: RowsConfig = DEFAULT_CONFIG,
-                fill: tuple[int, int] | None = None, merge: bool = False, ids=None):
+                fill: tuple[int, int] | None = None, merge: bool = False, ids=None,
+                dropout: RowsDropout | None = None):
     """Attention of each block's rows among themselves, written into ``out`` and ``lse``.
 
     Args:
@@ -321,6 +339,8 @@ def attend_into(q, k, v, out, lse, scale: float, causal: bool, config: RowsConfi
       ids: ``[B, m]`` int document id of each row (any strides), or None: a key counts for a
         query only when their ids are equal (packed documents; padding as an id of its own).
         A row that sees no key gets ``out = 0``, ``lse = -inf``.
+      dropout: :class:`RowsDropout` (the shared counter hash, drawn in the kernel: the math
+        kernel's mask bit for bit), or None. ``lse`` stays that of the undropped weights.
 
     Returns:
       ``(out, lse)``, the destinations.
@@ -350,7 +370,7 @@ def attend_into(q, k, v, out, lse, scale: float, causal: bool, config: RowsConfi
     _forward_kernel[(row_blocks * B * H,)](
         *tensors, out, lse_arg, ids, scale * math.log2(math.e), m, H, H // k.shape[2], row_blocks,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse_strides, si_b, si_m, rate, offset,
-        D=d, BLOCK_M=config.block_m, BLOCK_N=config.block_n, CAUSAL=bool(causal),
+        *dropout_args(dropout, q), DROPOUT=dropout is not None, D=d, BLOCK_M=config.block_m, BLOCK_N=config.block_n, CAUSAL=bool(causal),
         EVEN=m % config.block_m == 0, WRITE_LSE=lse is not None, FILL=fill is not None and rate > 1, MERGE=merge,
         HAS_IDS=ids is not q, TMA=config.tma, WS=config.warp_specialize, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages)
