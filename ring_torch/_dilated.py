@@ -6,9 +6,10 @@ strided slice, so with all segments folded into the batch they are a *view* of t
 kernels read strided rows) and of the output and gradient buffers (written in place).
 
 One executor per call runs the units (:func:`make_executor`): :class:`FusedExecutor` for a
-kernel with a fused backward (``backend="torch"`` without dropout: :class:`FusedDilated`, its own
-backward, :mod:`ring_torch._dilated_grads`, fed the merged ``out``/``lse``), :class:`AutogradExecutor` for the rest (``math``,
-``xformers``, dropout: autograd through every kernel call). The ring runs its local units with
+kernel with a fused backward (``backend="torch"``, with dropout only where the Triton rows kernels
+draw it: :class:`FusedDilated`, its own backward, :mod:`ring_torch._dilated_grads`, fed the merged
+``out``/``lse``), :class:`AutogradExecutor` for the rest (``math``, ``xformers``, other dropout:
+autograd through every kernel call). The ring runs its local units with
 the same executor; :mod:`ring_torch._api` runs a call's spans with them.
 """
 
@@ -208,7 +209,7 @@ _apply_fused_eagerly = torch.compiler.disable(_apply_fused)
 
 class FusedExecutor:
     """Runs a plan's units as one :class:`FusedDilated` call (a kernel with a fused backward:
-    ``backend="torch"`` without dropout)."""
+    ``backend="torch"``; dropout only by the rows kernels, :attr:`TorchKernel.dropout`)."""
 
     def __init__(self, kernel: Kernel):
         self.kernel = kernel

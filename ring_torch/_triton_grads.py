@@ -4,7 +4,8 @@
 global ``(out, lse)`` (every pattern's, every ring hop's): a ``Delta`` pass, a dk/dv kernel that
 walks the queries of each key block (a GQA group summed in the program) and a dq kernel that walks
 the keys of each query block, writing dq, dk, dv into their rows or adding them into float32
-accumulators. Row loads, masks and document ids are the forward's (:mod:`ring_torch._triton_rows`).
+accumulators. Row loads, masks, document ids and dropout are the forward's
+(:mod:`ring_torch._triton_rows`, :mod:`ring_torch._triton_dropout`).
 """
 
 from __future__ import annotations

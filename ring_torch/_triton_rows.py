@@ -9,7 +9,9 @@ rows' attention into float32 ``(out, lse)`` accumulators in its epilogue (the lo
 pattern after pattern, with no per-pattern output and no merge pass). GQA by head index (query
 head ``j`` reads kv head ``j // (H / H_kv)``), no repeated kv heads. Causal is the lower
 triangle of each ``m x m`` block; ``ids`` (a document id per row) hide the keys of other
-documents. Rows load through pointers or, ``RowsConfig.tma``, tensor descriptors.
+documents; ``dropout`` is drawn tile by tile from the shared counter hash
+(:mod:`ring_torch._triton_dropout`). Rows load through pointers or, ``RowsConfig.tma``, tensor
+descriptors.
 
 :func:`ring_torch._triton_grads.grads_into` is the backward, built from this module's row loads
 and masks.
