@@ -5,7 +5,7 @@ to the mask :func:`ring_torch._dropout.keep_mask` draws (the math kernel's, and 
 against a float64 reference both ways, the layer through ``FusedDilated`` against the math
 kernel through autograd (with documents and padding too), the API route, the dispatch and the
 errors. On the CPU the kernels run in Triton's interpreter; the ``-m cuda`` tests run them
-compiled (``ring_torch._kernels.ROWS_DROPOUT_CAPABILITIES`` lists the cards they passed on).
+compiled (``ring_torch._kernels.ROWS_TESTED["dropout"]`` lists the cards they passed on).
 """
 
 from __future__ import annotations
@@ -180,21 +180,23 @@ def test_api_routes_dropout_to_the_rows_kernels(mix, monkeypatch):
 
 def test_dispatch_of_dropout(monkeypatch):
     """On CUDA ``backend="torch"`` draws dropout in the rows kernels (every mix, both ways) only on
-    one device, where the table names rows kernels with a backward and the card is in
-    ``ROWS_DROPOUT_CAPABILITIES``; otherwise the math kernel. A torch kernel that does not draw
+    one device (in a ring once ``ROWS_TESTED["ring"]`` lists the card), where the table names rows
+    kernels with a backward and ``ROWS_TESTED["dropout"]`` lists the card; otherwise the math kernel. A torch kernel that does not draw
     dropout refuses a block with it."""
     cuda = torch.device("cuda")
     table = {"rows": SMALL}
     monkeypatch.setattr(kernels.TorchKernel, "create", classmethod(lambda cls, *a: cls(_AtenCPU, table["rows"])))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(kernels, "ROWS_DROPOUT_CAPABILITIES", set())
+    monkeypatch.setattr(kernels, "ROWS_TESTED", {"dropout": set(), "ring": set()})
     assert kernels.kernel_for("torch", cuda, torch.bfloat16, 64, True, rows_masks=True).name == "math"
-    monkeypatch.setattr(kernels, "ROWS_DROPOUT_CAPABILITIES", {(9, 0)})
+    kernels.ROWS_TESTED["dropout"].add((9, 0))
     chosen = kernels.kernel_for("torch", cuda, torch.bfloat16, 64, True, rows_masks=True)
     assert (chosen.name, chosen.dropout, chosen.masks, chosen.rows.in_place_heads) == ("torch", True, False, True)
     chosen = kernels.kernel_for("torch", cuda, torch.bfloat16, 64, True, True, rows_masks=True)
     assert (chosen.dropout, chosen.masks) == (True, True)
-    assert kernels.kernel_for("torch", cuda, torch.bfloat16, 64, True).name == "math"  # a ring
+    assert kernels.kernel_for("torch", cuda, torch.bfloat16, 64, True).name == "math"  # a ring: not tested there
+    kernels.ROWS_TESTED["ring"].add((9, 0))
+    assert kernels.kernel_for("torch", cuda, torch.bfloat16, 64, True).dropout
     assert kernels.kernel_for("torch", torch.device("cpu"), torch.float32, 64, True, rows_masks=True).name == "math"
     table["rows"] = RowsConfig()  # no backward: the math kernel
     assert kernels.kernel_for("torch", cuda, torch.bfloat16, 64, True, rows_masks=True).name == "math"
@@ -209,20 +211,23 @@ def test_dispatch_of_dropout(monkeypatch):
 
 
 def test_dropout_rows_are_keep_mask():
-    """:func:`dropout_rows` splits exactly the mask :func:`block_masks` draws for a unit."""
+    """:func:`dropout_rows` splits exactly the mask :func:`block_masks` draws: for a unit's own
+    rows, and for a ring hop's block (other key rows, heads at different offsets)."""
     config = DilatedConfig(segment_lengths=(16, 32), dilation_rates=(1, 2))
     spec = MaskSpec(is_causal=True, dropout=Dropout(0.3, 5), batch_base=1)
-    for unit in build_plan(config, 64, 4, 2).units:
-        coords = unit_coords(unit, spec, 2, 64)
+    blocks = [unit_coords(unit, spec, 2, 64) for unit in build_plan(config, 64, 4, 2).units]
+    hop = dataclasses.replace(blocks[-1], offsets=(0, 1), heads=(2, 3), batch_outer=False)
+    blocks.append(hop.at([40, 72], [8, 104]))
+    for coords in blocks:
         hashes, kpos = dropout_rows(coords, "cpu")
         qpos = coords.positions(coords.q_starts, "cpu")
-        heads = torch.tensor(coords.heads)
-        want = keep_mask(5, coords.pattern, coords.batch_index("cpu"), heads, qpos, qpos, 0.3)
-        got = _mix(hashes.transpose(1, 2)[..., None] ^ kpos[:, None, None, :]) >= threshold(0.3)
+        kpos_all = qpos if coords.k_starts is None else coords.positions(coords.k_starts, "cpu")
+        want = keep_mask(5, coords.pattern, coords.batch_index("cpu"), torch.tensor(coords.heads), qpos, kpos_all, 0.3)
+        kpos = kpos[:, None, :] if kpos.dim() == 2 else kpos.transpose(1, 2)  # [B, H or 1, m_k]
+        got = _mix(hashes.transpose(1, 2)[..., None] ^ kpos[:, :, None, :]) >= threshold(0.3)
         assert torch.equal(got, want)
-    assert dropout_rows(unit_coords(unit, MaskSpec(is_causal=True), 2, 64), "cpu") is None
-    with pytest.raises(ValueError, match="keys are its own rows"):
-        dropout_rows(coords.at(coords.q_starts, coords.q_starts), "cpu")
+    assert dropout_rows(unit_coords(build_plan(config, 64, 4, 2).units[0], MaskSpec(is_causal=True), 2, 64),
+                        "cpu") is None
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -34,8 +34,8 @@ import torch
 from ring_torch._dropout import Dropout, keep_mask, row_hash
 from ring_torch._plan import Unit, causal_mask, index_tensor
 
-__all__ = ["MaskSpec", "BlockCoords", "unit_coords", "block_masks", "dropout_rows", "row_ids", "real_rows",
-           "mask_rows"]
+__all__ = ["MaskSpec", "BlockCoords", "unit_coords", "block_masks", "block_ids", "dropout_rows", "row_ids",
+           "real_rows", "mask_rows"]
 
 
 @dataclass(frozen=True)
@@ -201,22 +201,6 @@ def block_masks(coords: BlockCoords, device) -> tuple[torch.Tensor | None, torch
     return hide, keep
 
 
-def dropout_rows(coords: BlockCoords, device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Dropout of a block for kernels that draw it themselves (the Triton rows kernels):
-    ``(row_hash [B, m, H], kpos [B, m])``, int64, the mask :func:`block_masks` draws split into its
-    per-row part and the key positions; None without dropout. The block's keys must be its own
-    rows, under one offset for all heads (:func:`unit_coords`)."""
-    drop = coords.spec.dropout
-    if drop is None:
-        return None
-    if coords.k_starts is not None or len(set(coords.offsets)) > 1:
-        raise ValueError(f"dropout_rows needs a block whose keys are its own rows under one offset, got "
-                         f"k_starts={coords.k_starts} and offsets={coords.offsets}")
-    qpos = coords.positions(coords.q_starts, device)  # [B, H, m]
-    hashes = row_hash(drop.seed, coords.pattern, coords.batch_index(device), index_tensor(coords.heads, device), qpos)
-    return hashes.transpose(1, 2), qpos[:, 0]
-
-
 # The id of padded rows in row_ids: no document id equals it (ids are user values; this one is
 # reserved).
 PADDING_ID = torch.iinfo(torch.int64).min
@@ -236,6 +220,47 @@ def row_ids(spec: MaskSpec, batch: int, seq_len: int, device) -> torch.Tensor:
     if spec.hides_padding:
         ids = ids.masked_fill(~real_rows(spec.lengths.to(device)[entries], positions), PADDING_ID)
     return ids
+
+
+def _by_head(coords: BlockCoords, x: torch.Tensor) -> torch.Tensor:
+    """``[B, H, m]`` -> ``[B, m]`` where every head column sits at one offset, else ``[B, m, H]``."""
+    return x[:, 0] if len(set(coords.offsets)) == 1 else x.transpose(1, 2)
+
+
+def block_ids(coords: BlockCoords, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The ids by which kernels that take them (the Triton rows kernels) mask a block, as
+    :func:`row_ids` gives a device's rows: ``(query ids, key ids)``, int64 ``[B, m]`` and
+    ``[B, m_k]`` (``[B, m, H]``, ``[B, m_k, H]`` where head columns sit at different offsets); a
+    key counts for a real query exactly where :func:`block_masks` keeps it (save causality). None
+    where blocks need no key mask."""
+    spec = coords.spec
+    if not spec.needs_key_mask:
+        return None
+    batch = coords.batch_index(device)[:, None, None]  # [B, 1, 1]
+
+    def ids(starts):
+        pos = coords.positions(starts, device)  # [B, H, m]
+        out = torch.zeros_like(pos) if spec.segment_ids is None else spec.segment_ids.to(device)[batch, pos]
+        if spec.hides_padding:
+            out = out.masked_fill(pos >= spec.lengths.to(device)[batch], PADDING_ID)
+        return _by_head(coords, out)
+
+    q_ids = ids(coords.q_starts)
+    return q_ids, q_ids if coords.k_starts is None else ids(coords.k_starts)
+
+
+def dropout_rows(coords: BlockCoords, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Dropout of a block for kernels that draw it themselves (the Triton rows kernels):
+    ``(row_hash [B, m, H], kpos)``, int64, the mask :func:`block_masks` draws split into its
+    per-row part and the key positions (``[B, m_k]``, or ``[B, m_k, H]`` where head columns sit
+    at different offsets); None without dropout."""
+    drop = coords.spec.dropout
+    if drop is None:
+        return None
+    qpos = coords.positions(coords.q_starts, device)  # [B, H, m]
+    kpos = qpos if coords.k_starts is None else coords.positions(coords.k_starts, device)
+    hashes = row_hash(drop.seed, coords.pattern, coords.batch_index(device), index_tensor(coords.heads, device), qpos)
+    return hashes.transpose(1, 2), _by_head(coords, kpos)
 
 
 def real_rows(lengths: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

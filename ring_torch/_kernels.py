@@ -40,7 +40,7 @@ import torch
 from ring_torch._aten import (CUDNN_MAX_HEAD_DIM, _AtenCPU, _AtenCUDA, _AtenCudnnCUDA, _AtenFlashCUDA, _XFormers,
                               ExactLSE, exact_backward, records_graph)
 from ring_torch._config import memo
-from ring_torch._coords import BlockCoords, dropout_rows
+from ring_torch._coords import BlockCoords, block_ids, dropout_rows
 from ring_torch._math_kernel import GradInputs, MathKernel
 from ring_torch._triton_grads import grads_into
 from ring_torch._triton_rows import GradConfig, RowsConfig, RowsDropout, attend_into
@@ -48,7 +48,7 @@ from ring_torch._triton_rows import supports as rows_support
 
 __all__ = ["BACKENDS", "KERNELS", "GradInputs", "Kernel", "MathKernel", "TorchKernel",
            "XFormersKernel", "check_backend", "cuda_kernel", "fused_block_grads", "kernel_for",
-           "rows_config", "rows_dropout_tested", "select_backend", "xformers_available"]
+           "rows_config", "rows_tested", "select_backend", "xformers_available"]
 
 BACKENDS = ("auto", "math", "torch", "xformers")
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -253,7 +253,8 @@ def _refuse_dropout(coords: BlockCoords):
 class TorchKernel:
     """``torch``: the aten fused kernel for the call's device, dtype and head_dim (chosen once);
     causal as the only mask. ``masks`` / ``dropout``: the Triton rows kernels (``rows``, both ways,
-    every mix) take the rows' document ids / draw dropout (one device; :func:`kernel_for`)."""
+    every mix) take the rows' document ids / draw dropout, in place on one device and for every
+    block (a ring hop's too: :meth:`forward`, :meth:`backward`) (:func:`kernel_for`)."""
 
     name = "torch"
     fused_backward = True
@@ -289,7 +290,18 @@ class TorchKernel:
         name = cuda_kernel(dtype, head_dim, capability, cudnn_attention_available())
         return cls(CUDA_ATEN[name], rows_config(dtype, head_dim, capability))
 
+    def _block_masks(self, coords: BlockCoords, device) -> dict:
+        """The rows kernels' ``ids``, ``key_ids`` and ``dropout`` of a block, from its coordinates."""
+        ids = block_ids(coords, device) if self.masks else None
+        q_ids, k_ids = ids if ids is not None else (None, None)
+        return dict(ids=q_ids, key_ids=k_ids, dropout=self._rows_dropout(coords, device))
+
     def forward(self, q, k, v, scale, coords):
+        if self.masks or self.dropout:  # the rows kernels on dense blocks (a ring hop's)
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+            return attend_into(q, k, v, out, lse, scale, coords.is_causal, self.rows,
+                               **self._block_masks(coords, q.device))
         _refuse_dropout(coords)
         if self.aten is not _AtenCPU:
             group = q.shape[2] // k.shape[2]
@@ -318,7 +330,12 @@ class TorchKernel:
         return GradInputs(q, out.to(q.dtype), lse, dout, dlse, None)
 
     def backward(self, g, k, v, scale, coords):
-        """``(dq, dk, dv)`` per query head in ``q``'s dtype (:func:`fused_block_grads`)."""
+        """``(dq, dk, dv)`` per query head in ``q``'s dtype (:func:`fused_block_grads`; the rows
+        kernels where this kernel masks or drops)."""
+        if self.masks or self.dropout:
+            grads = tuple(torch.empty(x.shape, dtype=g.q.dtype, device=x.device) for x in (g.q, k, v))
+            return grads_into(g.q, k, v, g.out, g.lse, g.dout, g.dlse, *grads, scale, coords.is_causal,
+                              self.rows.backward, **self._block_masks(coords, g.q.device))
         _refuse_dropout(coords)
         return fused_block_grads(g.dout, g.q, k, v, g.out, g.lse, g.dlse, scale=scale,
                                  is_causal=coords.is_causal, aten=self.aten)
@@ -333,14 +350,16 @@ def kernel_for(backend: str, device: torch.device, dtype: torch.dtype, head_dim:
     """The kernel of a resolved ``backend`` for one call's inputs (compute ``dtype``);
     :class:`MathKernel` where that backend cannot take them (dropout; a key mask, which
     non-causal calls with padding and calls with ``segment_ids`` need), except that with
-    ``rows_masks`` (one device: every block's keys are its own rows) ``backend="torch"`` takes a
-    key mask, and dropout where :func:`rows_dropout_tested`, by the Triton rows kernels, both ways
-    and for every mix, where :func:`rows_config` names them with a backward."""
+    ``rows_masks`` (one device: every block's keys are its own rows; in a ring where
+    :func:`rows_tested` ``"ring"``) ``backend="torch"`` takes a key mask, and dropout where
+    :func:`rows_tested` ``"dropout"``, by the Triton rows kernels, both ways and for every mix,
+    where :func:`rows_config` names them with a backward."""
     cls = KERNELS[backend]
     if cls.supports(dtype, device.type, head_dim, needs_dropout, needs_key_mask):
         return cls.create(device, dtype, head_dim)
-    rows_route = (needs_key_mask or needs_dropout) and rows_masks and device.type == "cuda"
-    if cls is TorchKernel and rows_route and (not needs_dropout or rows_dropout_tested(device)):
+    rows_route = (needs_key_mask or needs_dropout) and device.type == "cuda"
+    rows_route = rows_route and (rows_masks or rows_tested("ring", device))
+    if cls is TorchKernel and rows_route and (not needs_dropout or rows_tested("dropout", device)):
         kernel = cls.create(device, dtype, head_dim)
         if kernel.rows is not None and kernel.rows.backward is not None:
             return cls(kernel.aten, replace(kernel.rows, in_place_heads=True), masks=needs_key_mask,
@@ -348,16 +367,18 @@ def kernel_for(backend: str, device: torch.device, dtype: torch.dtype, head_dim:
     return MathKernel.create(device, dtype, head_dim)
 
 
-# Compute capabilities where the compiled rows kernels' dropout (ring_torch._triton_dropout) has
-# passed its GPU tests (pytest -m cuda parity_tests/test_triton_dropout.py); elsewhere a call with
-# dropout runs the math kernel. The interpreter runs the same kernel bodies in the CPU tests.
-ROWS_DROPOUT_CAPABILITIES: set[tuple[int, int]] = set()
+# Per feature of the rows kernels, the compute capabilities where its compiled kernels have passed
+# their GPU tests (pytest -m cuda): "dropout" (ring_torch._triton_dropout,
+# parity_tests/test_triton_dropout.py) and "ring" (ring hops' blocks with separate key rows and
+# ids, parity_tests/test_triton_ring_blocks.py). Elsewhere such calls run the math kernel. The
+# interpreter runs the same kernel bodies in the CPU tests.
+ROWS_TESTED: dict[str, set[tuple[int, int]]] = {"dropout": set(), "ring": set()}
 
 
-def rows_dropout_tested(device: torch.device) -> bool:
-    """Whether ``backend="torch"`` may draw dropout in the rows kernels on this CUDA device
-    (:data:`ROWS_DROPOUT_CAPABILITIES`)."""
-    return tuple(torch.cuda.get_device_capability(device)) in ROWS_DROPOUT_CAPABILITIES
+def rows_tested(feature: str, device: torch.device) -> bool:
+    """Whether ``backend="torch"`` may route ``feature`` (a key of :data:`ROWS_TESTED`) to the
+    rows kernels on this CUDA device."""
+    return tuple(torch.cuda.get_device_capability(device)) in ROWS_TESTED[feature]
 
 
 def fused_block_grads(dout, q, k, v, out, lse, dlse=None, *, scale: float, is_causal: bool, aten):

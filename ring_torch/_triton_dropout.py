@@ -27,28 +27,32 @@ class RowsDropout(NamedTuple):
     """Dropout of one block of rows, drawn in the kernels.
 
     ``row_hash``: int64 ``[B, m, H]`` in ``[0, 2^32)``, :func:`ring_torch._dropout.row_hash` of
-    each query row and head (any strides); ``kpos``: int64 ``[B, m]`` global position of each key
-    row (any strides); ``p``: the rate, in ``(0, 1)``."""
+    each query row and head (any strides); ``kpos``: int64 ``[B, m_k]`` global position of each
+    key row, or ``[B, m_k, H_kv]`` per kv head (any strides); ``p``: the rate, in ``(0, 1)``."""
 
     row_hash: torch.Tensor
     kpos: torch.Tensor
     p: float
 
 
-def dropout_args(dropout: RowsDropout | None, q) -> tuple:
-    """The kernels' dropout operands: ``(row_hash, sr_b, sr_m, sr_h, kpos, sp_b, sp_m, threshold,
-    keep_scale)``; placeholders (``q``, zero strides) for None. ``ValueError`` naming what is off."""
+def dropout_args(dropout: RowsDropout | None, q, k) -> tuple:
+    """The kernels' dropout operands: ``(row_hash, sr_b, sr_m, sr_h, kpos, sp_b, sp_m, sp_h,
+    threshold, keep_scale)``; placeholders (``q``, zero strides) for None. ``ValueError`` naming
+    what is off."""
     if dropout is None:
-        return q, 0, 0, 0, q, 0, 0, 0, 1.0
+        return q, 0, 0, 0, q, 0, 0, 0, 0, 1.0
     row_hash, kpos, p = dropout
     B, m, H = q.shape[:3]
+    m_k = k.shape[1]
     if row_hash.shape != (B, m, H) or row_hash.dtype != torch.int64:
         raise ValueError(f"dropout.row_hash must be int64 {(B, m, H)}, got {row_hash.dtype} {tuple(row_hash.shape)}")
-    if kpos.shape != (B, m) or kpos.dtype != torch.int64:
-        raise ValueError(f"dropout.kpos must be int64 {(B, m)}, got {kpos.dtype} {tuple(kpos.shape)}")
+    if kpos.shape not in ((B, m_k), (B, m_k, k.shape[2])) or kpos.dtype != torch.int64:
+        raise ValueError(f"dropout.kpos must be int64 {(B, m_k)} or {(B, m_k, k.shape[2])}, got {kpos.dtype} "
+                         f"{tuple(kpos.shape)}")
     if not 0.0 < p < 1.0:
         raise ValueError(f"dropout.p={p} must be in (0, 1)")
-    return (row_hash, *row_hash.stride(), kpos, *kpos.stride(), int(p * 2 ** 32), 1.0 / (1.0 - p))
+    kpos_head = kpos.stride(2) if kpos.dim() == 3 else 0
+    return (row_hash, *row_hash.stride(), kpos, *kpos.stride()[:2], kpos_head, int(p * 2 ** 32), 1.0 / (1.0 - p))
 
 
 if triton is not None:

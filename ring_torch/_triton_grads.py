@@ -64,8 +64,8 @@ if triton is not None:
         return lse2, delta
 
     @triton.jit
-    def _dkdv_block(dk, dv, k, v, kid, Q, DO, L, Delta, I, b, h, bh, start_n, start_m, m,
-                    sq_b, sq_m, sq_h, sd_b, sd_m, sd_h, sl_b, sl_m, sl_h, si_b, si_m, scale_log2,
+    def _dkdv_block(dk, dv, k, v, kid, Q, DO, L, Delta, I, b, h, bh, start_n, start_m, m, mk,
+                    sq_b, sq_m, sq_h, sd_b, sd_m, sd_h, sl_b, sl_m, sl_h, si_b, si_m, si_h, scale_log2,
                     kpos, R, sr_b, sr_m, sr_h, threshold, keep_scale,
                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
                     CAUSAL: tl.constexpr, HAS_IDS: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
@@ -77,9 +77,9 @@ if triton is not None:
         s_t = tl.dot(k, q.T, input_precision=PRECISION) * scale_log2  # [BLOCK_N, BLOCK_M]
         p_t = tl.math.exp2(s_t - lse2[None, :])
         if MASK or HAS_IDS:
-            qid = _ids(I, b, start_m, si_b, si_m, m, BLOCK_M, HAS_IDS)
+            qid = _ids(I, b, h, start_m, si_b, si_m, si_h, m, BLOCK_M, HAS_IDS)
             keep = _keep((start_m + tl.arange(0, BLOCK_M))[None, :], (start_n + tl.arange(0, BLOCK_N))[:, None],
-                         qid[None, :], kid[:, None], m, MASK, CAUSAL, HAS_IDS)
+                         qid[None, :], kid[:, None], m, mk, MASK, CAUSAL, HAS_IDS)
             p_t = tl.where(keep, p_t, 0.0)
         dp_t = tl.dot(v, do.T, input_precision=PRECISION)
         if DROPOUT:  # dV = (Z P / (1 - p))^T dO and dP = Z dO V^T / (1 - p), Z the keep mask
@@ -111,10 +111,10 @@ if triton is not None:
             tl.store(ptr, G.to(X.dtype.element_ty), mask=keep)
 
     @triton.jit
-    def _dkdv_kernel(Q, K, V, DO, L, Delta, I, DK, DV, scale, scale_log2, m, H, H_kv, group, kv_blocks,
+    def _dkdv_kernel(Q, K, V, DO, L, Delta, I, IK, DK, DV, scale, scale_log2, m, mk, H, H_kv, group, kv_blocks,
                      sq_b, sq_m, sq_h, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h, sd_b, sd_m, sd_h,
-                     sl_b, sl_m, sl_h, si_b, si_m, sdk_b, sdk_m, sdk_h, sdv_b, sdv_m, sdv_h,
-                     R, sr_b, sr_m, sr_h, P, sp_b, sp_m, threshold, keep_scale,
+                     sl_b, sl_m, sl_h, si_b, si_m, si_h, sik_b, sik_m, sik_h, sdk_b, sdk_m, sdk_h, sdv_b, sdv_m, sdv_h,
+                     R, sr_b, sr_m, sr_h, P, sp_b, sp_m, sp_h, threshold, keep_scale,
                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                      EVEN: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_IDS: tl.constexpr,
                      PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
@@ -124,11 +124,11 @@ if triton is not None:
         b = bh // H_kv
         kh = bh % H_kv
         start_n = kv_block * BLOCK_N
-        k = _rows(K, b, kh, start_n, sk_b, sk_m, sk_h, m, BLOCK_N, D, not EVEN, False)
-        v = _rows(V, b, kh, start_n, sv_b, sv_m, sv_h, m, BLOCK_N, D, not EVEN, False)
-        kid = _ids(I, b, start_n, si_b, si_m, m, BLOCK_N, HAS_IDS)
+        k = _rows(K, b, kh, start_n, sk_b, sk_m, sk_h, mk, BLOCK_N, D, not EVEN, False)
+        v = _rows(V, b, kh, start_n, sv_b, sv_m, sv_h, mk, BLOCK_N, D, not EVEN, False)
+        kid = _ids(IK, b, kh, start_n, sik_b, sik_m, sik_h, mk, BLOCK_N, HAS_IDS)
         if DROPOUT:
-            kpos = _hashes(P, b.to(tl.int64) * sp_b, start_n, sp_m, m, BLOCK_N)
+            kpos = _hashes(P, b.to(tl.int64) * sp_b + kh * sp_h, start_n, sp_m, mk, BLOCK_N)
         else:
             kpos = kid
         dk = tl.zeros([BLOCK_N, D], tl.float32)
@@ -145,51 +145,51 @@ if triton is not None:
             h = kh * group + j
             qbh = b * H + h
             for start_m in range(lo, diag_end, BLOCK_M):
-                dk, dv = _dkdv_block(dk, dv, k, v, kid, Q, DO, L, Delta, I, b, h, qbh, start_n, start_m, m,
-                                     sq_b, sq_m, sq_h, sd_b, sd_m, sd_h, sl_b, sl_m, sl_h, si_b, si_m, scale_log2,
+                dk, dv = _dkdv_block(dk, dv, k, v, kid, Q, DO, L, Delta, I, b, h, qbh, start_n, start_m, m, mk,
+                                     sq_b, sq_m, sq_h, sd_b, sd_m, sd_h, sl_b, sl_m, sl_h, si_b, si_m, si_h, scale_log2,
                                      kpos, R, sr_b, sr_m, sr_h, threshold, keep_scale,
                                      D, BLOCK_M, BLOCK_N, True, CAUSAL, HAS_IDS, PRECISION, DROPOUT)
             for start_m in range(diag_end, full_end, BLOCK_M):
-                dk, dv = _dkdv_block(dk, dv, k, v, kid, Q, DO, L, Delta, I, b, h, qbh, start_n, start_m, m,
-                                     sq_b, sq_m, sq_h, sd_b, sd_m, sd_h, sl_b, sl_m, sl_h, si_b, si_m, scale_log2,
+                dk, dv = _dkdv_block(dk, dv, k, v, kid, Q, DO, L, Delta, I, b, h, qbh, start_n, start_m, m, mk,
+                                     sq_b, sq_m, sq_h, sd_b, sd_m, sd_h, sl_b, sl_m, sl_h, si_b, si_m, si_h, scale_log2,
                                      kpos, R, sr_b, sr_m, sr_h, threshold, keep_scale,
                                      D, BLOCK_M, BLOCK_N, False, CAUSAL, HAS_IDS, PRECISION, DROPOUT)
             for start_m in range(tl.maximum(tail, lo), m, BLOCK_M):  # the ragged last query block
-                dk, dv = _dkdv_block(dk, dv, k, v, kid, Q, DO, L, Delta, I, b, h, qbh, start_n, start_m, m,
-                                     sq_b, sq_m, sq_h, sd_b, sd_m, sd_h, sl_b, sl_m, sl_h, si_b, si_m, scale_log2,
+                dk, dv = _dkdv_block(dk, dv, k, v, kid, Q, DO, L, Delta, I, b, h, qbh, start_n, start_m, m, mk,
+                                     sq_b, sq_m, sq_h, sd_b, sd_m, sd_h, sl_b, sl_m, sl_h, si_b, si_m, si_h, scale_log2,
                                      kpos, R, sr_b, sr_m, sr_h, threshold, keep_scale,
                                      D, BLOCK_M, BLOCK_N, True, CAUSAL, HAS_IDS, PRECISION, DROPOUT)
-        _grad_out(DK, dk * scale, b, kh, start_n, sdk_b, sdk_m, sdk_h, m, BLOCK_N, D, EVEN, ACCUMULATE)
-        _grad_out(DV, dv, b, kh, start_n, sdv_b, sdv_m, sdv_h, m, BLOCK_N, D, EVEN, ACCUMULATE)
+        _grad_out(DK, dk * scale, b, kh, start_n, sdk_b, sdk_m, sdk_h, mk, BLOCK_N, D, EVEN, ACCUMULATE)
+        _grad_out(DV, dv, b, kh, start_n, sdv_b, sdv_m, sdv_h, mk, BLOCK_N, D, EVEN, ACCUMULATE)
 
     @triton.jit
-    def _dq_block(dq, q, do, lse2, delta, qid, K, V, I, b, kh, start_m, start_n, m, sk_b, sk_m, sk_h,
-                  sv_b, sv_m, sv_h, si_b, si_m, scale_log2, rh, P, p_base, sp_m, threshold, keep_scale,
+    def _dq_block(dq, q, do, lse2, delta, qid, K, V, IK, b, kh, start_m, start_n, m, mk, sk_b, sk_m, sk_h,
+                  sv_b, sv_m, sv_h, sik_b, sik_m, sik_h, scale_log2, rh, P, p_base, sp_m, threshold, keep_scale,
                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
                   CAUSAL: tl.constexpr, HAS_IDS: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
         """One key block's share of the query block's ``dq``; ``DROPOUT``: the rows' hashes ``rh``
         against the key block's positions."""
-        k = _rows(K, b, kh, start_n, sk_b, sk_m, sk_h, m, BLOCK_N, D, MASK, False)
-        v = _rows(V, b, kh, start_n, sv_b, sv_m, sv_h, m, BLOCK_N, D, MASK, False)
+        k = _rows(K, b, kh, start_n, sk_b, sk_m, sk_h, mk, BLOCK_N, D, MASK, False)
+        v = _rows(V, b, kh, start_n, sv_b, sv_m, sv_h, mk, BLOCK_N, D, MASK, False)
         s = tl.dot(q, k.T, input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
         p = tl.math.exp2(s - lse2[:, None])
         if MASK or HAS_IDS:
-            kid = _ids(I, b, start_n, si_b, si_m, m, BLOCK_N, HAS_IDS)
+            kid = _ids(IK, b, kh, start_n, sik_b, sik_m, sik_h, mk, BLOCK_N, HAS_IDS)
             keep = _keep((start_m + tl.arange(0, BLOCK_M))[:, None], (start_n + tl.arange(0, BLOCK_N))[None, :],
-                         qid[:, None], kid[None, :], m, MASK, CAUSAL, HAS_IDS)
+                         qid[:, None], kid[None, :], m, mk, MASK, CAUSAL, HAS_IDS)
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, v.T, input_precision=PRECISION)
         if DROPOUT:
-            kpos = _hashes(P, p_base, start_n, sp_m, m, BLOCK_N)
+            kpos = _hashes(P, p_base, start_n, sp_m, mk, BLOCK_N)
             dp = tl.where(_kept(rh[:, None], kpos[None, :], threshold), dp, 0.0) * keep_scale
         ds = p * (dp - delta[:, None])
         return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
 
     @triton.jit
-    def _dq_kernel(Q, K, V, DO, L, Delta, I, DQ, scale, scale_log2, m, H, group, row_blocks,
+    def _dq_kernel(Q, K, V, DO, L, Delta, I, IK, DQ, scale, scale_log2, m, mk, H, group, row_blocks,
                    sq_b, sq_m, sq_h, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h, sd_b, sd_m, sd_h,
-                   sl_b, sl_m, sl_h, si_b, si_m, sdq_b, sdq_m, sdq_h,
-                   R, sr_b, sr_m, sr_h, P, sp_b, sp_m, threshold, keep_scale,
+                   sl_b, sl_m, sl_h, si_b, si_m, si_h, sik_b, sik_m, sik_h, sdq_b, sdq_m, sdq_h,
+                   R, sr_b, sr_m, sr_h, P, sp_b, sp_m, sp_h, threshold, keep_scale,
                    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                    EVEN: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_IDS: tl.constexpr, PRECISION: tl.constexpr,
                    DROPOUT: tl.constexpr):
@@ -203,27 +203,27 @@ if triton is not None:
         q = _rows(Q, b, h, start_m, sq_b, sq_m, sq_h, m, BLOCK_M, D, not EVEN, False)
         do = _rows(DO, b, h, start_m, sd_b, sd_m, sd_h, m, BLOCK_M, D, not EVEN, False)
         lse2, delta = _row_stats(L, Delta, b, h, bh, start_m, sl_b, sl_m, sl_h, m, BLOCK_M, not EVEN)
-        qid = _ids(I, b, start_m, si_b, si_m, m, BLOCK_M, HAS_IDS)
-        p_base = b.to(tl.int64) * sp_b
+        qid = _ids(I, b, h, start_m, si_b, si_m, si_h, m, BLOCK_M, HAS_IDS)
+        p_base = b.to(tl.int64) * sp_b + kh * sp_h
         if DROPOUT:  # the rows' hashes (placeholders without dropout)
             rh = _hashes(R, b.to(tl.int64) * sr_b + h * sr_h, start_m, sr_m, m, BLOCK_M)
         else:
             rh = qid
         dq = tl.zeros([BLOCK_M, D], tl.float32)
-        full_end, end = _key_range(start_m, m, BLOCK_M, BLOCK_N, CAUSAL)
+        full_end, end = _key_range(start_m, m, mk, BLOCK_M, BLOCK_N, CAUSAL)
         for start_n in range(0, full_end, BLOCK_N):
-            dq = _dq_block(dq, q, do, lse2, delta, qid, K, V, I, b, kh, start_m, start_n, m, sk_b, sk_m, sk_h,
-                           sv_b, sv_m, sv_h, si_b, si_m, scale_log2, rh, P, p_base, sp_m, threshold, keep_scale,
+            dq = _dq_block(dq, q, do, lse2, delta, qid, K, V, IK, b, kh, start_m, start_n, m, mk, sk_b, sk_m, sk_h,
+                           sv_b, sv_m, sv_h, sik_b, sik_m, sik_h, scale_log2, rh, P, p_base, sp_m, threshold, keep_scale,
                            D, BLOCK_M, BLOCK_N, False, CAUSAL, HAS_IDS, PRECISION, DROPOUT)
         for start_n in range(full_end, end, BLOCK_N):
-            dq = _dq_block(dq, q, do, lse2, delta, qid, K, V, I, b, kh, start_m, start_n, m, sk_b, sk_m, sk_h,
-                           sv_b, sv_m, sv_h, si_b, si_m, scale_log2, rh, P, p_base, sp_m, threshold, keep_scale,
+            dq = _dq_block(dq, q, do, lse2, delta, qid, K, V, IK, b, kh, start_m, start_n, m, mk, sk_b, sk_m, sk_h,
+                           sv_b, sv_m, sv_h, sik_b, sik_m, sik_h, scale_log2, rh, P, p_base, sp_m, threshold, keep_scale,
                            D, BLOCK_M, BLOCK_N, True, CAUSAL, HAS_IDS, PRECISION, DROPOUT)
         _grad_out(DQ, dq * scale, b, h, start_m, sdq_b, sdq_m, sdq_h, m, BLOCK_M, D, EVEN, ACCUMULATE)
 
 
-def _check_grads(q, k, v, out, lse, dout, dlse, dq, dk, dv, config: GradConfig):
-    _check(q, k, v, out, lse, None, RowsConfig())
+def _check_grads(q, k, v, out, lse, dout, dlse, dq, dk, dv, config: GradConfig, causal: bool):
+    _check(q, k, v, out, lse, None, RowsConfig(), causal)
     if lse is None:
         raise ValueError("grads_into needs the rows' float32 lse")
     for name, x, like in (("dout", dout, q), ("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
@@ -239,7 +239,7 @@ def _check_grads(q, k, v, out, lse, dout, dlse, dq, dk, dv, config: GradConfig):
 
 def grads_into(q, k, v, out, lse, dout, dlse, dq, dk, dv, scale: float, causal: bool,
                config: GradConfig = GradConfig(), accumulate_q: bool = False, accumulate_kv: bool = False,
-               ids=None, dropout: RowsDropout | None = None):
+               ids=None, dropout: RowsDropout | None = None, key_ids=None):
     """The backward of :func:`attend_into` from the rows' *global* ``(out, lse)``, written into
     (or added to) the gradient rows in place.
 
@@ -251,7 +251,7 @@ def grads_into(q, k, v, out, lse, dout, dlse, dq, dk, dv, scale: float, causal: 
     Args:
       q, out, dout: ``[B, m, H, d]`` query rows, their global output and its cotangent (any
         strides, head dim contiguous).
-      k, v: ``[B, m, H_kv, d]``; ``H % H_kv == 0`` (query head ``j`` reads kv head
+      k, v: ``[B, m_k, H_kv, d]``; ``H % H_kv == 0`` (query head ``j`` reads kv head
         ``j // (H / H_kv)``; its gradient is summed over the group in the kernel).
       lse: ``[B, m, H]`` float32 global LSE (``-inf``: an empty row, no gradient).
       dlse: ``[B, m, H]`` cotangent of ``lse`` (taken as 0 where ``lse`` is ``-inf``) or None.
@@ -264,13 +264,14 @@ def grads_into(q, k, v, out, lse, dout, dlse, dq, dk, dv, scale: float, causal: 
       ids: ``[B, m]`` document ids as in :func:`attend_into`, or None.
       dropout: the forward's :class:`~ring_torch._triton_dropout.RowsDropout` (the same mask,
         drawn again per tile), or None.
+      key_ids: the key rows' document ids as in :func:`attend_into`, or None.
 
     Returns:
       ``(dq, dk, dv)``, the destinations.
     """
-    _check_grads(q, k, v, out, lse, dout, dlse, dq, dk, dv, config)
+    _check_grads(q, k, v, out, lse, dout, dlse, dq, dk, dv, config, causal)
     B, m, H, d = q.shape
-    H_kv = k.shape[2]
+    m_k, H_kv = k.shape[1:3]
     if B == 0 or m == 0 or H == 0:
         return dq, dk, dv
     _check_device(q)
@@ -284,19 +285,19 @@ def grads_into(q, k, v, out, lse, dout, dlse, dq, dk, dv, scale: float, causal: 
         *lse.stride(), *dl.stride(), D=d, BLOCK=block, HAS_DLSE=dlse is not None)
     scale_log2 = scale * math.log2(math.e)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *lse.stride())
-    ids, si_b, si_m = _ids_args(ids, q)
-    drop = dropout_args(dropout, q)
-    kv_blocks = triton.cdiv(m, config.dkv_block_n)
+    ids, si_b, si_m, si_h, key_ids, sik_b, sik_m, sik_h = _ids_args(ids, key_ids, q, k)
+    drop = dropout_args(dropout, q, k)
+    kv_blocks = triton.cdiv(m_k, config.dkv_block_n)
     _dkdv_kernel[(kv_blocks * B * H_kv,)](
-        q, k, v, dout, lse, delta, ids, dk, dv, scale, scale_log2, m, H, H_kv, H // H_kv, kv_blocks,
-        *strides, si_b, si_m, *dk.stride()[:3], *dv.stride()[:3], *drop, DROPOUT=dropout is not None,
+        q, k, v, dout, lse, delta, ids, key_ids, dk, dv, scale, scale_log2, m, m_k, H, H_kv, H // H_kv, kv_blocks,
+        *strides, si_b, si_m, si_h, sik_b, sik_m, sik_h, *dk.stride()[:3], *dv.stride()[:3], *drop, DROPOUT=dropout is not None,
         D=d, BLOCK_M=config.dkv_block_m, BLOCK_N=config.dkv_block_n, CAUSAL=bool(causal),
-        EVEN=m % config.dkv_block_n == 0, ACCUMULATE=accumulate_kv, HAS_IDS=ids is not q, PRECISION=precision,
+        EVEN=m_k % config.dkv_block_n == 0, ACCUMULATE=accumulate_kv, HAS_IDS=ids is not q, PRECISION=precision,
         **launch)
     row_blocks = triton.cdiv(m, config.dq_block_m)
     _dq_kernel[(row_blocks * B * H,)](
-        q, k, v, dout, lse, delta, ids, dq, scale, scale_log2, m, H, H // H_kv, row_blocks,
-        *strides, si_b, si_m, *dq.stride()[:3], *drop, DROPOUT=dropout is not None,
+        q, k, v, dout, lse, delta, ids, key_ids, dq, scale, scale_log2, m, m_k, H, H // H_kv, row_blocks,
+        *strides, si_b, si_m, si_h, sik_b, sik_m, sik_h, *dq.stride()[:3], *drop, DROPOUT=dropout is not None,
         D=d, BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n, CAUSAL=bool(causal),
         EVEN=m % config.dq_block_m == 0, ACCUMULATE=accumulate_q, HAS_IDS=ids is not q, PRECISION=precision,
         **launch)

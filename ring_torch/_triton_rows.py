@@ -109,24 +109,25 @@ if triton is not None:
         return x
 
     @triton.jit
-    def _ids(I, b, start, si_b, si_m, m, BLOCK: tl.constexpr, HAS_IDS: tl.constexpr):
-        """``[BLOCK]`` document ids of rows ``start ..`` of block ``b`` (-1 past ``m``; zeros
-        without ids)."""
+    def _ids(I, b, h, start, si_b, si_m, si_h, m, BLOCK: tl.constexpr, HAS_IDS: tl.constexpr):
+        """``[BLOCK]`` document ids of rows ``start ..`` of block ``b`` under head ``h`` (-1 past
+        ``m``; zeros without ids)."""
         rows = start + tl.arange(0, BLOCK)
         if HAS_IDS:
-            ids = tl.load(I + b.to(tl.int64) * si_b + rows.to(tl.int64) * si_m, mask=rows < m, other=-1)
+            ptr = I + b.to(tl.int64) * si_b + h * si_h + rows.to(tl.int64) * si_m
+            ids = tl.load(ptr, mask=rows < m, other=-1)
         else:
             ids = tl.zeros([BLOCK], tl.int32)
         return ids
 
     @triton.jit
-    def _keep(qpos, kpos, qid, kid, m, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_IDS: tl.constexpr):
+    def _keep(qpos, kpos, qid, kid, m, mk, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_IDS: tl.constexpr):
         """Which (query, key) pairs of a block count, broadcast from the rows' positions in the
-        block and their ids (a column against a row, either way round): both rows before ``m``
-        and, causal, the key not after the query (``MASK``: a diagonal or ragged block); the same
-        document (``HAS_IDS``). Called only where ``MASK or HAS_IDS``."""
+        block and their ids (a column against a row, either way round): the query before ``m``
+        and the key before ``mk`` and, causal, the key not after the query (``MASK``: a diagonal
+        or ragged block); the same document (``HAS_IDS``). Called only where ``MASK or HAS_IDS``."""
         if MASK:
-            keep = (qpos < m) & (kpos < m)
+            keep = (qpos < m) & (kpos < mk)
             if CAUSAL:
                 keep = keep & (kpos <= qpos)
             if HAS_IDS:
@@ -136,20 +137,20 @@ if triton is not None:
         return keep
 
     @triton.jit
-    def _block(acc, m_i, l_i, q, qid, K, V, I, b, kh, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h, si_b, si_m, rows,
-               start, m, scale_log2, rh, P, p_base, sp_m, threshold, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    def _block(acc, m_i, l_i, q, qid, K, V, IK, b, kh, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h, sik_b, sik_m, sik_h, rows,
+               start, m, mk, scale_log2, rh, P, p_base, sp_m, threshold, D: tl.constexpr, BLOCK_N: tl.constexpr,
                MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_IDS: tl.constexpr, TMA: tl.constexpr,
                PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
         """One key block ``[start, start + BLOCK_N)`` folded into the running ``(acc, m_i, l_i)``
         (base-2 online softmax); keys of another document (``HAS_IDS``) hidden; ``DROPOUT``: the
         weights the rows' hashes ``rh`` drop left out of ``acc`` (not of ``l_i``)."""
-        k = _rows(K, b, kh, start, sk_b, sk_m, sk_h, m, BLOCK_N, D, MASK, TMA)
-        v = _rows(V, b, kh, start, sv_b, sv_m, sv_h, m, BLOCK_N, D, MASK, TMA)
+        k = _rows(K, b, kh, start, sk_b, sk_m, sk_h, mk, BLOCK_N, D, MASK, TMA)
+        v = _rows(V, b, kh, start, sv_b, sv_m, sv_h, mk, BLOCK_N, D, MASK, TMA)
         s = tl.dot(q, k.T, input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
         if MASK or HAS_IDS:
-            kid = _ids(I, b, start, si_b, si_m, m, BLOCK_N, HAS_IDS)
+            kid = _ids(IK, b, kh, start, sik_b, sik_m, sik_h, mk, BLOCK_N, HAS_IDS)
             keep = _keep(rows[:, None], (start + tl.arange(0, BLOCK_N))[None, :], qid[:, None], kid[None, :], m,
-                         MASK, CAUSAL, HAS_IDS)
+                         mk, MASK, CAUSAL, HAS_IDS)
             s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -158,28 +159,28 @@ if triton is not None:
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if DROPOUT:
-            kpos = _hashes(P, p_base, start, sp_m, m, BLOCK_N)
+            kpos = _hashes(P, p_base, start, sp_m, mk, BLOCK_N)
             p = tl.where(_kept(rh[:, None], kpos[None, :], threshold), p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         return acc, m_new, l_i
 
     @triton.jit
-    def _key_range(start_m, m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    def _key_range(start_m, m, mk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
         """``(full_end, end)``: a query block's keys ``[0, full_end)`` need no mask, ``[full_end,
-        end)`` do (causal: the diagonal blocks; else the ragged last block)."""
+        end)`` do (causal, ``mk == m``: the diagonal blocks; else the ragged last of ``mk`` keys)."""
         if CAUSAL:
             full_end = start_m
             end = tl.minimum(start_m + BLOCK_M, m)
         else:
-            full_end = (m // BLOCK_N) * BLOCK_N
-            end = m
+            full_end = (mk // BLOCK_N) * BLOCK_N
+            end = mk
         return full_end, end
 
     @triton.jit
-    def _forward_kernel(Q, K, V, O, Op, L, I, scale_log2, m, H, group, row_blocks,
+    def _forward_kernel(Q, K, V, O, Op, L, I, IK, scale_log2, m, mk, H, group, row_blocks,
                         sq_b, sq_m, sq_h, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h,
-                        so_b, so_m, so_h, sl_b, sl_m, sl_h, si_b, si_m, rate, offset,
-                        R, sr_b, sr_m, sr_h, P, sp_b, sp_m, threshold, keep_scale,
+                        so_b, so_m, so_h, sl_b, sl_m, sl_h, si_b, si_m, si_h, sik_b, sik_m, sik_h, rate, offset,
+                        R, sr_b, sr_m, sr_h, P, sp_b, sp_m, sp_h, threshold, keep_scale,
                         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         CAUSAL: tl.constexpr, EVEN: tl.constexpr, WRITE_LSE: tl.constexpr,
                         FILL: tl.constexpr, MERGE: tl.constexpr, HAS_IDS: tl.constexpr, TMA: tl.constexpr,
@@ -195,8 +196,8 @@ if triton is not None:
         start_m = row_block * BLOCK_M
         rows = start_m + tl.arange(0, BLOCK_M)
         q = _rows(Q, b, h, start_m, sq_b, sq_m, sq_h, m, BLOCK_M, D, not EVEN, TMA)
-        qid = _ids(I, b, start_m, si_b, si_m, m, BLOCK_M, HAS_IDS)
-        p_base = b.to(tl.int64) * sp_b
+        qid = _ids(I, b, h, start_m, si_b, si_m, si_h, m, BLOCK_M, HAS_IDS)
+        p_base = b.to(tl.int64) * sp_b + kh * sp_h
         if DROPOUT:  # the rows' hashes (placeholders without dropout)
             rh = _hashes(R, b.to(tl.int64) * sr_b + h * sr_h, start_m, sr_m, m, BLOCK_M)
         else:
@@ -204,14 +205,14 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
-        full_end, end = _key_range(start_m, m, BLOCK_M, BLOCK_N, CAUSAL)
+        full_end, end = _key_range(start_m, m, mk, BLOCK_M, BLOCK_N, CAUSAL)
         for start in tl.range(0, full_end, BLOCK_N, warp_specialize=WS):
-            acc, m_i, l_i = _block(acc, m_i, l_i, q, qid, K, V, I, b, kh, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h,
-                                   si_b, si_m, rows, start, m, scale_log2, rh, P, p_base, sp_m, threshold, D,
+            acc, m_i, l_i = _block(acc, m_i, l_i, q, qid, K, V, IK, b, kh, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h,
+                                   sik_b, sik_m, sik_h, rows, start, m, mk, scale_log2, rh, P, p_base, sp_m, threshold, D,
                                    BLOCK_N, False, CAUSAL, HAS_IDS, TMA, PRECISION, DROPOUT)
         for start in range(full_end, end, BLOCK_N):
-            acc, m_i, l_i = _block(acc, m_i, l_i, q, qid, K, V, I, b, kh, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h,
-                                   si_b, si_m, rows, start, m, scale_log2, rh, P, p_base, sp_m, threshold, D,
+            acc, m_i, l_i = _block(acc, m_i, l_i, q, qid, K, V, IK, b, kh, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h,
+                                   sik_b, sik_m, sik_h, rows, start, m, mk, scale_log2, rh, P, p_base, sp_m, threshold, D,
                                    BLOCK_N, True, CAUSAL, HAS_IDS, TMA, PRECISION, DROPOUT)
         nonempty = l_i > 0
         l_safe = tl.where(nonempty, l_i, 1.0)
@@ -275,10 +276,12 @@ def interpreted() -> bool:
     return isinstance(_forward_kernel, InterpretedFunction)
 
 
-def _check(q, k, v, out, lse, fill, config):
+def _check(q, k, v, out, lse, fill, config, causal: bool):
     B, m, H, d = q.shape
-    if k.shape != v.shape or k.shape[:2] != (B, m) or k.shape[3] != d:
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != d:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} do not match q {tuple(q.shape)}")
+    if causal and k.shape[1] != m:
+        raise ValueError(f"causal=True needs the block's own rows as keys, got {k.shape[1]} key rows for {m} queries")
     if H % k.shape[2]:
         raise ValueError(f"num_heads={H} is not a multiple of num_kv_heads={k.shape[2]}")
     if out.shape != q.shape:
@@ -310,27 +313,43 @@ def _check_device(q):
                          if interpreted() else "Triton's interpreter: TRITON_INTERPRET=1 before triton is imported"))
 
 
-def _ids_args(ids, q):
-    """``(tensor, stride_b, stride_m)`` of the document ids ``[B, m]`` (None: a placeholder)."""
+def _ids_args(ids, key_ids, q, k) -> tuple:
+    """``(ids, stride_b, stride_m, stride_h, key_ids, stride_b, stride_m, stride_h)`` of the
+    document ids of the query rows ``[B, m]`` (or per head ``[B, m, H]``) and of the key rows
+    ``[B, m_k]`` (or per kv head ``[B, m_k, H_kv]``; None: the query rows' ids, which needs
+    ``m_k == m``); placeholders (``q``, zero strides) without ids."""
     if ids is None:
-        return q, 0, 0
-    if ids.shape != q.shape[:2] or ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"ids must be int32/int64 {tuple(q.shape[:2])}, got {ids.dtype} {tuple(ids.shape)}")
-    return ids, ids.stride(0), ids.stride(1)
+        if key_ids is not None:
+            raise ValueError("key_ids needs ids (the query rows' ids)")
+        return q, 0, 0, 0, q, 0, 0, 0
+    if key_ids is None:
+        if k.shape[1] != q.shape[1]:
+            raise ValueError(f"ids without key_ids needs the query rows as keys, got {k.shape[1]} key rows for "
+                             f"{q.shape[1]} queries")
+        key_ids = ids
+    args = []
+    for name, x, rows in (("ids", ids, q), ("key_ids", key_ids, k)):
+        if x.shape not in (rows.shape[:2], rows.shape[:3]) or x.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be int32/int64 {tuple(rows.shape[:2])} or {tuple(rows.shape[:3])}, got "
+                             f"{x.dtype} {tuple(x.shape)}")
+        args += [x, x.stride(0), x.stride(1), x.stride(2) if x.dim() == 3 else 0]
+    return tuple(args)
 
 
 def attend_into(q, k, v, out, lse, scale: float, causal: bool, config: RowsConfig = DEFAULT_CONFIG,
                 fill: tuple[int, int] | None = None, merge: bool = False, ids=None,
-                dropout: RowsDropout | None = None):
-    """Attention of each block's rows among themselves, written into ``out`` and ``lse``.
+                dropout: RowsDropout | None = None, key_ids=None):
+    """Attention of each block's rows among themselves (or over another block's key rows),
+    written into ``out`` and ``lse``.
 
     Args:
       q: ``[B, m, H, d]`` query rows, any strides with the last dim contiguous.
-      k, v: ``[B, m, H_kv, d]``; ``H % H_kv == 0``.
+      k, v: ``[B, m_k, H_kv, d]``; ``H % H_kv == 0``; ``m_k == m`` where causal.
       out: ``[B, m, H, d]`` destination (a view; written in place, in ``out``'s dtype).
       lse: ``[B, m, H]`` float32 destination of the natural-log LSE, or None (not written).
       scale: the score scale.
-      causal: the lower triangle of each block (row ``i`` sees keys ``<= i``).
+      causal: the lower triangle of each block (row ``i`` sees keys ``<= i``; the keys are the
+        query rows).
       config: tile sizes (:class:`RowsConfig`).
       fill: ``(rate, offset)``: ``out``/``lse`` rows are every ``rate``-th position from
         ``offset``; the positions between them (same heads) are written ``0`` / ``-inf``, so the
@@ -338,16 +357,19 @@ def attend_into(q, k, v, out, lse, scale: float, causal: bool, config: RowsConfi
       merge: ``out`` (float32) and ``lse`` already hold a partial attention of these rows over
         other keys (``0`` / ``-inf`` where none): the result is their exact softmax merge with
         this one (the longnet mix, pattern after pattern, with no per-pattern output).
-      ids: ``[B, m]`` int document id of each row (any strides), or None: a key counts for a
-        query only when their ids are equal (packed documents; padding as an id of its own).
+      ids: ``[B, m]`` int document id of each row (any strides), or ``[B, m, H]`` per head (rows
+        whose heads sit at different positions), or None: a key counts for a query only when
+        their ids are equal (packed documents; padding as an id of its own).
         A row that sees no key gets ``out = 0``, ``lse = -inf``.
       dropout: :class:`RowsDropout` (the shared counter hash, drawn in the kernel: the math
         kernel's mask bit for bit), or None. ``lse`` stays that of the undropped weights.
+      key_ids: ``[B, m_k]`` (or per kv head ``[B, m_k, H_kv]``) document ids of the key rows
+        where they are not the query rows (a ring hop's block), or None: ``ids``.
 
     Returns:
       ``(out, lse)``, the destinations.
     """
-    _check(q, k, v, out, lse, fill, config)
+    _check(q, k, v, out, lse, fill, config, causal)
     if merge and (lse is None or out.dtype != torch.float32 or fill is not None):
         raise ValueError(f"merge=True needs float32 out and lse accumulators and no fill, got out {out.dtype}, "
                          f"lse {None if lse is None else lse.dtype}, {fill=}")
@@ -368,11 +390,11 @@ def attend_into(q, k, v, out, lse, scale: float, causal: bool, config: RowsConfi
         tensors = tuple(TensorDescriptor(x, [x.shape[0], x.shape[2], x.shape[1], d],
                                          [x.stride(0), x.stride(2), x.stride(1), 1], [1, 1, block, d])
                         for x, block in zip(tensors, (config.block_m, config.block_n, config.block_n, config.block_m)))
-    ids, si_b, si_m = _ids_args(ids, q)
+    ids, si_b, si_m, si_h, key_ids, sik_b, sik_m, sik_h = _ids_args(ids, key_ids, q, k)
     _forward_kernel[(row_blocks * B * H,)](
-        *tensors, out, lse_arg, ids, scale * math.log2(math.e), m, H, H // k.shape[2], row_blocks,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse_strides, si_b, si_m, rate, offset,
-        *dropout_args(dropout, q), DROPOUT=dropout is not None, D=d, BLOCK_M=config.block_m, BLOCK_N=config.block_n, CAUSAL=bool(causal),
+        *tensors, out, lse_arg, ids, key_ids, scale * math.log2(math.e), m, k.shape[1], H, H // k.shape[2], row_blocks,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse_strides, si_b, si_m, si_h, sik_b, sik_m, sik_h,
+        rate, offset, *dropout_args(dropout, q, k), DROPOUT=dropout is not None, D=d, BLOCK_M=config.block_m, BLOCK_N=config.block_n, CAUSAL=bool(causal),
         EVEN=m % config.block_m == 0, WRITE_LSE=lse is not None, FILL=fill is not None and rate > 1, MERGE=merge,
         HAS_IDS=ids is not q, TMA=config.tma, WS=config.warp_specialize, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages)

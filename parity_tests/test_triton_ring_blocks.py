@@ -1,0 +1,170 @@
+"""Ring hops through the Triton rows kernels: blocks whose keys are another shard's rows
+(``key_ids``, ``m_k != m``, head columns at different offsets), with documents, non-causal
+padding and dropout, against the math kernel.
+
+On the CPU the kernels run in Triton's interpreter; on CUDA the ring takes them once the card is in
+``ring_torch._kernels.ROWS_TESTED["ring"]`` (the ``-m cuda`` test here is what puts it there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+import ring_torch
+import ring_torch._dilated as dilated
+import ring_torch._kernels as kernels
+from ring_torch._aten import _AtenCPU
+from ring_torch._triton_grads import grads_into
+from ring_torch._triton_rows import GradConfig, RowsConfig, attend_into, triton_available
+
+if triton_available():
+    from ring_torch._triton_rows import interpreted
+else:  # pragma: no cover - depends on the install
+    def interpreted():
+        return False
+
+ROWS = RowsConfig(block_m=32, block_n=16, num_warps=4, num_stages=2,
+                  backward=GradConfig(dkv_block_m=16, dkv_block_n=32, dq_block_m=32, dq_block_n=16,
+                                      num_warps=4, num_stages=2))
+needs_interpreter = pytest.mark.skipif(not (triton_available() and interpreted()),
+                                       reason="triton's interpreter (TRITON_INTERPRET=1) absent")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("per_head", [False, True])
+def test_block_over_other_key_rows_against_float64(per_head):
+    """``m_k != m`` key rows with their own ids (per row, or per head), not causal: out, LSE and
+    gradients against float64 autograd; a query row whose keys are all of other documents gets
+    ``out = 0``, ``lse = -inf`` and no gradient."""
+    g = torch.Generator().manual_seed(0)
+    B, m, m_k, H, d = 2, 24, 50, 4, 16
+    q, k, v = (torch.randn(B, rows, H, d, generator=g) for rows in (m, m_k, m_k))
+    shape = (B, m, H) if per_head else (B, m)
+    ids = torch.randint(0, 3, shape, generator=g)
+    key_ids = torch.randint(0, 3, (B, m_k, H) if per_head else (B, m_k), generator=g)
+    ids[0, 0] = 7  # no key of document 7
+    xs = [x.double().requires_grad_() for x in (q, k, v)]
+    s = torch.einsum("bihd,bjhd->bhij", *xs[:2]) / 4
+    qi, ki = (x.transpose(1, 2) if per_head else x[:, None] for x in (ids, key_ids))  # [B, H or 1, rows]
+    s = s.masked_fill(qi[..., :, None] != ki[..., None, :], -math.inf)
+    want_o = torch.einsum("bhij,bjhd->bihd", torch.softmax(s, -1).nan_to_num(), xs[2])
+    want_l = torch.logsumexp(s, -1).transpose(1, 2)
+    d_out = torch.randn(want_o.shape, generator=g, dtype=torch.float64)
+    (want_o * d_out).sum().backward()
+    out, lse = torch.empty_like(q), torch.empty(B, m, H)
+    attend_into(q, k, v, out, lse, 0.25, False, ROWS, ids=ids, key_ids=key_ids)
+    assert torch.isneginf(lse[0, 0]).all() and (out[0, 0] == 0).all()
+    torch.testing.assert_close(out.double(), want_o.detach(), atol=2e-5, rtol=0)
+    finite = torch.isfinite(want_l)
+    torch.testing.assert_close(lse.double()[finite], want_l.detach()[finite], atol=2e-5, rtol=1e-6)
+    assert torch.equal(torch.isfinite(lse), finite)
+    grads = [torch.empty_like(x) for x in (q, k, v)]
+    grads_into(q, k, v, out, lse, d_out.float(), None, *grads, 0.25, False, ROWS.backward, ids=ids, key_ids=key_ids)
+    for got, x in zip(grads, xs):
+        torch.testing.assert_close(got.double(), x.grad, atol=5e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(causal=True), "causal=True needs the block's own rows as keys"),
+    (dict(ids=torch.zeros(2, 24, dtype=torch.int64)), "ids without key_ids needs the query rows as keys"),
+    (dict(key_ids=torch.zeros(2, 40, dtype=torch.int64)), "key_ids needs ids"),
+    (dict(ids=torch.zeros(2, 24, dtype=torch.int64), key_ids=torch.zeros(2, 39, dtype=torch.int64)),
+     r"key_ids must be int32/int64 \(2, 40\)"),
+])
+def test_other_key_rows_errors_name_the_argument(kwargs, message):
+    q, k = torch.zeros(2, 24, 2, 16), torch.zeros(2, 40, 2, 16)
+    kwargs = dict(dict(causal=False), **kwargs)
+    with pytest.raises(ValueError, match=message):
+        attend_into(q, k, k, torch.empty_like(q), None, 0.25, kwargs.pop("causal"), ROWS, **kwargs)
+
+
+def _case(case, n):
+    """A ring call's keyword arguments that need a key mask or dropout."""
+    if case == "padding":
+        return dict(is_causal=False, seq_lengths=torch.tensor([n, n * 3 // 5 - 8]))
+    if case == "dropout":
+        return dict(is_causal=True, dropout_p=0.2, dropout_seed=11)
+    docs = (torch.arange(n) * 5 // n).expand(2, -1)
+    return dict(is_causal=case == "documents_causal", segment_ids=docs)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("layout, mix, case", [
+    ("contiguous", "head_groups", "documents_causal"), ("contiguous", "longnet", "documents"),
+    ("contiguous", "head_groups", "padding"), ("contiguous", "longnet", "dropout"),
+    ("balanced", "longnet", "documents_causal"), ("balanced", "head_groups", "padding"),
+    ("balanced", "head_groups", "dropout"),
+])
+def test_simulated_ring_hops_take_the_rows_kernels(layout, mix, case, monkeypatch):
+    """``ring_dilated_attention(ring_size=4, backend="torch")`` where the dispatch routes masks and
+    dropout to the rows kernels (as on a card in ``ROWS_TESTED``): the hops' blocks run them
+    (other shards' key rows; balanced: a slot against both), and values, LSE and gradients equal
+    ``backend="math"``."""
+
+    def kernel_for(backend, device, dtype, head_dim, needs_dropout, needs_key_mask=False, rows_masks=False):
+        if backend != "torch":
+            return kernels.kernel_for(backend, device, dtype, head_dim, needs_dropout, needs_key_mask, rows_masks)
+        assert needs_dropout or needs_key_mask
+        rows = dataclasses.replace(ROWS, in_place_heads=True)
+        return kernels.TorchKernel(_AtenCPU, rows, masks=needs_key_mask, dropout=needs_dropout)
+
+    monkeypatch.setattr(dilated, "kernel_for", kernel_for)
+    hops = []
+    for name in ("forward", "backward"):
+        original = getattr(kernels.TorchKernel, name)
+        monkeypatch.setattr(kernels.TorchKernel, name,
+                            lambda self, *a, f=original, name=name: hops.append(name) or f(self, *a))
+    n = 256
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, n, h, 16, generator=g) for h in (4, 2, 2))
+    kw = dict(segment_lengths=(32, 64, 128, 256), dilation_rates=(1, 2, 4, 8), mix=mix, ring_size=4,
+              layout=layout, return_lse=True, **_case(case, n))
+    w_out = torch.randn(q.shape, generator=g)
+    results = {}
+    for backend in ("math", "torch"):
+        hops.clear()
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        out, lse = ring_torch.ring_dilated_attention(*xs, backend=backend, **kw)
+        ((out * w_out).sum() + torch.where(torch.isfinite(lse), lse, 0).sum()).backward()
+        results[backend] = (out.detach(), lse.detach(), *(x.grad for x in xs))
+        assert ({"forward", "backward"} <= set(hops)) == (backend == "torch")
+    for got, want in zip(results["torch"], results["math"]):
+        torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and triton_available()), reason="needs CUDA and triton")
+@pytest.mark.parametrize("layout, mix, case", [
+    ("contiguous", "head_groups", "documents_causal"), ("contiguous", "longnet", "padding"),
+    ("balanced", "longnet", "dropout"),
+])
+def test_cuda_ring_hops_bf16_within_twice_math(layout, mix, case, monkeypatch):
+    """The compiled rows kernels on a simulated ring's hops, bf16: output and gradients within 2x
+    the error of the bf16 math kernel, both against the float32 math kernel (same mask)."""
+    rows = kernels.rows_config(torch.bfloat16, 64, torch.cuda.get_device_capability()) or RowsConfig(
+        block_m=64, block_n=64, backward=GradConfig())
+    rows = dataclasses.replace(rows, in_place_heads=True, backward=rows.backward or GradConfig())
+
+    def kernel_for(backend, device, dtype, head_dim, needs_dropout, needs_key_mask=False, rows_masks=False):
+        if backend != "torch":
+            return kernels.kernel_for(backend, device, dtype, head_dim, needs_dropout, needs_key_mask, rows_masks)
+        return kernels.TorchKernel(kernels.CUDA_ATEN["efficient"], rows, masks=needs_key_mask, dropout=needs_dropout)
+
+    monkeypatch.setattr(dilated, "kernel_for", kernel_for)
+    n = 2048
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, n, h, 64, generator=g).cuda() for h in (8, 2, 2))
+    kw = dict(segment_lengths=(256, 512, 1024, 2048), dilation_rates=(1, 2, 4, 8), mix=mix, ring_size=4,
+              layout=layout, **{key: x.cuda() if torch.is_tensor(x) else x for key, x in _case(case, n).items()})
+    results = []
+    for backend, dtype in (("torch", torch.bfloat16), ("math", torch.bfloat16), ("math", torch.float32)):
+        xs = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+        out = ring_torch.ring_dilated_attention(*xs, backend=backend, **kw)
+        out.float().square().sum().backward()
+        results.append([out.detach().float(), *(x.grad.float() for x in xs)])
+    for got, naive, exact in zip(*results):
+        assert (got - exact).abs().max() <= 2 * (naive - exact).abs().max()
