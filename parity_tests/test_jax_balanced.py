@@ -110,9 +110,9 @@ def test_own_shard_map_in_balanced_order():
     rng = np.random.default_rng(5)
     q, k, v = (jnp.asarray(rng.standard_normal((2, 128, h, 8))) for h in (4, 2, 2))
     kw = dict(segment_lengths=W, dilation_rates=R, mix="longnet", is_causal=True)
-    f = jax.shard_map(lambda q, k, v: ring_jax.ring_dilated_attention(q, k, v, axis_name="sp", layout="balanced",
-                                                                       **kw),
-                      mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)
+    f = jax.jit(jax.shard_map(lambda q, k, v: ring_jax.ring_dilated_attention(q, k, v, axis_name="sp",
+                                                                               layout="balanced", **kw),
+                              mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False))
     out = ring_jax.from_balanced(f(*(ring_jax.to_balanced(x, P) for x in (q, k, v))), P)
     assert max_abs_err(out, ring_jax.dilated_attention(q, k, v, **kw)) <= 1e-12
 
