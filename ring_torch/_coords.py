@@ -17,9 +17,10 @@ zeroed afterwards by :func:`mask_rows`.
 Documents (:attr:`MaskSpec.segment_ids`, packed sequences): a key counts for a query only when
 both positions carry the same id. :func:`block_masks` hides the other keys from every query row,
 from the rows' global positions (the dilated pattern keeps its global segments and offsets).
-torch's fused kernels take no such mask: on one device the Triton rows kernels take it as an id
-per row (:func:`row_ids`, padded keys an id of their own) where the kernel table names them
-(CUDA); elsewhere, and in rings, a call with ``segment_ids`` runs the math kernel. A row always
+torch's fused kernels take no such mask: the Triton rows kernels take it as an id per row
+(:func:`row_ids` for a device's rows, :func:`block_ids` for any block, a ring hop's included;
+padded keys an id of their own) where the kernel table names them (CUDA); elsewhere a call with
+``segment_ids`` runs the math kernel. A row always
 keeps its own key on one device (its key block holds its own rows); a ring hop's block may hide
 every key of a row, which the math kernel returns as ``out = 0``, ``lse = -inf``.
 """
