@@ -11,6 +11,12 @@ fed dense row copies), in one process.
 3. Packed documents (``segment_ids``: 4 equal documents), both mixes: the layer forward and
    forward+backward with the rows kernels masking by document (the table as it is), without
    ``segment_ids``, and with the math kernel (the rows kernels off).
+4. Dropout (``dropout_p=0.1``), both mixes: the layer with dropout drawn in the rows kernels
+   (``ROWS_TESTED["dropout"]`` naming this card), with the math kernel (as dispatched without it),
+   and without dropout; the largest |difference| of the outputs of the two dropout paths.
+5. A simulated ring of 4 (``ring_size=4``) with 4 packed documents, both mixes: the hops' blocks
+   by the rows kernels (``ROWS_TESTED["ring"]`` naming this card), by the math kernel, and the
+   ring without documents.
 
 bf16, batch 1, h=8, d=64, causal, w=(2048, 4096, 8192, 16384), r=(1, 2, 4, 8); the backward of
 ``out.backward(ones)`` as in ``benchmarks.kernel_table``.
@@ -41,7 +47,7 @@ def main():
     ap.add_argument("--sweep-n", type=int, default=1048576)
     ap.add_argument("--repeats", type=int, default=6)
     ap.add_argument("--reps", type=int, default=2, help="alternations of the variants at each n")
-    ap.add_argument("--stages", default="sweep,sizes,documents", help="which of the stages to run")
+    ap.add_argument("--stages", default="sweep,sizes,documents,dropout,ring", help="which of the stages to run")
     ap.add_argument("--doc-sizes", default="262144,1048576")
     ap.add_argument("--grad-config", default="32,128,128,64,4,3", help="the tiles when the sweep is not run")
     args = ap.parse_args()
@@ -159,12 +165,71 @@ def main():
         del qkv
         torch.cuda.empty_cache()
     use(table)
+    if "dropout" in stages:
+        rows_out += _routed(dev, key[0], "dropout", [int(x) for x in args.doc_sizes.split(",")], args.repeats, t0)
+    if "ring" in stages:
+        rows_out += _routed(dev, key[0], "ring", [int(x) for x in args.doc_sizes.split(",")], args.repeats, t0)
     meta = dict(card=torch.cuda.get_device_name(dev), torch=torch.__version__, triton=triton.__version__,
                 host=platform.node(), date=time.strftime("%Y-%m-%d"), table=dataclasses.astuple(table),
                 best=dataclasses.astuple(best[0]), command=" ".join(["python -m benchmarks.triton_grads", *sys.argv[1:]]))
     with open(args.out, "w") as f:
         json.dump(dict(meta=meta, rows=rows_out), f, indent=1)
     print("wrote", args.out)
+
+
+def _routed(dev, capability, feature: str, sizes, repeats: int, t0: float) -> list[dict]:
+    """Stages 4 and 5: a ``ROWS_TESTED`` feature on (``rows``) and off (``math``), and the call
+    without its masks (``none``), forward and forward+backward, both mixes."""
+    import torch
+
+    import ring_torch
+    import ring_torch._kernels as kernels
+    from benchmarks.timing import time_ms
+
+    rows = []
+    saved = set(kernels.ROWS_TESTED[feature])
+    for n in sizes:
+        qkv = [torch.randn(1, n, 8, 64, device=dev, dtype=torch.bfloat16) for _ in range(3)]
+        if feature == "dropout":
+            call, extra = ring_torch.dilated_attention, dict(dropout_p=0.1, dropout_seed=1)
+        else:
+            call = lambda *x, **kw: ring_torch.ring_dilated_attention(*x, ring_size=4, **kw)  # noqa: E731
+            extra = dict(segment_ids=(torch.arange(n, device=dev) * 4 // n)[None])
+        for mix in ("head_groups", "longnet"):
+            row = dict(stage=feature, n=n, mix=mix)
+            outs = {}
+            for label, on, kw in (("none", False, {}), ("rows", True, extra), ("math", False, extra)):
+                kernels.ROWS_TESTED[feature] = {tuple(capability)} if on else set()
+                base = dict(segment_lengths=W, dilation_rates=R, mix=mix, is_causal=True, **kw)
+
+                def fwd(q, k, v):
+                    with torch.no_grad():
+                        return call(q, k, v, **base)
+
+                def both(q, k, v):
+                    xs = [t.detach().requires_grad_() for t in (q, k, v)]
+                    out = call(*xs, **base)
+                    out.backward(torch.ones_like(out))
+                    return [t.grad for t in xs]
+
+                reps = 2 if label == "math" else repeats
+                try:
+                    outs[label] = fwd(*qkv).float()
+                    row[f"fwd_{label}_ms"] = time_ms(fwd, *qkv, repeats=reps, warmup=1)
+                    row[f"fwd_bwd_{label}_ms"] = time_ms(both, *qkv, repeats=reps, warmup=1)
+                except torch.OutOfMemoryError:  # the math kernel's score blocks
+                    row[f"oom_{label}"] = True
+                    outs.pop(label, None)
+                    torch.cuda.empty_cache()
+            if "rows" in outs and "math" in outs:
+                row["max_abs_diff_out_rows_math"] = (outs["rows"] - outs["math"]).abs().max().item()
+            del outs
+            rows.append(row)
+            print(json.dumps(row), f"[{time.time() - t0:.0f}s]", flush=True)
+        del qkv
+        torch.cuda.empty_cache()
+    kernels.ROWS_TESTED[feature] = saved
+    return rows
 
 
 if __name__ == "__main__":
