@@ -2,10 +2,12 @@
 
 The kernels finish the shared counter hash per (row, key) in their tiles; these tests hold them
 to the mask :func:`ring_torch._dropout.keep_mask` draws (the math kernel's, and JAX's): a block
-against a float64 reference both ways, the layer through ``FusedDilated`` against the math
-kernel through autograd (with documents and padding too), the API route, the dispatch and the
-errors. On the CPU the kernels run in Triton's interpreter; the ``-m cuda`` tests run them
-compiled (``ring_torch._kernels.ROWS_TESTED["dropout"]`` lists the cards they passed on).
+against a float64 reference both ways, the longnet epilogue, how a block's dropout is derived
+from its coordinates, the dispatch and the errors. The layer (with documents and padding too)
+and the API route are in ``test_triton_rows`` (``test_layer_masks_by_document_ids``,
+``test_api_routes_masks_to_the_rows_kernels``). On the CPU the kernels run in Triton's
+interpreter; the ``-m cuda`` tests run them compiled (``ring_torch._kernels.ROWS_TESTED["dropout"]``
+lists the cards they passed on).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import pytest
 import torch
 
 import ring_torch._kernels as kernels
+from parity_tests._triton_marks import CPU, CUDA, needs_cuda
 from ring_torch._aten import _AtenCPU
 from ring_torch._config import DilatedConfig
 from ring_torch._coords import MaskSpec, dropout_rows, unit_coords
@@ -24,18 +27,8 @@ from ring_torch._dilated import AutogradExecutor, FusedExecutor
 from ring_torch._dropout import Dropout, _mix, keep_mask, row_hash, threshold
 from ring_torch._plan import build_plan
 from ring_torch._triton_grads import grads_into
-from ring_torch._triton_rows import GradConfig, RowsConfig, RowsDropout, attend_into, triton_available
+from ring_torch._triton_rows import GradConfig, RowsConfig, RowsDropout, attend_into
 
-if triton_available():
-    from ring_torch._triton_rows import interpreted
-else:  # pragma: no cover - depends on the install
-    def interpreted():
-        return False
-
-CPU = pytest.param("cpu", marks=pytest.mark.skipif(
-    not (triton_available() and interpreted()), reason="triton's interpreter (TRITON_INTERPRET=1) absent"))
-CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-    not (torch.cuda.is_available() and triton_available()), reason="needs CUDA and triton")])
 SMALL = RowsConfig(block_m=32, block_n=16, num_warps=4, num_stages=2,
                    backward=GradConfig(dkv_block_m=16, dkv_block_n=32, dq_block_m=32, dq_block_n=16,
                                        num_warps=4, num_stages=2))
@@ -105,79 +98,6 @@ def test_rows_and_merge_draw_the_same_mask(device):
     assert (plain - out).abs().max() > 0.1
 
 
-def _layer_inputs(device, dtype, b=2, n=192, h=8, h_kv=2, d=16):
-    g = torch.Generator().manual_seed(3)
-    return tuple(torch.randn(b, n, x, d, generator=g).to(device=device, dtype=dtype) for x in (h, h_kv, h_kv))
-
-
-@pytest.mark.parametrize("device", [CPU, CUDA])
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("mix", ["head_groups", "longnet"])
-@pytest.mark.parametrize("case", ["dropout", "documents", "padding"])
-def test_layer_dropout_matches_math(device, causal, mix, case):
-    """A plan's units through ``FusedDilated`` with dropout drawn in the rows kernels (with
-    documents or padding too): out, LSE and gradients equal the math kernel's through autograd,
-    which draws the mask from :func:`keep_mask`; an uneven GQA split (``kv_index``) included."""
-    W, R = (16, 32, 96), (1, 2, 4)
-    config = DilatedConfig(segment_lengths=W, dilation_rates=R, mix=mix, is_causal=causal)
-    q, k, v = _layer_inputs(device, torch.float32)
-    b, n, h = q.shape[:3]
-    plan = build_plan(config, n, h, k.shape[2])
-    ids = (torch.arange(n, device=device) * 4 // n).expand(b, n) if case == "documents" else None
-    lengths = torch.tensor([n, 61], device=device) if case == "padding" else None
-    spec = MaskSpec(is_causal=causal, dropout=Dropout(0.25, 77), lengths=lengths,
-                    key_mask=lengths is not None and not causal, segment_ids=ids)
-    w_out, w_lse = torch.randn(q.shape, device=device), torch.randn(q.shape[:3], device=device)
-    aten = _AtenCPU if device == "cpu" else kernels.CUDA_ATEN["efficient"]
-    fused = kernels.TorchKernel(aten, dataclasses.replace(SMALL, in_place_heads=True), masks=case != "dropout",
-                                dropout=True)
-    results = []
-    for executor in (FusedExecutor(fused), AutogradExecutor(kernels.MathKernel())):
-        xs = [x.clone().requires_grad_() for x in (q, k, v)]
-        out, lse = executor.run(plan, *xs, 0.25, spec, row_lengths=lengths)
-        loss = (out * w_out).sum() + torch.where(torch.isfinite(lse), lse * w_lse, 0).sum()
-        loss.backward()
-        results.append((out.detach(), lse.detach(), *(x.grad for x in xs)))
-    for got, want in zip(*results):
-        torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("mix", ["head_groups", "longnet"])
-def test_api_routes_dropout_to_the_rows_kernels(mix, monkeypatch):
-    """``ring_torch.dilated_attention(dropout_p=...)`` with ``backend="torch"`` where the dispatch
-    routes dropout to the rows kernels (the CPU, in the interpreter; the CUDA route is
-    :func:`test_dispatch_of_dropout`): both rows kernels draw it, and values and gradients
-    equal ``backend="math"`` with the same seed."""
-    if not (triton_available() and interpreted()):
-        pytest.skip("triton's interpreter (TRITON_INTERPRET=1) absent")
-    import ring_torch
-    import ring_torch._dilated as dilated
-
-    def kernel_for(backend, device, dtype, head_dim, needs_dropout, needs_key_mask=False, rows_masks=False):
-        if backend != "torch":
-            return kernels.kernel_for(backend, device, dtype, head_dim, needs_dropout, needs_key_mask, rows_masks)
-        assert rows_masks and needs_dropout
-        return kernels.TorchKernel(_AtenCPU, dataclasses.replace(SMALL, in_place_heads=True), dropout=True)
-
-    monkeypatch.setattr(dilated, "kernel_for", kernel_for)
-    used = []
-    monkeypatch.setattr(kernels, "attend_into", lambda *a, f=kernels.attend_into: used.append("rows") or f(*a))
-    monkeypatch.setattr(kernels, "grads_into", lambda *a, f=kernels.grads_into: used.append("rows_grads") or f(*a))
-    q, k, v = _layer_inputs("cpu", torch.float32, n=256, h=8, h_kv=4)
-    kw = dict(segment_lengths=(32, 64, 128, 256), dilation_rates=(1, 2, 4, 8), mix=mix, is_causal=True,
-              dropout_p=0.2, dropout_seed=9)
-    results = {}
-    for backend in ("math", "torch"):
-        used.clear()
-        xs = [x.clone().requires_grad_() for x in (q, k, v)]
-        out = ring_torch.dilated_attention(*xs, backend=backend, **kw)
-        out.square().sum().backward()
-        results[backend] = (out.detach(), *(x.grad for x in xs))
-        assert set(used) == (set() if backend == "math" else {"rows", "rows_grads"})
-    for got, want in zip(results["torch"], results["math"]):
-        torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-5)
-
-
 def test_dispatch_of_dropout(monkeypatch):
     """On CUDA ``backend="torch"`` draws dropout in the rows kernels (every mix, both ways) only on
     one device (in a ring once ``ROWS_TESTED["ring"]`` lists the card), where the table names rows
@@ -242,14 +162,15 @@ def test_rows_dropout_errors_name_the_field(field, value, message):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not (torch.cuda.is_available() and triton_available()), reason="needs CUDA and triton")
+@needs_cuda
 @pytest.mark.parametrize("mix", ["head_groups", "longnet"])
 def test_cuda_layer_dropout_bf16_within_twice_math(mix):
     """bf16 through the compiled rows kernels with dropout: output and gradients within 2x the
     error of the bf16 math kernel, both against the float32 math kernel with the same mask."""
     W, R = (64, 128, 256), (1, 2, 4)
     config = DilatedConfig(segment_lengths=W, dilation_rates=R, mix=mix, is_causal=True)
-    q, k, v = _layer_inputs("cuda", torch.float32, n=512, h=8, h_kv=2, d=64)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 512, h, 64, generator=g).cuda() for h in (8, 2, 2))
     plan = build_plan(config, 512, 8, 2)
     spec = MaskSpec(is_causal=True, dropout=Dropout(0.1, 3))
     rows = kernels.rows_config(torch.bfloat16, 64, torch.cuda.get_device_capability()) or RowsConfig(

@@ -19,19 +19,12 @@ import ring_torch._dilated as dilated
 import ring_torch._kernels as kernels
 from ring_torch._aten import _AtenCPU
 from ring_torch._triton_grads import grads_into
-from ring_torch._triton_rows import GradConfig, RowsConfig, attend_into, triton_available
-
-if triton_available():
-    from ring_torch._triton_rows import interpreted
-else:  # pragma: no cover - depends on the install
-    def interpreted():
-        return False
+from parity_tests._triton_marks import needs_cuda, needs_interpreter
+from ring_torch._triton_rows import GradConfig, RowsConfig, attend_into
 
 ROWS = RowsConfig(block_m=32, block_n=16, num_warps=4, num_stages=2,
                   backward=GradConfig(dkv_block_m=16, dkv_block_n=32, dq_block_m=32, dq_block_n=16,
                                       num_warps=4, num_stages=2))
-needs_interpreter = pytest.mark.skipif(not (triton_available() and interpreted()),
-                                       reason="triton's interpreter (TRITON_INTERPRET=1) absent")
 
 
 @needs_interpreter
@@ -137,7 +130,7 @@ def test_simulated_ring_hops_take_the_rows_kernels(layout, mix, case, monkeypatc
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not (torch.cuda.is_available() and triton_available()), reason="needs CUDA and triton")
+@needs_cuda
 @pytest.mark.parametrize("layout, mix, case", [
     ("contiguous", "head_groups", "documents_causal"), ("contiguous", "longnet", "padding"),
     ("balanced", "longnet", "dropout"),

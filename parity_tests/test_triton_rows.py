@@ -19,21 +19,13 @@ from parity_tests import oracle
 from ring_torch._aten import _AtenCPU
 from ring_torch._config import DilatedConfig
 from ring_torch._coords import MaskSpec
+from ring_torch._dropout import Dropout
 from ring_torch._dilated import AutogradExecutor, FusedExecutor, _run_heads
 from ring_torch._plan import build_plan
 from ring_torch._triton_grads import grads_into
+from parity_tests._triton_marks import CPU, CUDA, interpreted, needs_cuda
 from ring_torch._triton_rows import GradConfig, RowsConfig, attend_into, triton_available
 
-if triton_available():
-    from ring_torch._triton_rows import interpreted
-else:  # pragma: no cover - depends on the install
-    def interpreted():
-        return False
-
-CPU = pytest.param("cpu", marks=pytest.mark.skipif(
-    not (triton_available() and interpreted()), reason="triton's interpreter (TRITON_INTERPRET=1) absent"))
-CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-    not (torch.cuda.is_available() and triton_available()), reason="needs CUDA and triton")])
 SMALL = RowsConfig(block_m=32, block_n=16, num_warps=4, num_stages=2)
 SMALL_GRADS = GradConfig(dkv_block_m=16, dkv_block_n=32, dq_block_m=32, dq_block_n=16, num_warps=4, num_stages=2)
 
@@ -261,11 +253,13 @@ def test_layer_rows_against_oracle(device, causal, mix):
 @pytest.mark.parametrize("device", [CPU, CUDA])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("mix", ["head_groups", "longnet"])
-@pytest.mark.parametrize("case", ["documents", "padding", "both"])
+@pytest.mark.parametrize("case", ["documents", "padding", "both", "dropout", "documents+dropout",
+                                  "padding+dropout"])
 def test_layer_masks_by_document_ids(device, causal, mix, case):
     """A kernel that masks by row ids (``masks=True``: documents, and padded keys where blocks
-    hide them) through ``FusedDilated``, both ways: out, LSE and gradients against the math
-    kernel through autograd; an uneven GQA split (units with ``kv_index``) included."""
+    hide them) and draws dropout in the kernels (``dropout=True``; the math kernel draws the same
+    mask from the seed) through ``FusedDilated``, both ways: out, LSE and gradients against the
+    math kernel through autograd; an uneven GQA split (units with ``kv_index``) included."""
     W, R = (16, 32, 96), (1, 2, 4)
     config = DilatedConfig(segment_lengths=W, dilation_rates=R, mix=mix, is_causal=causal)
     q, k, v = _layer_inputs(device, torch.float32, h=8, h_kv=2)
@@ -273,15 +267,18 @@ def test_layer_masks_by_document_ids(device, causal, mix, case):
     plan = build_plan(config, n, h, k.shape[2])
     assert mix == "longnet" or any(u.kv_index is not None for u in plan.units)
     ids = torch.randint(0, 4, (b, n), generator=torch.Generator().manual_seed(5)).sort(-1).values.to(device)
-    lengths = torch.tensor([n, 61], device=device) if case != "documents" else None
-    spec = MaskSpec(is_causal=causal, lengths=lengths, key_mask=lengths is not None and not causal,
-                    segment_ids=ids if case != "padding" else None)
+    lengths = torch.tensor([n, 61], device=device) if case.startswith(("padding", "both")) else None
+    spec = MaskSpec(is_causal=causal, dropout=Dropout(0.25, 77) if "dropout" in case else None, lengths=lengths,
+                    key_mask=lengths is not None and not causal,
+                    segment_ids=ids if case.startswith(("documents", "both")) else None)
+    masks = case != "dropout"
     w_out = torch.randn(q.shape, device=device)
     w_lse = torch.randn(q.shape[:3], device=device)
     aten = _AtenCPU if device == "cpu" else kernels.CUDA_ATEN["efficient"]
     rows = dataclasses.replace(SMALL, backward=SMALL_GRADS)
     results = []
-    for executor in (FusedExecutor(kernels.TorchKernel(aten, rows, masks=True)), AutogradExecutor(kernels.MathKernel())):
+    fused = kernels.TorchKernel(aten, rows, masks=masks, dropout="dropout" in case)
+    for executor in (FusedExecutor(fused), AutogradExecutor(kernels.MathKernel())):
         xs = [x.clone().requires_grad_() for x in (q, k, v)]
         out, lse = executor.run(plan, *xs, 0.25, spec, row_lengths=lengths)
         loss = (out * w_out).sum() + torch.where(torch.isfinite(lse), lse * w_lse, 0).sum()
@@ -314,7 +311,7 @@ def test_units_not_covering_every_head_leave_the_rest_blank(device):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not (torch.cuda.is_available() and triton_available()), reason="needs CUDA and triton")
+@needs_cuda
 @pytest.mark.parametrize("mix", ["head_groups", "longnet"])
 def test_cuda_layer_bf16_within_twice_math(mix):
     """``ring_torch.dilated_attention`` in bf16 with the rows kernels forced on (forward and
@@ -348,18 +345,21 @@ def test_cuda_layer_bf16_within_twice_math(mix):
 
 def _mask_case(case, n, device):
     """The keyword arguments of a call that needs a key mask: documents (causal or not) or
-    non-causal padding."""
+    non-causal padding; or dropout."""
+    if case == "dropout":
+        return dict(is_causal=True, dropout_p=0.2, dropout_seed=9)
     if case == "padding":
         return dict(is_causal=False, seq_lengths=torch.tensor([n, n * 3 // 5 - 8], device=device))
     return dict(is_causal=case == "documents_causal", segment_ids=(torch.arange(n, device=device) * 5 // n).expand(2, -1))
 
 
 @pytest.mark.parametrize("mix", ["head_groups", "longnet"])
-@pytest.mark.parametrize("case", ["documents_causal", "documents", "padding"])
+@pytest.mark.parametrize("case", ["documents_causal", "documents", "padding", "dropout"])
 def test_api_routes_masks_to_the_rows_kernels(mix, case, monkeypatch):
-    """``ring_torch.dilated_attention`` with a key mask, given a kernel table that names rows
-    kernels on this device (the CPU, in the interpreter): both rows kernels run, and values and
-    gradients equal the math kernel's."""
+    """``ring_torch.dilated_attention`` with a key mask or dropout, given a kernel table that names
+    rows kernels on this device (the CPU, in the interpreter) and a dispatch that routes them
+    there: both rows kernels run, and values and gradients equal the math kernel's (dropout: the
+    same seed draws the same mask)."""
     if not (triton_available() and interpreted()):
         pytest.skip("triton's interpreter (TRITON_INTERPRET=1) absent")
     import ring_torch
@@ -370,9 +370,10 @@ def test_api_routes_masks_to_the_rows_kernels(mix, case, monkeypatch):
     def kernel_for(backend, device, dtype, head_dim, needs_dropout, needs_key_mask=False, rows_masks=False):
         if backend != "torch":
             return kernels.kernel_for(backend, device, dtype, head_dim, needs_dropout, needs_key_mask, rows_masks)
-        assert rows_masks and not needs_dropout
-        if needs_key_mask:
-            return kernels.TorchKernel(_AtenCPU, dataclasses.replace(rows, in_place_heads=True), masks=True)
+        assert rows_masks
+        if needs_key_mask or needs_dropout:
+            return kernels.TorchKernel(_AtenCPU, dataclasses.replace(rows, in_place_heads=True), masks=needs_key_mask,
+                                       dropout=needs_dropout)
         return kernels.TorchKernel(_AtenCPU, rows)
 
     monkeypatch.setattr(dilated, "kernel_for", kernel_for)
@@ -394,7 +395,7 @@ def test_api_routes_masks_to_the_rows_kernels(mix, case, monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not (torch.cuda.is_available() and triton_available()), reason="needs CUDA and triton")
+@needs_cuda
 @pytest.mark.parametrize("mix", ["head_groups", "longnet"])
 @pytest.mark.parametrize("case", ["documents_causal", "documents", "padding"])
 def test_cuda_masks_take_the_rows_kernels(mix, case, monkeypatch):

@@ -71,6 +71,16 @@ if triton is not None:
         return tl.load(X + base + rows.to(tl.int64) * sx_m, mask=rows < m, other=0).to(tl.uint32)
 
     @triton.jit
+    def _query_hashes(R, b, h, start, sr_b, sr_m, sr_h, m, placeholder, BLOCK: tl.constexpr, DROPOUT: tl.constexpr):
+        """``[BLOCK]`` uint32 row hashes of query rows ``start ..`` of block ``b``, head ``h``
+        (``placeholder`` without dropout)."""
+        if DROPOUT:
+            rh = _hashes(R, b.to(tl.int64) * sr_b + h * sr_h, start, sr_m, m, BLOCK)
+        else:
+            rh = placeholder
+        return rh
+
+    @triton.jit
     def _kept(row_hash, kpos, threshold):
         """Whether each weight is kept: row hashes against key positions (a column against a
         row, either way round), broadcast."""

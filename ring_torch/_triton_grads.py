@@ -22,7 +22,7 @@ __all__ = ["grads_into"]
 if triton is not None:
     import triton.language as tl
 
-    from ring_torch._triton_dropout import _hashes, _kept
+    from ring_torch._triton_dropout import _hashes, _kept, _query_hashes
     from ring_torch._triton_rows import _ids, _keep, _key_range, _rows
 
     @triton.jit
@@ -205,10 +205,7 @@ if triton is not None:
         lse2, delta = _row_stats(L, Delta, b, h, bh, start_m, sl_b, sl_m, sl_h, m, BLOCK_M, not EVEN)
         qid = _ids(I, b, h, start_m, si_b, si_m, si_h, m, BLOCK_M, HAS_IDS)
         p_base = b.to(tl.int64) * sp_b + kh * sp_h
-        if DROPOUT:  # the rows' hashes (placeholders without dropout)
-            rh = _hashes(R, b.to(tl.int64) * sr_b + h * sr_h, start_m, sr_m, m, BLOCK_M)
-        else:
-            rh = qid
+        rh = _query_hashes(R, b, h, start_m, sr_b, sr_m, sr_h, m, qid, BLOCK_M, DROPOUT)
         dq = tl.zeros([BLOCK_M, D], tl.float32)
         full_end, end = _key_range(start_m, m, mk, BLOCK_M, BLOCK_N, CAUSAL)
         for start_n in range(0, full_end, BLOCK_N):

@@ -90,7 +90,7 @@ def supports(dtype: torch.dtype, head_dim: int) -> bool:
 
 
 if triton is not None:
-    from ring_torch._triton_dropout import _hashes, _kept
+    from ring_torch._triton_dropout import _hashes, _kept, _query_hashes
 
     @triton.jit
     def _rows(X, b, h, start, sx_b, sx_m, sx_h, m, BLOCK: tl.constexpr, D: tl.constexpr,
@@ -198,10 +198,7 @@ if triton is not None:
         q = _rows(Q, b, h, start_m, sq_b, sq_m, sq_h, m, BLOCK_M, D, not EVEN, TMA)
         qid = _ids(I, b, h, start_m, si_b, si_m, si_h, m, BLOCK_M, HAS_IDS)
         p_base = b.to(tl.int64) * sp_b + kh * sp_h
-        if DROPOUT:  # the rows' hashes (placeholders without dropout)
-            rh = _hashes(R, b.to(tl.int64) * sr_b + h * sr_h, start_m, sr_m, m, BLOCK_M)
-        else:
-            rh = qid
+        rh = _query_hashes(R, b, h, start_m, sr_b, sr_m, sr_h, m, qid, BLOCK_M, DROPOUT)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
