@@ -16,10 +16,10 @@ Kernels (:data:`KERNELS`, one per backend; :func:`kernel_for` picks one per call
   ``aten._scaled_dot_product_flash_attention_for_cpu``; CUDA: cuDNN's flash attention on sm90+,
   FlashAttention-2 on sm80+, else the memory-efficient kernel: :func:`cuda_kernel` decides). No
   dropout, no key mask: non-causal padding, ``segment_ids`` documents and dropout run the math
-  kernel, except on one device where the table names rows kernels with a backward: there both
-  rows kernels mask by the rows' ids (:attr:`~TorchKernel.masks`) and, on cards in
-  :data:`ROWS_DROPOUT_CAPABILITIES`, draw dropout (:attr:`~TorchKernel.dropout`;
-  :func:`kernel_for`).
+  kernel, except where the table names rows kernels with a backward (on one device; in rings on
+  cards in :data:`ROWS_TESTED` ``"ring"``): there both rows kernels mask by the rows' ids
+  (:attr:`~TorchKernel.masks`) and, on cards in :data:`ROWS_TESTED` ``"dropout"``, draw dropout
+  (:attr:`~TorchKernel.dropout`; :func:`kernel_for`).
   Its backward is the fused kernel's, fed the global ``(out, lse)``, in the input dtype
   (:attr:`~TorchKernel.fused_backward`). Where :func:`rows_config` names a configuration (CUDA,
   measured faster on that card) its forward outside autograd, and its backward where the
