@@ -13,14 +13,17 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import ring_torch
 import ring_torch._dilated as dilated
 import ring_torch._kernels as kernels
 from ring_torch._aten import _AtenCPU
+from ring_torch._dropout import keep_mask, row_hash
 from ring_torch._triton_grads import grads_into
 from parity_tests._triton_marks import needs_cuda, needs_interpreter
-from ring_torch._triton_rows import GradConfig, RowsConfig, attend_into
+from ring_torch._triton_rows import GradConfig, RowsConfig, RowsDropout, attend_into
 
 ROWS = RowsConfig(block_m=32, block_n=16, num_warps=4, num_stages=2,
                   backward=GradConfig(dkv_block_m=16, dkv_block_n=32, dq_block_m=32, dq_block_n=16,
@@ -161,3 +164,61 @@ def test_cuda_ring_hops_bf16_within_twice_math(layout, mix, case, monkeypatch):
         results.append([out.detach().float(), *(x.grad.float() for x in xs)])
     for got, naive, exact in zip(*results):
         assert (got - exact).abs().max() <= 2 * (naive - exact).abs().max()
+
+
+@needs_interpreter
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(m=st.integers(1, 70), extra_keys=st.integers(0, 40), group=st.sampled_from([1, 2]), causal=st.booleans(),
+       documents=st.integers(0, 4), per_head=st.booleans(), p=st.sampled_from([0.0, 0.2, 0.6]),
+       seed=st.integers(0, 2 ** 16))
+def test_fuzz_blocks_against_float64(m, extra_keys, group, causal, documents, per_head, p, seed):
+    """Random blocks through both rows kernels against float64 autograd: any row counts (ragged
+    and shorter than a tile), other key rows (not causal), GQA, ids and key positions per row or
+    per query head (``documents=0``: no ids), dropout (0.0: none; 0.6: a threshold above 2^31)."""
+    g = torch.Generator().manual_seed(seed)
+    B, H, d = 2, 2 * group, 16
+    m_k = m if causal else m + extra_keys
+    q = torch.randn(B, m, H, d, generator=g)
+    k, v = (torch.randn(B, m_k, 2, d, generator=g) for _ in range(2))
+    kw = {}
+    if documents:
+        shape = lambda rows, heads: (B, rows, heads) if per_head else (B, rows)  # noqa: E731
+        kw["ids"] = torch.randint(0, documents, shape(m, H), generator=g)
+        if not causal:
+            kw["key_ids"] = torch.randint(0, documents, shape(m_k, H), generator=g)
+    keep = torch.ones(B, H, m, m_k, dtype=torch.bool)
+    if p:
+        batch, heads = torch.arange(B), torch.arange(H)
+        qpos = (torch.randint(0, 1000, (B, H, 1), generator=g) + torch.arange(m)).clone()
+        kpos = torch.randint(0, 1000, (B, H if per_head else 1, 1), generator=g) + torch.arange(m_k)
+        kpos = kpos.expand(B, H, m_k)
+        if causal:  # keys are the query rows
+            qpos = qpos if per_head else qpos[:, :1].expand(B, H, m)
+            kpos = qpos
+        kpos_arg = kpos.transpose(1, 2) if per_head else kpos[:, 0]  # per query head, or shared
+        kw["dropout"] = RowsDropout(row_hash(seed, 1, batch, heads, qpos).transpose(1, 2), kpos_arg, p)
+        keep = keep_mask(seed, 1, batch, heads, qpos, kpos, p)
+    xs = [x.double().requires_grad_() for x in (q, k, v)]
+    kk, vv = (x.repeat_interleave(group, 2) for x in xs[1:])
+    s = torch.einsum("bihd,bjhd->bhij", xs[0], kk) / 4
+    if causal:
+        s = s.masked_fill(torch.ones(m, m, dtype=torch.bool).triu(1), -math.inf)
+    if documents:
+        qi = kw["ids"].transpose(1, 2) if per_head else kw["ids"][:, None]  # [B, H or 1, m]
+        ki = kw.get("key_ids", kw["ids"])
+        ki = ki.transpose(1, 2) if per_head else ki[:, None]
+        s = s.masked_fill(qi[..., :, None] != ki[..., None, :], -math.inf)
+    want_o = torch.einsum("bhij,bjhd->bihd", torch.softmax(s, -1).nan_to_num() * keep / (1 - p), vv)
+    want_l = torch.logsumexp(s, -1).transpose(1, 2)
+    d_out = torch.randn(want_o.shape, generator=g, dtype=torch.float64)
+    (want_o * d_out).sum().backward()
+    out, lse = torch.empty_like(q), torch.empty(B, m, H)
+    attend_into(q, k, v, out, lse, 0.25, causal, ROWS, **kw)
+    torch.testing.assert_close(out.double(), want_o.detach(), atol=2e-5, rtol=0)
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(want_l))
+    finite = torch.isfinite(want_l)
+    torch.testing.assert_close(lse.double()[finite], want_l.detach()[finite], atol=2e-5, rtol=1e-6)
+    grads = [torch.empty_like(x) for x in (q, k, v)]
+    grads_into(q, k, v, out, lse, d_out.float(), None, *grads, 0.25, causal, ROWS.backward, **kw)
+    for got, x in zip(grads, xs):
+        torch.testing.assert_close(got.double(), x.grad, atol=5e-5, rtol=1e-5)

@@ -28,7 +28,8 @@ class RowsDropout(NamedTuple):
 
     ``row_hash``: int64 ``[B, m, H]`` in ``[0, 2^32)``, :func:`ring_torch._dropout.row_hash` of
     each query row and head (any strides); ``kpos``: int64 ``[B, m_k]`` global position of each
-    key row, or ``[B, m_k, H_kv]`` per kv head (any strides); ``p``: the rate, in ``(0, 1)``."""
+    key row, or ``[B, m_k, H]`` as each query head sees them (any strides); ``p``: the rate, in
+    ``(0, 1)``."""
 
     row_hash: torch.Tensor
     kpos: torch.Tensor
@@ -46,9 +47,8 @@ def dropout_args(dropout: RowsDropout | None, q, k) -> tuple:
     m_k = k.shape[1]
     if row_hash.shape != (B, m, H) or row_hash.dtype != torch.int64:
         raise ValueError(f"dropout.row_hash must be int64 {(B, m, H)}, got {row_hash.dtype} {tuple(row_hash.shape)}")
-    if kpos.shape not in ((B, m_k), (B, m_k, k.shape[2])) or kpos.dtype != torch.int64:
-        raise ValueError(f"dropout.kpos must be int64 {(B, m_k)} or {(B, m_k, k.shape[2])}, got {kpos.dtype} "
-                         f"{tuple(kpos.shape)}")
+    if kpos.shape not in ((B, m_k), (B, m_k, H)) or kpos.dtype != torch.int64:
+        raise ValueError(f"dropout.kpos must be int64 {(B, m_k)} or {(B, m_k, H)}, got {kpos.dtype} {tuple(kpos.shape)}")
     if not 0.0 < p < 1.0:
         raise ValueError(f"dropout.p={p} must be in (0, 1)")
     kpos_head = kpos.stride(2) if kpos.dim() == 3 else 0

@@ -126,11 +126,6 @@ if triton is not None:
         start_n = kv_block * BLOCK_N
         k = _rows(K, b, kh, start_n, sk_b, sk_m, sk_h, mk, BLOCK_N, D, not EVEN, False)
         v = _rows(V, b, kh, start_n, sv_b, sv_m, sv_h, mk, BLOCK_N, D, not EVEN, False)
-        kid = _ids(IK, b, kh, start_n, sik_b, sik_m, sik_h, mk, BLOCK_N, HAS_IDS)
-        if DROPOUT:
-            kpos = _hashes(P, b.to(tl.int64) * sp_b + kh * sp_h, start_n, sp_m, mk, BLOCK_N)
-        else:
-            kpos = kid
         dk = tl.zeros([BLOCK_N, D], tl.float32)
         dv = tl.zeros([BLOCK_N, D], tl.float32)
         full_end = (m // BLOCK_M) * BLOCK_M
@@ -144,6 +139,11 @@ if triton is not None:
         for j in range(0, group):
             h = kh * group + j
             qbh = b * H + h
+            kid = _ids(IK, b, h, start_n, sik_b, sik_m, sik_h, mk, BLOCK_N, HAS_IDS)  # as head h sees the keys
+            if DROPOUT:
+                kpos = _hashes(P, b.to(tl.int64) * sp_b + h * sp_h, start_n, sp_m, mk, BLOCK_N)
+            else:
+                kpos = kid
             for start_m in range(lo, diag_end, BLOCK_M):
                 dk, dv = _dkdv_block(dk, dv, k, v, kid, Q, DO, L, Delta, I, b, h, qbh, start_n, start_m, m, mk,
                                      sq_b, sq_m, sq_h, sd_b, sd_m, sd_h, sl_b, sl_m, sl_h, si_b, si_m, si_h, scale_log2,
@@ -163,7 +163,7 @@ if triton is not None:
         _grad_out(DV, dv, b, kh, start_n, sdv_b, sdv_m, sdv_h, mk, BLOCK_N, D, EVEN, ACCUMULATE)
 
     @triton.jit
-    def _dq_block(dq, q, do, lse2, delta, qid, K, V, IK, b, kh, start_m, start_n, m, mk, sk_b, sk_m, sk_h,
+    def _dq_block(dq, q, do, lse2, delta, qid, K, V, IK, b, h, kh, start_m, start_n, m, mk, sk_b, sk_m, sk_h,
                   sv_b, sv_m, sv_h, sik_b, sik_m, sik_h, scale_log2, rh, P, p_base, sp_m, threshold, keep_scale,
                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
                   CAUSAL: tl.constexpr, HAS_IDS: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
@@ -174,7 +174,7 @@ if triton is not None:
         s = tl.dot(q, k.T, input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
         p = tl.math.exp2(s - lse2[:, None])
         if MASK or HAS_IDS:
-            kid = _ids(IK, b, kh, start_n, sik_b, sik_m, sik_h, mk, BLOCK_N, HAS_IDS)
+            kid = _ids(IK, b, h, start_n, sik_b, sik_m, sik_h, mk, BLOCK_N, HAS_IDS)
             keep = _keep((start_m + tl.arange(0, BLOCK_M))[:, None], (start_n + tl.arange(0, BLOCK_N))[None, :],
                          qid[:, None], kid[None, :], m, mk, MASK, CAUSAL, HAS_IDS)
             p = tl.where(keep, p, 0.0)
@@ -204,16 +204,16 @@ if triton is not None:
         do = _rows(DO, b, h, start_m, sd_b, sd_m, sd_h, m, BLOCK_M, D, not EVEN, False)
         lse2, delta = _row_stats(L, Delta, b, h, bh, start_m, sl_b, sl_m, sl_h, m, BLOCK_M, not EVEN)
         qid = _ids(I, b, h, start_m, si_b, si_m, si_h, m, BLOCK_M, HAS_IDS)
-        p_base = b.to(tl.int64) * sp_b + kh * sp_h
+        p_base = b.to(tl.int64) * sp_b + h * sp_h
         rh = _query_hashes(R, b, h, start_m, sr_b, sr_m, sr_h, m, qid, BLOCK_M, DROPOUT)
         dq = tl.zeros([BLOCK_M, D], tl.float32)
         full_end, end = _key_range(start_m, m, mk, BLOCK_M, BLOCK_N, CAUSAL)
         for start_n in range(0, full_end, BLOCK_N):
-            dq = _dq_block(dq, q, do, lse2, delta, qid, K, V, IK, b, kh, start_m, start_n, m, mk, sk_b, sk_m, sk_h,
+            dq = _dq_block(dq, q, do, lse2, delta, qid, K, V, IK, b, h, kh, start_m, start_n, m, mk, sk_b, sk_m, sk_h,
                            sv_b, sv_m, sv_h, sik_b, sik_m, sik_h, scale_log2, rh, P, p_base, sp_m, threshold, keep_scale,
                            D, BLOCK_M, BLOCK_N, False, CAUSAL, HAS_IDS, PRECISION, DROPOUT)
         for start_n in range(full_end, end, BLOCK_N):
-            dq = _dq_block(dq, q, do, lse2, delta, qid, K, V, IK, b, kh, start_m, start_n, m, mk, sk_b, sk_m, sk_h,
+            dq = _dq_block(dq, q, do, lse2, delta, qid, K, V, IK, b, h, kh, start_m, start_n, m, mk, sk_b, sk_m, sk_h,
                            sv_b, sv_m, sv_h, sik_b, sik_m, sik_h, scale_log2, rh, P, p_base, sp_m, threshold, keep_scale,
                            D, BLOCK_M, BLOCK_N, True, CAUSAL, HAS_IDS, PRECISION, DROPOUT)
         _grad_out(DQ, dq * scale, b, h, start_m, sdq_b, sdq_m, sdq_h, m, BLOCK_M, D, EVEN, ACCUMULATE)

@@ -137,7 +137,7 @@ if triton is not None:
         return keep
 
     @triton.jit
-    def _block(acc, m_i, l_i, q, qid, K, V, IK, b, kh, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h, sik_b, sik_m, sik_h, rows,
+    def _block(acc, m_i, l_i, q, qid, K, V, IK, b, h, kh, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h, sik_b, sik_m, sik_h, rows,
                start, m, mk, scale_log2, rh, P, p_base, sp_m, threshold, D: tl.constexpr, BLOCK_N: tl.constexpr,
                MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_IDS: tl.constexpr, TMA: tl.constexpr,
                PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
@@ -148,7 +148,7 @@ if triton is not None:
         v = _rows(V, b, kh, start, sv_b, sv_m, sv_h, mk, BLOCK_N, D, MASK, TMA)
         s = tl.dot(q, k.T, input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
         if MASK or HAS_IDS:
-            kid = _ids(IK, b, kh, start, sik_b, sik_m, sik_h, mk, BLOCK_N, HAS_IDS)
+            kid = _ids(IK, b, h, start, sik_b, sik_m, sik_h, mk, BLOCK_N, HAS_IDS)
             keep = _keep(rows[:, None], (start + tl.arange(0, BLOCK_N))[None, :], qid[:, None], kid[None, :], m,
                          mk, MASK, CAUSAL, HAS_IDS)
             s = tl.where(keep, s, float("-inf"))
@@ -197,18 +197,18 @@ if triton is not None:
         rows = start_m + tl.arange(0, BLOCK_M)
         q = _rows(Q, b, h, start_m, sq_b, sq_m, sq_h, m, BLOCK_M, D, not EVEN, TMA)
         qid = _ids(I, b, h, start_m, si_b, si_m, si_h, m, BLOCK_M, HAS_IDS)
-        p_base = b.to(tl.int64) * sp_b + kh * sp_h
+        p_base = b.to(tl.int64) * sp_b + h * sp_h
         rh = _query_hashes(R, b, h, start_m, sr_b, sr_m, sr_h, m, qid, BLOCK_M, DROPOUT)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         full_end, end = _key_range(start_m, m, mk, BLOCK_M, BLOCK_N, CAUSAL)
         for start in tl.range(0, full_end, BLOCK_N, warp_specialize=WS):
-            acc, m_i, l_i = _block(acc, m_i, l_i, q, qid, K, V, IK, b, kh, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h,
+            acc, m_i, l_i = _block(acc, m_i, l_i, q, qid, K, V, IK, b, h, kh, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h,
                                    sik_b, sik_m, sik_h, rows, start, m, mk, scale_log2, rh, P, p_base, sp_m, threshold, D,
                                    BLOCK_N, False, CAUSAL, HAS_IDS, TMA, PRECISION, DROPOUT)
         for start in range(full_end, end, BLOCK_N):
-            acc, m_i, l_i = _block(acc, m_i, l_i, q, qid, K, V, IK, b, kh, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h,
+            acc, m_i, l_i = _block(acc, m_i, l_i, q, qid, K, V, IK, b, h, kh, sk_b, sk_m, sk_h, sv_b, sv_m, sv_h,
                                    sik_b, sik_m, sik_h, rows, start, m, mk, scale_log2, rh, P, p_base, sp_m, threshold, D,
                                    BLOCK_N, True, CAUSAL, HAS_IDS, TMA, PRECISION, DROPOUT)
         nonempty = l_i > 0
@@ -313,8 +313,8 @@ def _check_device(q):
 def _ids_args(ids, key_ids, q, k) -> tuple:
     """``(ids, stride_b, stride_m, stride_h, key_ids, stride_b, stride_m, stride_h)`` of the
     document ids of the query rows ``[B, m]`` (or per head ``[B, m, H]``) and of the key rows
-    ``[B, m_k]`` (or per kv head ``[B, m_k, H_kv]``; None: the query rows' ids, which needs
-    ``m_k == m``); placeholders (``q``, zero strides) without ids."""
+    ``[B, m_k]`` (or as each query head sees them, ``[B, m_k, H]``; None: the query rows' ids,
+    which needs ``m_k == m``); placeholders (``q``, zero strides) without ids."""
     if ids is None:
         if key_ids is not None:
             raise ValueError("key_ids needs ids (the query rows' ids)")
@@ -325,9 +325,9 @@ def _ids_args(ids, key_ids, q, k) -> tuple:
                              f"{q.shape[1]} queries")
         key_ids = ids
     args = []
-    for name, x, rows in (("ids", ids, q), ("key_ids", key_ids, k)):
-        if x.shape not in (rows.shape[:2], rows.shape[:3]) or x.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"{name} must be int32/int64 {tuple(rows.shape[:2])} or {tuple(rows.shape[:3])}, got "
+    for name, x, rows in (("ids", ids, q.shape[:3]), ("key_ids", key_ids, (*k.shape[:2], q.shape[2]))):
+        if x.shape not in (rows[:2], rows) or x.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be int32/int64 {tuple(rows[:2])} or {tuple(rows)}, got "
                              f"{x.dtype} {tuple(x.shape)}")
         args += [x, x.stride(0), x.stride(1), x.stride(2) if x.dim() == 3 else 0]
     return tuple(args)
@@ -360,8 +360,8 @@ def attend_into(q, k, v, out, lse, scale: float, causal: bool, config: RowsConfi
         A row that sees no key gets ``out = 0``, ``lse = -inf``.
       dropout: :class:`RowsDropout` (the shared counter hash, drawn in the kernel: the math
         kernel's mask bit for bit), or None. ``lse`` stays that of the undropped weights.
-      key_ids: ``[B, m_k]`` (or per kv head ``[B, m_k, H_kv]``) document ids of the key rows
-        where they are not the query rows (a ring hop's block), or None: ``ids``.
+      key_ids: ``[B, m_k]`` (or as each query head sees them, ``[B, m_k, H]``) document ids of
+        the key rows where they are not the query rows (a ring hop's block), or None: ``ids``.
 
     Returns:
       ``(out, lse)``, the destinations.
