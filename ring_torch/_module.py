@@ -45,7 +45,8 @@ class RingDilatedAttention(nn.Module):
     position, key position), so single-device, simulated-ring and distributed runs with the same
     seed agree exactly; the seed is drawn from torch's RNG per call (``torch.manual_seed`` makes
     it reproducible; in a process group rank 0's seed is used). Dropout runs the math path (the
-    fused kernels cannot take an external mask). In eval mode dropout is off.
+    aten fused kernels cannot take the mask), or the Triton rows kernels, which draw it in their
+    tiles, on cards in ``ring_torch._kernels.ROWS_TESTED``. In eval mode dropout is off.
     """
 
     def __init__(self, segment_lengths, dilation_rates, *, mix: str = "head_groups",

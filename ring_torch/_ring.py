@@ -289,7 +289,8 @@ def ring_dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
 
     ``dropout_p > 0``: dropout on the attention probabilities with the position-hashed mask of
     :func:`ring_torch.dilated_attention` (same mask in every mode, so results agree exactly with
-    the single-device layer for the same ``dropout_seed``); blocks then run the math path. In a
+    the single-device layer for the same ``dropout_seed``); blocks then run the math path, or the
+    Triton rows kernels on cards in ``ring_torch._kernels.ROWS_TESTED``. In a
     process group every rank uses rank 0's seed (shared by the consistency ``all_gather``).
 
     ``seq_lengths``: integer ``[batch]``, the *global* real length of each batch entry (the
